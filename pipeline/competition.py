@@ -1,0 +1,171 @@
+"""Open a competition directory in any of Kaggle's landmark-recognition layouts.
+
+2020/2021: `train.csv` (id,landmark_id), hashed `train/a/b/c/<id>.jpg`, `test/a/b/c/<id>.jpg`.
+2018/2019: `train.csv` (id,url,landmark_id), `test.csv` (id,url), images fetched by
+`glr fetch-urls` into the hashed layout. Flat folders (`train/<id>.jpg`) work too.
+"""
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from submissions.errors import UserError
+
+SPLITS = ("train", "test")
+
+
+def hashed_relpath(image_id: str, ext: str = ".jpg") -> str:
+    """Kaggle's 2020/2021 layout: `a/b/c/<id>.jpg` from the id's first three characters."""
+    return f"{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}{ext}"
+
+
+def read_csv_checked(path: Path, required: tuple[str, ...], dtype: dict | None = None) -> pd.DataFrame:
+    """Read a CSV, naming the file and the missing columns on error."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    try:
+        df = pd.read_csv(path, dtype=dtype or {"id": str}, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable CSV ({e})") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise UserError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, df.columns)) or 'none'}"
+        )
+    if "id" in df.columns:
+        empty = df["id"].isna().to_numpy()
+        if empty.any():
+            raise UserError(f"{path}: row {int(np.flatnonzero(empty)[0]) + 2}: empty id")
+        dup = df["id"].duplicated().to_numpy()
+        if dup.any():
+            row = int(np.flatnonzero(dup)[0])
+            raise UserError(f"{path}: row {row + 2}: duplicate id {df['id'].iloc[row]!r}")
+    return df
+
+
+class Competition:
+    """A competition directory: train table, test ids, image paths, sample submission.
+
+    Row numbers in error messages are file line numbers (header = line 1).
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise UserError(f"{self.root}: not a directory (run `glr fetch` or `glr synth` first)")
+        if not (self.root / "train.csv").exists():
+            raise UserError(
+                f"{self.root}: no train.csv here — not a landmark-recognition competition directory "
+                "(expected Kaggle's layout: train.csv, train/, test/, sample_submission.csv)"
+            )
+        self._layout: dict[str, str] = {}
+
+    # -- tables -----------------------------------------------------------------------------
+    @cached_property
+    def train(self) -> pd.DataFrame:
+        """`train.csv` as id (str), landmark_id (int64) and url when present."""
+        path = self.root / "train.csv"
+        df = read_csv_checked(path, ("id", "landmark_id"), dtype={"id": str, "url": str})
+        lid = pd.to_numeric(df["landmark_id"], errors="coerce")
+        bad = lid.isna().to_numpy() | (lid.to_numpy(dtype=float, na_value=np.nan) % 1 != 0)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise UserError(f"{path}: row {row + 2}: landmark_id {df['landmark_id'].iloc[row]!r} is not an integer")
+        df["landmark_id"] = lid.astype("int64")
+        return df
+
+    @cached_property
+    def sample_submission(self) -> pd.DataFrame | None:
+        """`sample_submission.csv` (id,landmarks) or None when the directory has none."""
+        path = self.root / "sample_submission.csv"
+        if not path.exists():
+            return None
+        return read_csv_checked(path, ("id", "landmarks"), dtype={"id": str, "landmarks": str})
+
+    @property
+    def sample_submission_path(self) -> Path | None:
+        path = self.root / "sample_submission.csv"
+        return path if path.exists() else None
+
+    @property
+    def solution_path(self) -> Path | None:
+        """`solution.csv` (ground truth for local validation) when the directory has one."""
+        path = self.root / "solution.csv"
+        return path if path.exists() else None
+
+    @cached_property
+    def test_ids(self) -> list[str]:
+        """Test ids from sample_submission.csv, else test.csv, else the files under test/."""
+        if self.sample_submission is not None:
+            return self.sample_submission["id"].tolist()
+        test_csv = self.root / "test.csv"
+        if test_csv.exists():
+            return read_csv_checked(test_csv, ("id",), dtype={"id": str, "url": str})["id"].tolist()
+        test_dir = self.root / "test"
+        if test_dir.is_dir():
+            return sorted(p.stem for p in test_dir.rglob("*.jpg"))
+        raise UserError(f"{self.root}: no sample_submission.csv, test.csv or test/ folder: cannot tell the test ids")
+
+    def ids(self, split: str) -> list[str]:
+        """All ids of a split ('train' or 'test')."""
+        if split == "train":
+            return self.train["id"].tolist()
+        if split == "test":
+            return self.test_ids
+        raise UserError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+
+    # -- images -----------------------------------------------------------------------------
+    def _detect_layout(self, split: str, probe_id: str) -> str:
+        if split not in self._layout:
+            base = self.root / split
+            if (base / hashed_relpath(probe_id)).exists():
+                self._layout[split] = "hashed"
+            elif (base / f"{probe_id}.jpg").exists():
+                self._layout[split] = "flat"
+            else:
+                # nothing to go by: pick by what the folder looks like
+                flat = base.is_dir() and any(p.suffix == ".jpg" for p in base.iterdir())
+                self._layout[split] = "flat" if flat else "hashed"
+        return self._layout[split]
+
+    def image_path(self, image_id: str, split: str = "train") -> Path:
+        """Path of an image in the split's layout (hashed or flat); it may not exist."""
+        if split not in SPLITS:
+            raise UserError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+        image_id = str(image_id)
+        if self._detect_layout(split, image_id) == "hashed" and len(image_id) >= 3:
+            return self.root / split / hashed_relpath(image_id)
+        return self.root / split / f"{image_id}.jpg"
+
+    def image_paths(self, ids: list[str], split: str = "train") -> list[Path]:
+        return [self.image_path(i, split) for i in ids]
+
+    def missing_images(self, split: str = "train", ids: list[str] | None = None) -> list[str]:
+        """Ids of the split whose image file does not exist."""
+        ids = self.ids(split) if ids is None else ids
+        return [i for i in ids if not self.image_path(i, split).exists()]
+
+    def check_images(self, split: str = "train") -> None:
+        """Raise UserError naming the first missing image files of a split."""
+        missing = self.missing_images(split)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" … (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+            raise UserError(
+                f"{self.root / split}: {len(missing)} id(s) have no image file: {shown} "
+                "(download them with `glr fetch`/`glr fetch-urls`, or remove them from the CSV)"
+            )
+
+    def summary(self) -> dict:
+        """Counts a person wants after fetching: images, classes, test size."""
+        train = self.train
+        return {
+            "root": str(self.root),
+            "train_images": int(len(train)),
+            "classes": int(train["landmark_id"].nunique()),
+            "test_images": int(len(self.test_ids)),
+            "has_solution": self.solution_path is not None,
+        }

@@ -1,0 +1,1 @@
+"""Rescoring policies and their Optuna search on GAP. Never imports TensorFlow."""
