@@ -121,7 +121,7 @@ def _check_value(where: str, key: str, value: Any, default: Any) -> Any:
 
 
 def _ranges(cfg: dict) -> None:
-    def frac(sec: str, key: str, lo_open: bool = False, hi: float = 1.0) -> None:
+    def frac(sec: str, key: str, lo_open: bool = False, hi: int = 1) -> None:
         v = cfg[sec][key]
         if not (0.0 < v < hi if lo_open else 0.0 <= v < hi):
             raise UserError(f"[{sec}] {key}: must be in {'(' if lo_open else '['}0, {hi}), got {v}")

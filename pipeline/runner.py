@@ -1,0 +1,289 @@
+"""`glr run`: the stages of a competitor's day, driven by one config, each skipped when unchanged.
+
+A stage writes its artefacts into the run folder, then its record goes into
+`<run>/manifest.json` (atomically): fingerprint = hash of the stage's config slice, the
+content digests of the artefacts it reads (its input stages' outputs) and of outside inputs
+(the competition's CSVs); plus the digest of what it wrote. On a re-run a stage is skipped
+when its fingerprint matches and its artefacts are still there, unchanged. So a run killed in
+any stage, re-run, redoes only the unfinished stage and what depends on it, and changing
+only the tuning budget redoes only tuning and what follows.
+
+The engine (`execute`) knows nothing about landmarks; `plan` builds the real stage graph
+(pipeline/stages.py style actions live below in `_actions`).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from submissions.errors import UserError
+from submissions.files import atomic_write_text
+
+MANIFEST = "manifest.json"
+LOCK = ".glr-run.lock"
+
+
+@dataclass
+class Stage:
+    """One step: `action(ctx)` writes `outputs` (paths relative to the run folder) and returns metrics."""
+
+    name: str
+    action: Callable[["Context"], dict]
+    deps: list[str] = field(default_factory=list)
+    config: Any = None
+    outputs: list[str] = field(default_factory=list)
+    digest: list[str] | None = None  # files/folders hashed as the stage's output (default: outputs)
+    external: Callable[[], Any] | None = None  # outside inputs' digest (e.g. the competition's CSVs)
+
+    @property
+    def kind(self) -> str:
+        return self.name.split(":", 1)[0]
+
+
+@dataclass
+class Context:
+    """What an action sees: the run folder, the config, and the finished stages' records."""
+
+    run_dir: Path
+    cfg: dict
+    records: dict[str, dict]
+
+    def path(self, rel: str) -> Path:
+        return self.run_dir / rel
+
+    def metrics(self, stage: str) -> dict:
+        return self.records.get(stage, {}).get("metrics", {})
+
+
+# -- digests ----------------------------------------------------------------------------------
+
+def _hash_file(h, path: Path) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
+def digest_paths(root: Path, rels: list[str]) -> str | None:
+    """Content digest of files / folders (every file inside, by relative path); None if one is missing."""
+    h = hashlib.sha256()
+    for rel in rels:
+        p = root / rel
+        if p.is_file():
+            h.update(f"F {rel}\n".encode())
+            _hash_file(h, p)
+        elif p.is_dir():
+            for sub in sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")):
+                h.update(f"F {sub.relative_to(root)}\n".encode())
+                _hash_file(h, sub)
+        else:
+            return None
+    return h.hexdigest()
+
+
+def _hash_obj(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_digest(*paths: Path) -> dict:
+    """Digest of outside files (absent ones as None), for a stage's `external`."""
+    out = {}
+    for p in paths:
+        p = Path(p)
+        if p.is_file():
+            h = hashlib.sha256()
+            _hash_file(h, p)
+            out[str(p)] = h.hexdigest()
+        else:
+            out[str(p)] = None
+    return out
+
+
+# -- manifest ---------------------------------------------------------------------------------
+
+def read_manifest(run_dir: Path) -> dict:
+    path = Path(run_dir) / MANIFEST
+    if not path.exists():
+        return {"stages": {}}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: unreadable run manifest ({e}); delete it to redo every stage") from None
+    data.setdefault("stages", {})
+    return data
+
+
+def _write_manifest(run_dir: Path, manifest: dict) -> None:
+    manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    atomic_write_text(run_dir / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path):
+    """One `glr run` per run folder; the OS drops the lock when the process dies (kill -9)."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{run_dir}: another `glr run` is working in this run folder; wait for it or "
+                            "use another [run] name") from None
+        yield
+
+
+# -- selection --------------------------------------------------------------------------------
+
+def _select(stages: list[Stage], name: str, option: str) -> list[int]:
+    hits = [i for i, s in enumerate(stages) if s.name == name or s.kind == name]
+    if not hits:
+        names = ", ".join(dict.fromkeys([s.kind for s in stages] + [s.name for s in stages]))
+        raise UserError(f"{option} {name}: no such stage; stages: {names}")
+    return hits
+
+
+# -- engine -----------------------------------------------------------------------------------
+
+def _decide(stage: Stage, rec: dict | None, inputs: dict, config_hash: str, external: Any,
+            run_dir: Path) -> tuple[bool, str]:
+    """(run?, why) for a stage given its previous record and its current inputs."""
+    if not rec or rec.get("status") != "done":
+        return True, "not finished before" if rec else "never run"
+    if rec.get("config_hash") != config_hash:
+        return True, "config changed"
+    old_inputs = rec.get("inputs", {})
+    for dep, d in inputs.items():
+        if old_inputs.get(dep) != d:
+            return True, f"input from {dep} changed"
+    if _hash_obj(external) != rec.get("external_hash"):
+        return True, "outside input changed (competition files)"
+    for rel in stage.outputs:
+        if not (run_dir / rel).exists():
+            return True, f"output {rel} missing"
+    if digest_paths(run_dir, stage.digest if stage.digest is not None else stage.outputs) != rec.get("digest"):
+        return True, "output modified since it was written"
+    return False, "unchanged"
+
+
+def execute(stages: list[Stage], run_dir: str | os.PathLike, cfg: dict | None = None, *,
+            from_stage: str | None = None, only: str | None = None, dry_run: bool = False,
+            echo: Callable[[str], None] = print) -> dict:
+    """Run `stages` in order into `run_dir`, skipping those whose fingerprint is unchanged.
+
+    `from_stage`: that stage and all after it are redone; earlier ones are used as they are.
+    `only`: just that stage is redone. `dry_run`: print the plan (run/skip and why), run nothing.
+    Returns the manifest.
+    """
+    run_dir = Path(run_dir)
+    if from_stage and only:
+        raise UserError("--from and --only cannot be combined")
+    names = [s.name for s in stages]
+    for s in stages:
+        for d in s.deps:
+            if d not in names[: names.index(s.name)]:
+                raise ValueError(f"stage {s.name} depends on {d}, which does not come before it")
+    forced: set[int] = set()
+    limited: set[int] | None = None
+    if from_stage:
+        first = min(_select(stages, from_stage, "--from"))
+        forced = set(range(first, len(stages)))
+        limited = forced
+    if only:
+        forced = set(_select(stages, only, "--only"))
+        limited = forced
+
+    lock = contextlib.nullcontext() if dry_run else _run_lock(run_dir)
+    with lock:
+        manifest = read_manifest(run_dir)
+        records: dict[str, dict] = manifest["stages"]
+        manifest["plan"] = names
+        if cfg is not None:
+            manifest["config"] = cfg
+        manifest.setdefault("versions", _versions())
+        ctx = Context(run_dir, cfg or {}, records)
+        will_run: set[str] = set()
+        current: dict[str, str | None] = {}  # stage -> digest of its outputs now
+        plan_rows = []
+        for i, stage in enumerate(stages):
+            rec = records.get(stage.name)
+            if limited is not None and i not in limited:
+                missing = [o for o in stage.outputs if not (run_dir / o).exists()]
+                if (not rec or rec.get("status") != "done" or missing) and any(
+                        stage.name in stages[j].deps for j in limited):
+                    raise UserError(f"stage {stage.name} has not finished (needed by the stages you asked for); "
+                                    "run without --from/--only first")
+                current[stage.name] = rec.get("digest") if rec else None
+                plan_rows.append((stage.name, "keep", "not selected"))
+                continue
+            config_hash = _hash_obj(stage.config)
+            pending = [d for d in stage.deps if d in will_run]
+            if dry_run and pending:
+                will_run.add(stage.name)
+                plan_rows.append((stage.name, "run", f"input from {pending[0]} will be redone"))
+                continue
+            inputs = {d: current.get(d) for d in stage.deps}
+            external = stage.external() if stage.external else None
+            if i in forced:
+                run, why = True, f"forced by {'--only' if only else '--from'}"
+            else:
+                run, why = _decide(stage, rec, inputs, config_hash, external, run_dir)
+            plan_rows.append((stage.name, "run" if run else "skip", why))
+            if dry_run:
+                if run:
+                    will_run.add(stage.name)
+                else:
+                    current[stage.name] = rec.get("digest")
+                continue
+            if not run:
+                current[stage.name] = rec["digest"]
+                echo(f"[skip] {stage.name}: {why}")
+                continue
+            echo(f"[run ] {stage.name}: {why}")
+            records[stage.name] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            _write_manifest(run_dir, manifest)
+            t0 = time.perf_counter()
+            metrics = stage.action(ctx) or {}
+            seconds = time.perf_counter() - t0
+            missing = [o for o in stage.outputs if not (run_dir / o).exists()]
+            if missing:
+                raise RuntimeError(f"stage {stage.name} finished without writing {', '.join(missing)}")
+            digest = digest_paths(run_dir, stage.digest if stage.digest is not None else stage.outputs)
+            current[stage.name] = digest
+            records[stage.name] = {
+                "status": "done", "config_hash": config_hash, "inputs": inputs,
+                "external_hash": _hash_obj(external), "digest": digest,
+                "fingerprint": _hash_obj([config_hash, inputs, _hash_obj(external)]),
+                "started": records[stage.name]["started"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "seconds": round(seconds, 3), "runs": (rec or {}).get("runs", 0) + 1, "metrics": metrics,
+                "outputs": stage.outputs,
+            }
+            _write_manifest(run_dir, manifest)
+            echo(f"[done] {stage.name} in {seconds:.1f} s")
+        if dry_run:
+            width = max(len(n) for n in names) if names else 0
+            echo(f"plan for {run_dir}:")
+            for name, what, why in plan_rows:
+                echo(f"  {name:<{width}}  {what:<4}  {why}")
+        manifest["last_plan"] = [{"stage": n, "action": a, "why": w} for n, a, w in plan_rows]
+        if not dry_run:
+            _write_manifest(run_dir, manifest)
+    return manifest
+
+
+def _versions() -> dict:
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("glr", "tensorflow", "keras", "numpy", "pandas", "optuna", "opencv-python-headless", "kaggle"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,172 @@
+"""`glr run`'s engine: fingerprints, skip / resume, --from / --only / --dry-run, config.
+
+The engine tests use stand-in stage actions (small functions writing files) so the skip logic
+is checked quickly and exactly; the end-to-end run with the real stages is in test_demo.py,
+and the kill -9 test below runs the real `glr run` in a subprocess.
+"""
+from __future__ import annotations
+
+import json
+import tomllib
+
+import pytest
+
+from pipeline.config import EXAMPLE, load_config, validate
+from pipeline.runner import Stage, execute, read_manifest
+from submissions.errors import UserError
+
+
+def make_stages(calls, cfg):
+    """a → b → c, plus d depending on a only; each writes a file from its input and its config."""
+
+    def writer(name, deps):
+        def action(ctx):
+            calls.append(name)
+            text = "".join(ctx.path(f"{d}.txt").read_text() for d in deps) + f"{name}={cfg[name]};"
+            ctx.path(f"{name}.txt").write_text(text)
+            return {"len": len(text)}
+        return action
+
+    graph = {"a": [], "b": ["a"], "c": ["b"], "d": ["a"]}
+    return [Stage(n, writer(n, deps), deps=deps, config=cfg[n], outputs=[f"{n}.txt"]) for n, deps in graph.items()]
+
+
+def run(tmp_path, cfg, calls, **kw):
+    lines = []
+    m = execute(make_stages(calls, cfg), tmp_path / "run", cfg, echo=lines.append, **kw)
+    return m, lines
+
+
+def test_rerun_skips_everything_and_config_change_redoes_only_dependents(tmp_path):
+    cfg, calls = {"a": 1, "b": 1, "c": 1, "d": 1}, []
+    m, _ = run(tmp_path, cfg, calls)
+    assert calls == ["a", "b", "c", "d"]
+    assert all(m["stages"][s]["status"] == "done" for s in "abcd")
+    calls.clear()
+    run(tmp_path, cfg, calls)
+    assert calls == []
+    cfg["b"] = 2  # like changing the tuning budget: b and what reads b
+    m, lines = run(tmp_path, cfg, calls)
+    assert calls == ["b", "c"]
+    assert any("b: config changed" in l for l in lines) and any("c: input from b changed" in l for l in lines)
+    assert (tmp_path / "run" / "c.txt").read_text() == "a=1;b=2;c=1;"
+    assert m["stages"]["b"]["runs"] == 2 and m["stages"]["a"]["runs"] == 1
+
+
+def test_crash_mid_stage_resumes_at_that_stage(tmp_path):
+    cfg, calls = {"a": 1, "b": 1, "c": 1, "d": 1}, []
+    stages = make_stages(calls, cfg)
+    original = stages[2].action
+
+    def crash(ctx):
+        calls.append("c")
+        ctx.path("c.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    stages[2].action = crash
+    with pytest.raises(KeyboardInterrupt):
+        execute(stages, tmp_path / "run", cfg, echo=lambda s: None)
+    m = read_manifest(tmp_path / "run")
+    assert m["stages"]["c"]["status"] == "running" and m["stages"]["b"]["status"] == "done"
+    stages[2].action = original
+    calls.clear()
+    execute(stages, tmp_path / "run", cfg, echo=lambda s: None)
+    assert calls == ["c", "d"]
+
+
+def test_modified_or_missing_output_is_redone(tmp_path):
+    cfg, calls = {"a": 1, "b": 1, "c": 1, "d": 1}, []
+    run(tmp_path, cfg, calls)
+    calls.clear()
+    (tmp_path / "run" / "d.txt").write_text("edited by hand")
+    (tmp_path / "run" / "c.txt").unlink()
+    _, lines = run(tmp_path, cfg, calls)
+    assert calls == ["c", "d"]
+    assert any("output c.txt missing" in l for l in lines) and any("d: output modified" in l for l in lines)
+
+
+def test_from_only_and_dry_run(tmp_path):
+    cfg, calls = {"a": 1, "b": 1, "c": 1, "d": 1}, []
+    run(tmp_path, cfg, calls)
+    calls.clear()
+    run(tmp_path, cfg, calls, from_stage="b")
+    assert calls == ["b", "c", "d"]
+    calls.clear()
+    run(tmp_path, cfg, calls, only="c")
+    assert calls == ["c"]
+    calls.clear()
+    cfg["a"] = 5
+    before = (tmp_path / "run" / "manifest.json").read_text()
+    _, lines = run(tmp_path, cfg, calls, dry_run=True)
+    assert calls == [] and (tmp_path / "run" / "manifest.json").read_text() == before
+    text = "\n".join(lines)
+    assert "a  run   config changed" in text
+    assert "b  run   input from a will be redone" in text and "d  run   input from a will be redone" in text
+    with pytest.raises(UserError, match="--only nope: no such stage"):
+        run(tmp_path, cfg, calls, only="nope")
+
+
+def test_only_needs_finished_inputs(tmp_path):
+    cfg, calls = {"a": 1, "b": 1, "c": 1, "d": 1}, []
+    with pytest.raises(UserError, match="stage b has not finished"):
+        run(tmp_path, cfg, calls, only="c")
+    assert calls == []
+
+
+def test_stage_kind_selects_all_of_its_kind(tmp_path):
+    calls = []
+
+    def act(name):
+        def f(ctx):
+            calls.append(name)
+            ctx.path(name.replace(":", "_")).write_text(name)
+        return f
+
+    stages = [Stage(n, act(n), outputs=[n.replace(":", "_")]) for n in ("data", "train:x", "train:y", "tune")]
+    execute(stages, tmp_path, {}, echo=lambda s: None)
+    calls.clear()
+    execute(stages, tmp_path, {}, only="train", echo=lambda s: None)
+    assert calls == ["train:x", "train:y"]
+
+
+# -- config -----------------------------------------------------------------------------------
+
+def test_example_config_parses_and_every_default_is_listed(tmp_path):
+    raw = tomllib.loads(EXAMPLE)
+    cfg = validate(raw, tmp_path)
+    assert [m["backbone"] for m in cfg["models"]] == ["vgg16", "vgg19", "resnet50"]
+    from pipeline.config import DEFAULTS
+
+    for sec, keys in DEFAULTS.items():
+        for key, value in keys.items():
+            assert raw[sec][key] == value, f"[{sec}] {key} in EXAMPLE differs from DEFAULTS"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[verify]\ncandidates = "three"', r"\[verify\] candidates: expected an integer"),
+    ('[verify]\nextractor = "surf"', r"\[verify\] extractor: 'surf' is not one of sift, orb, delf"),
+    ('[tune]\nholdout = 1.5', r"\[tune\] holdout: must be in \[0, 1\)"),
+    ('[data]\ndatadir = "x"', r"\[data\] datadir: unknown key"),
+    ('[trian]\nepochs = 1', r"unknown section \[trian\]"),
+    ('[[models]]\nbackbone = "vgg11"', r"\[\[models\]\] #1 backbone: 'vgg11' is not one of"),
+    ('[[models]]\nbackbone = "vgg16"\n[[models]]\nbackbone = "vgg16"', r"name: 'vgg16' is used twice"),
+    ('[[models]]\nbackbone = "vgg16"\nepochs = "x"', r"\[\[models\]\] #1 epochs: expected an integer"),
+    ('[ensemble]\nweights = [1, 2]\n[[models]]\nbackbone = "vgg16"', r"2 weight\(s\) for 1 model"),
+    ('[run\nname = 1', r"not valid TOML"),
+])
+def test_config_errors_name_the_key(tmp_path, text, message):
+    path = tmp_path / "glr.toml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_config(path)
+
+
+def test_config_paths_relative_to_file_and_model_overrides(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "glr.toml"
+    path.write_text('[data]\ndata_dir = "comp"\n[train]\nepochs = 3\n'
+                    '[[models]]\nbackbone = "resnet50"\nname = "r"\nepochs = 7\n[[models]]\nbackbone = "vgg16"\n')
+    cfg = load_config(path)
+    assert cfg["data"]["data_dir"] == str(tmp_path / "sub" / "comp")
+    assert [(m["name"], m["epochs"]) for m in cfg["models"]] == [("r", 7), ("vgg16", 3)]
+    assert json.loads(json.dumps(cfg)) == cfg  # goes into the manifest as JSON
