@@ -1,0 +1,479 @@
+"""The `id,landmarks` submission file and the `solution.csv` ground truth.
+
+A submission row is `id,landmarks` where `landmarks` is `"<landmark_id> <confidence>"` or empty
+(no prediction). In memory a submission is the *canonical* DataFrame:
+
+    id           str      the query image id
+    landmark_id  Int64    predicted landmark, <NA> = no prediction
+    confidence   float64  its confidence, NaN when there is no prediction
+
+`solution.csv` is `id,landmarks,Usage`: `landmarks` holds zero (non-landmark query), one or several
+space-separated landmark ids; `Usage` is Public, Private or Ignored. Without a `Usage` column every
+row counts as both Public and Private (its usage reads "All"). `read_solution` returns `id` (str),
+`landmarks` (tuple of int; empty = non-landmark query) and `usage` (str).
+
+Reading is vectorised (pyarrow's CSV reader and string kernels), so a 1M-row file is parsed in a
+fraction of a second; only rows that fail the fast check are looked at one by one, to name the
+problem. Line numbers in messages are file line numbers (header = line 1).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from submissions.errors import UserError
+from submissions.files import atomic_path
+
+SUBMISSION_HEADER = ("id", "landmarks")
+CANONICAL_COLUMNS = ("id", "landmark_id", "confidence")
+USAGES = ("Public", "Private", "Ignored")
+ALL_USAGE = "All"  # a solution without a Usage column: the row counts as Public and Private
+
+_FLOAT = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+_CANONICAL_PAIR = rf"^\d{{1,18}} {_FLOAT}$"  # what write_submission writes; the fast path
+_INT_LIST = r"^\s*\d{1,18}(?:\s+\d{1,18})*\s*$"
+_SHOWN = 10  # problems shown in a check_submission error
+
+
+# ------------------------------------------------------------------------------ CSV reading
+
+
+@dataclass
+class _Csv:
+    """A CSV file read as strings: columns, the file line of each row, and row-level problems."""
+
+    path: Path
+    header: list[str]
+    columns: dict  # name -> pyarrow StringArray
+    lines: np.ndarray  # file line number of each row
+    problems: list[tuple[int, str]]  # (line, message)
+
+
+def _read_header(path: Path) -> list[str]:
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a CSV file")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            first = f.readline()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+    if not first.strip():
+        raise UserError(f"{path}: file is empty (expected a header line)")
+    return [c.strip().strip('"') for c in first.rstrip("\r\n").split(",")]
+
+
+def _read_csv(path: str | os.PathLike, header: list[str]) -> _Csv:
+    """Read every column of `path` as strings, keeping the file line number of each row."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    path = Path(path)
+
+    def read(use_threads: bool, bad: list) -> "pa.Table":
+        def handler(row) -> str:
+            bad.append(row)
+            return "skip"
+
+        return pcsv.read_csv(
+            path,
+            read_options=pcsv.ReadOptions(use_threads=use_threads, column_names=header, skip_rows=1),
+            parse_options=pcsv.ParseOptions(invalid_row_handler=handler, ignore_empty_lines=False),
+            convert_options=pcsv.ConvertOptions(
+                column_types={c: pa.string() for c in header}, strings_can_be_null=False, quoted_strings_can_be_null=False
+            ),
+        )
+
+    try:
+        bad: list = []
+        table = read(True, bad)
+        if bad:  # only a single-threaded read knows the line numbers of bad rows
+            bad = []
+            table = read(False, bad)
+    except pa.ArrowInvalid as e:
+        raise UserError(f"{path}: cannot parse as CSV ({e})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    n = table.num_rows
+    # the reader reports physical line numbers (header = line 1) even with skip_rows
+    skipped = np.array(sorted(int(r.number) for r in bad), dtype=np.int64)
+    lines = np.arange(2, 2 + n + len(skipped), dtype=np.int64)
+    if len(skipped):
+        lines = np.setdiff1d(lines, skipped, assume_unique=True)
+    problems = [
+        (int(r.number), f"expected {r.expected_columns} fields ({','.join(header)}), found {r.actual_columns}")
+        for r in bad
+    ]
+    columns = {c: table.column(c).combine_chunks() for c in header}
+    return _Csv(path, header, columns, lines[:n], problems)
+
+
+def _format_problems(problems: list[tuple[int, str]], prefix: str = "line") -> list[str]:
+    return [f"{prefix} {line}: {msg}" for line, msg in sorted(problems, key=lambda p: p[0])]
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+# ------------------------------------------------------------------------------ landmarks
+
+
+def _diagnose_pair(text: str) -> tuple[int | None, float | None, str | None]:
+    """Parse one non-canonical `landmarks` cell slowly: (landmark, confidence, problem)."""
+    tokens = text.split()
+    if not tokens:
+        return None, None, None
+    if len(tokens) != 2:
+        return None, None, f"cannot parse landmarks {_short(text)}: expected '<landmark_id> <confidence>' or empty"
+    lid, conf = tokens
+    if not re.fullmatch(r"\d{1,18}", lid):
+        return None, None, f"landmark id {_short(lid)} is not a non-negative integer"
+    try:
+        value = float(conf)
+    except ValueError:
+        return None, None, f"confidence {_short(conf)} is not a number"
+    if math.isnan(value):
+        return None, None, f"confidence {_short(conf)} is NaN"
+    if math.isinf(value):
+        return None, None, f"confidence {_short(conf)} is infinite"
+    if value < 0:
+        return None, None, f"confidence {_short(conf)} is negative"
+    return int(lid), value, None
+
+
+def _parse_pairs(cells, lines: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """Vectorised parse of `landmarks` cells: (landmark int64, confidence float64, has_pred, problems)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = len(cells)
+    lid = np.zeros(n, dtype=np.int64)
+    conf = np.full(n, np.nan)
+    has = np.zeros(n, dtype=bool)
+    problems: list[tuple[int, str]] = []
+    fast = pc.match_substring_regex(cells, _CANONICAL_PAIR).to_numpy(zero_copy_only=False)
+    empty = pc.match_substring_regex(cells, r"^\s*$").to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(fast)
+    if len(rows):
+        parts = pc.split_pattern(cells.filter(pa.array(fast)), " ")
+        lid[rows] = pc.cast(pc.list_element(parts, 0), pa.int64()).to_numpy()
+        conf[rows] = pc.cast(pc.list_element(parts, 1), pa.float64()).to_numpy()
+        has[rows] = True
+        negative = rows[conf[rows] < 0]
+        for r in negative:
+            problems.append((int(lines[r]), f"confidence {float(conf[r])!r} is negative"))
+        has[negative] = False
+        conf[negative] = np.nan
+    slow = np.flatnonzero(~fast & ~empty)
+    if len(slow):
+        texts = cells.take(pa.array(slow)).to_pylist()
+        for r, text in zip(slow.tolist(), texts):
+            value_lid, value_conf, problem = _diagnose_pair(text)
+            if problem:
+                problems.append((int(lines[r]), problem))
+            elif value_lid is not None:
+                lid[r], conf[r], has[r] = value_lid, value_conf, True
+    return lid, conf, has, problems
+
+
+def _duplicates(ids, lines: np.ndarray, what: str = "id") -> list[tuple[int, str]]:
+    """One problem per repeated id, naming the line where it first appeared."""
+    import pyarrow.compute as pc
+
+    if len(pc.unique(ids)) == len(ids):
+        return []
+    codes = pc.dictionary_encode(ids).indices.to_numpy()
+    _, first = np.unique(codes, return_index=True)
+    first_of = first[codes]
+    dup = np.flatnonzero(first_of != np.arange(len(codes)))
+    values = ids.take(dup).to_pylist()
+    return [
+        (int(lines[r]), f"duplicate {what} {_short(v)} (first on line {int(lines[first_of[r]])})")
+        for r, v in zip(dup.tolist(), values)
+    ]
+
+
+def _empty_ids(ids, lines: np.ndarray) -> list[tuple[int, str]]:
+    import pyarrow.compute as pc
+
+    empty = np.flatnonzero(pc.match_substring_regex(ids, r"^\s*$").to_numpy(zero_copy_only=False))
+    return [(int(lines[r]), "empty id") for r in empty.tolist()]
+
+
+# ------------------------------------------------------------------------------ submissions
+
+
+def _check_header(path: Path, header: list[str]) -> None:
+    if tuple(header) != SUBMISSION_HEADER:
+        raise _HeaderError(
+            f"line 1: header is {','.join(header)!r}, expected {','.join(SUBMISSION_HEADER)!r}"
+        )
+
+
+class _HeaderError(Exception):
+    pass
+
+
+def _load_submission(path: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray, list[tuple[int, str]]]:
+    """Parse a submission file: (canonical frame of the parsable rows, their lines, problems)."""
+    path = Path(path)
+    header = _read_header(path)
+    _check_header(path, header)
+    csv = _read_csv(path, list(SUBMISSION_HEADER))
+    ids, cells = csv.columns["id"], csv.columns["landmarks"]
+    problems = list(csv.problems)
+    problems += _empty_ids(ids, csv.lines)
+    problems += _duplicates(ids, csv.lines)
+    lid, conf, has, pair_problems = _parse_pairs(cells, csv.lines)
+    problems += pair_problems
+    frame = _canonical_frame(ids, lid, conf, has)
+    return frame, csv.lines, problems
+
+
+def _canonical_frame(ids, lid: np.ndarray, conf: np.ndarray, has: np.ndarray) -> pd.DataFrame:
+    conf = np.where(has, conf, np.nan)
+    return pd.DataFrame(
+        {
+            "id": pd.Series(ids.to_pandas(), dtype="str") if hasattr(ids, "to_pandas") else pd.Series(ids, dtype="str"),
+            "landmark_id": pd.arrays.IntegerArray(np.where(has, lid, 0).astype(np.int64), ~has),
+            "confidence": conf.astype(np.float64),
+        }
+    )
+
+
+def read_submission(path: str | os.PathLike) -> pd.DataFrame:
+    """Read an `id,landmarks` file into the canonical DataFrame.
+
+    Raises one UserError listing the bad rows by file line (unparsable or negative/NaN/inf
+    confidence, non-integer landmark, duplicate or empty id, wrong field count or header), because
+    scoring a half-read file would give a silently wrong GAP.
+    """
+    path = Path(path)
+    try:
+        frame, _, problems = _load_submission(path)
+    except _HeaderError as e:
+        raise UserError(f"{path}: {e}") from None
+    if problems:
+        raise UserError(_summary(path, _format_problems(problems)))
+    return frame
+
+
+def _summary(path: Path, messages: list[str]) -> str:
+    shown = "; ".join(messages[:_SHOWN])
+    more = f"; … and {len(messages) - _SHOWN} more" if len(messages) > _SHOWN else ""
+    return f"{path}: {len(messages)} problem{'s' if len(messages) != 1 else ''}: {shown}{more}"
+
+
+def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike | None = None) -> list[str]:
+    """Every problem of a submission file, one message each, ordered by line ("line N: …").
+
+    With `sample_path` (the competition's `sample_submission.csv`) also reports ids missing from
+    the submission ("<sample> line N: id … has no row in the submission") and extra ids. An empty
+    list means the file is valid; Kaggle rejects files with any of these problems.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    path = Path(path)
+    try:
+        frame, lines, problems = _load_submission(path)
+    except _HeaderError as e:
+        return [str(e)]
+    messages = _format_problems(problems)
+    if sample_path is None:
+        return messages
+    sample_path = Path(sample_path)
+    sample_header = _read_header(sample_path)
+    if "id" not in sample_header:
+        raise UserError(f"{sample_path}: line 1: no 'id' column (header is {','.join(sample_header)!r})")
+    sample = _read_csv(sample_path, sample_header)
+    sample_ids = sample.columns["id"]
+    sub_ids = pa.array(frame["id"].to_numpy(dtype=object), type=pa.string())
+    extra = np.flatnonzero(~pc.is_in(sub_ids, value_set=sample_ids).to_numpy(zero_copy_only=False))
+    extra_problems = [
+        (int(lines[r]), f"id {_short(v)} is not in {sample_path.name}")
+        for r, v in zip(extra.tolist(), sub_ids.take(pa.array(extra)).to_pylist())
+    ]
+    missing = np.flatnonzero(~pc.is_in(sample_ids, value_set=sub_ids).to_numpy(zero_copy_only=False))
+    missing_messages = [
+        f"{sample_path.name} line {int(sample.lines[r])}: id {_short(v)} has no row in the submission"
+        for r, v in zip(missing.tolist(), sample_ids.take(pa.array(missing)).to_pylist())
+    ]
+    return _format_problems(problems + extra_problems) + missing_messages
+
+
+def check_submission(path: str | os.PathLike, sample_path: str | os.PathLike | None = None) -> None:
+    """Raise one UserError summarising every problem (first 10 shown, plus the count); else return."""
+    messages = validate_submission(path, sample_path)
+    if messages:
+        raise UserError(_summary(Path(path), messages))
+
+
+def canonical_submission(df: pd.DataFrame, source: str = "submission") -> pd.DataFrame:
+    """Return `df` coerced to the canonical dtypes, or raise UserError (missing columns, duplicate
+    ids, a prediction with a NaN/inf/negative confidence)."""
+    missing = [c for c in CANONICAL_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(f"{source}: lacks column(s) {', '.join(missing)} (expected {', '.join(CANONICAL_COLUMNS)})")
+    ids = df["id"]
+    if ids.isna().any():
+        raise UserError(f"{source}: row {int(np.flatnonzero(ids.isna().to_numpy())[0])}: empty id")
+    out = pd.DataFrame(
+        {
+            "id": ids.astype("str").reset_index(drop=True),
+            "landmark_id": pd.to_numeric(df["landmark_id"].reset_index(drop=True), errors="raise").astype("Int64"),
+            "confidence": df["confidence"].reset_index(drop=True).astype("float64"),
+        }
+    )
+    has = out["landmark_id"].notna().to_numpy()
+    conf = out["confidence"].to_numpy()
+    bad = has & ~(np.isfinite(conf) & (conf >= 0))
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        raise UserError(f"{source}: row {r}: id {out['id'][r]!r} has confidence {conf[r]!r} (must be finite and >= 0)")
+    out.loc[~has, "confidence"] = np.nan
+    return out
+
+
+def write_submission(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a canonical submission as `id,landmarks` atomically, rows in the frame's order.
+
+    Confidences are written as the shortest decimal that reads back to the same float64, so the
+    ranking (and the GAP) of the file is exactly that of the frame; no prediction → empty landmarks.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pcsv
+
+    df = canonical_submission(df)
+    has = df["landmark_id"].notna().to_numpy()
+    lid = pa.array(df["landmark_id"].to_numpy(dtype=np.int64, na_value=0)).cast(pa.string())
+    conf = pa.array(df["confidence"].to_numpy()).cast(pa.string())  # shortest round-trip repr
+    pair = pc.binary_join_element_wise(lid, conf, " ")
+    landmarks = pc.if_else(pa.array(has), pair, pa.scalar("", pa.string()))
+    table = pa.table({"id": pa.array(df["id"].to_numpy(dtype=object), type=pa.string()), "landmarks": landmarks})
+    with atomic_path(path, suffix=".csv") as tmp:
+        for quoting in ("none", "needed"):  # Kaggle's own files are unquoted; quote only if an id needs it
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(b"id,landmarks\n")
+                    options = pcsv.WriteOptions(quoting_style=quoting, include_header=False)
+                    pcsv.write_csv(table, f, write_options=options)
+                break
+            except pa.ArrowInvalid:
+                continue
+    return Path(path)
+
+
+def submission_from_predictions(preds: pd.DataFrame) -> pd.DataFrame:
+    """Canonical submission from a predictions table (submissions.tables): each id's rank-0 row
+    gives its landmark and confidence (= score); ids without a rank-0 row get no prediction.
+    Ids keep the order of their first appearance. The one place this conversion is done."""
+    from submissions.tables import validate_predictions
+
+    preds = validate_predictions(preds)
+    ids = pd.unique(preds["id"].to_numpy(dtype=object))
+    top = preds[preds["rank"] == 0].set_index("id")
+    top = top.reindex(pd.Index(ids, dtype="str"))
+    has = top["landmark_id"].notna().to_numpy()
+    return pd.DataFrame(
+        {
+            "id": pd.Series(ids, dtype="str"),
+            "landmark_id": pd.array(top["landmark_id"].to_numpy(), dtype="Int64"),
+            "confidence": np.where(has, top["score"].to_numpy(dtype=np.float64), np.nan),
+        }
+    )
+
+
+def align_submission(submission: pd.DataFrame, ids) -> pd.DataFrame:
+    """Reorder a canonical submission to exactly `ids` (e.g. sample_submission's): ids it lacks get
+    no prediction, ids not in `ids` are dropped — the file Kaggle accepts."""
+    sub = canonical_submission(submission).drop_duplicates("id").set_index("id")
+    index = pd.Index(pd.Series(ids, dtype="str"))
+    out = sub.reindex(index).reset_index()
+    out.columns = list(CANONICAL_COLUMNS)
+    out["landmark_id"] = out["landmark_id"].astype("Int64")
+    return out
+
+
+def read_sample_ids(path: str | os.PathLike) -> pd.Series:
+    """The ids of a sample submission (or any CSV with an `id` column), in file order."""
+    path = Path(path)
+    header = _read_header(path)
+    if "id" not in header:
+        raise UserError(f"{path}: line 1: no 'id' column (header is {','.join(header)!r})")
+    csv = _read_csv(path, header)
+    if csv.problems:
+        raise UserError(_summary(path, _format_problems(csv.problems)))
+    return pd.Series(csv.columns["id"].to_pandas(), dtype="str", name="id")
+
+
+# ------------------------------------------------------------------------------ solution
+
+
+def read_solution(path: str | os.PathLike) -> pd.DataFrame:
+    """Read `solution.csv` (`id,landmarks[,Usage]`; other columns ignored) for scoring.
+
+    Returns `id` (str), `landmarks` (tuple of int, empty = non-landmark query) and `usage`
+    ("Public", "Private", "Ignored", or "All" when the file has no Usage column: such rows count
+    for both Public and Private). Raises one UserError naming the bad lines.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    path = Path(path)
+    header = _read_header(path)
+    lower = [h.lower() for h in header]
+    missing = [c for c in ("id", "landmarks") if c not in lower]
+    if missing:
+        raise UserError(
+            f"{path}: line 1: solution lacks column(s) {', '.join(missing)} "
+            f"(expected id,landmarks,Usage; header is {','.join(header)!r})"
+        )
+    csv = _read_csv(path, header)
+    col = {h.lower(): csv.columns[h] for h in header}
+    ids, cells, lines = col["id"], col["landmarks"], csv.lines
+    problems = list(csv.problems) + _empty_ids(ids, lines) + _duplicates(ids, lines)
+    n = len(ids)
+
+    # landmarks: a fast path for "" and a single id, a slower one for lists
+    single = pc.match_substring_regex(cells, r"^\d{1,18}$").to_numpy(zero_copy_only=False)
+    valid = pc.match_substring_regex(cells, _INT_LIST).to_numpy(zero_copy_only=False)
+    empty = pc.match_substring_regex(cells, r"^\s*$").to_numpy(zero_copy_only=False)
+    landmarks = np.empty(n, dtype=object)
+    landmarks[:] = [()] * n
+    rows = np.flatnonzero(single)
+    if len(rows):
+        values = pc.cast(cells.filter(pa.array(single)), pa.int64()).to_numpy()
+        landmarks[rows] = list(zip(values.tolist()))
+    multi = np.flatnonzero(valid & ~single)
+    for r, text in zip(multi.tolist(), cells.take(pa.array(multi)).to_pylist()):
+        landmarks[r] = tuple(int(t) for t in text.split())
+    bad = np.flatnonzero(~valid & ~empty)
+    for r, text in zip(bad.tolist(), cells.take(pa.array(bad)).to_pylist()):
+        problems.append(
+            (int(lines[r]), f"landmarks {_short(text)} is not a space-separated list of non-negative integer ids")
+        )
+
+    if "usage" in col:
+        raw = pc.utf8_lower(pc.utf8_trim_whitespace(col["usage"]))
+        usage = np.full(n, "", dtype=object)
+        for name in USAGES:
+            usage[pc.equal(raw, name.lower()).to_numpy(zero_copy_only=False)] = name
+        for r in np.flatnonzero(usage == "").tolist():
+            problems.append((int(lines[r]), f"Usage {_short(col['usage'][r].as_py())} is not one of {', '.join(USAGES)}"))
+    else:
+        usage = np.full(n, ALL_USAGE, dtype=object)
+    if problems:
+        raise UserError(_summary(path, _format_problems(problems)))
+    return pd.DataFrame(
+        {"id": pd.Series(ids.to_pandas(), dtype="str"), "landmarks": landmarks, "usage": pd.Series(usage, dtype="str")}
+    )
