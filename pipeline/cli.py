@@ -82,6 +82,56 @@ def main() -> None:
 
 # === section: contract & synthetic data (issue 2: gap, synth) ===
 
+@cli.command("gap")
+@click.argument("submission", type=click.Path(dir_okay=False))
+@click.argument("solution", type=click.Path(dir_okay=False))
+@click.option("--usage", type=click.Choice(["Public", "Private", "all"], case_sensitive=False), default="all",
+              show_default=True, help="Score the Public rows, the Private rows, or both (Ignored rows never count).")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Query resamples for a 95% confidence interval of GAP (0 = none).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap resamples.")
+@click.option("--compare", type=click.Path(dir_okay=False), default=None,
+              help="A baseline submission: paired bootstrap of SUBMISSION against it (is it really better?).")
+@json_option
+def gap_command(submission: str, solution: str, usage: str, bootstrap: int, seed: int, compare: str | None,
+                as_json: bool) -> None:
+    """Score a submission file against solution.csv: GAP, top-1 accuracy, counts.
+
+    GAP is the competitions' metric (one prediction per query, by confidence; equal confidences by
+    id). With --compare, both files are scored on the same resamples of the queries (--bootstrap N,
+    1000 by default); p is the share of resamples in which SUBMISSION does not beat the baseline.
+
+    \b
+    Example:
+      glr gap submission.csv data/solution.csv --usage Private --bootstrap 1000
+      glr gap rescored.csv data/solution.csv --compare submission.csv --json
+    """
+    from submissions.metric import gap_report
+
+    report = gap_report(submission, solution, usage=usage, bootstrap=bootstrap, seed=seed, compare=compare)
+    if as_json:
+        echo_json(report)
+        return
+    line = f"GAP ({report['usage']}): {report['gap']:.6f}"
+    if "gap_ci" in report:
+        lo, hi = report["gap_ci"]
+        line += f"  [95% CI {lo:.6f} – {hi:.6f}, {report['bootstrap']} resamples]"
+    click.echo(line)
+    click.echo(f"accuracy: {report['accuracy']:.6f} ({report['n_correct']} correct / {report['n_landmark_queries']} landmark queries)")
+    click.echo(
+        f"queries: {report['n_queries']} scored, {report['n_landmark_queries']} with a landmark, "
+        f"{report['n_predicted']} predicted"
+        + (f"; {report['n_ignored_predictions']} predictions on ids not scored" if report["n_ignored_predictions"] else "")
+    )
+    if "compare" in report:
+        c = report["compare"]
+        lo, hi = c["delta_ci"]
+        click.echo(
+            f"vs {c['baseline']}: GAP {c['gap_a']:.6f} → {c['gap_b']:.6f}, delta {c['delta']:+.6f} "
+            f"[95% CI {lo:+.6f} – {hi:+.6f}], p = {c['p_value']:.4f} ({c['n_resamples']} paired resamples)"
+        )
+
+
 # === end section: contract & synthetic data ===
 
 # === section: Kaggle side (issue 3: fetch, fetch-urls, clean, submit) ===
@@ -101,6 +151,69 @@ def main() -> None:
 # === end section: tuning ===
 
 # === section: end to end (issue 7: run, demo, config-example) ===
+
+@cli.command("run")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--from", "from_stage", metavar="STAGE", help="Redo STAGE and every stage after it (e.g. tune, train:vgg16).")
+@click.option("--only", metavar="STAGE", help="Redo just STAGE (all of a kind: train, predict, verify).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (run/skip and why) and run nothing.")
+@quiet_option
+def run_cmd(config: str, from_stage: str | None, only: str | None, dry_run: bool) -> None:
+    """Run the whole pipeline of a TOML config, skipping stages whose inputs and config are unchanged.
+
+    Stages: data → localval → train:<model>… → predict:<model>… → ensemble → verify:val/test →
+    tune → rescore → submission → [upload] → report. Artefacts and manifest.json go to
+    <root>/<name>/; killing a run and re-running it redoes only the unfinished stage onward.
+
+    \b
+    Example:
+      glr config-example > glr.toml
+      glr run glr.toml --dry-run
+      glr run glr.toml
+      glr run glr.toml --from tune
+    """
+    from pipeline.runner import run, summary_table
+
+    manifest = run(config, from_stage=from_stage, only=only, dry_run=dry_run, echo=click.echo)
+    if not dry_run:
+        click.echo(summary_table(manifest))
+
+
+@cli.command("config-example")
+def config_example_cmd() -> None:
+    """Print a commented `glr run` config with every key and its default.
+
+    \b
+    Example:
+      glr config-example > glr.toml
+    """
+    from pipeline.config import EXAMPLE
+
+    click.echo(EXAMPLE, nl=False)
+
+
+@cli.command("demo")
+@click.option("--out", default="demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the synthetic competition, the config and the run.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the synthetic competition and the run.")
+@quiet_option
+def demo_cmd(out: str, seed: int) -> None:
+    """Synthetic mini-competition + the whole pipeline on a small built-in config (a few minutes).
+
+    Prints each model's GAP, the ensemble's, the ensemble after rescoring (tuning and held-out
+    parts), time per stage, and the paths of the submission and the report.
+
+    \b
+    Example:
+      glr demo --out demo
+      glr run demo/glr.toml --dry-run     # re-running skips every finished stage
+    """
+    from pipeline.demo import demo
+    from pipeline.runner import summary_table
+
+    manifest = demo(out, seed=seed, echo=click.echo)
+    click.echo(summary_table(manifest))
+
 
 # === end section: end to end ===
 

@@ -53,6 +53,8 @@ class Context:
     run_dir: Path
     cfg: dict
     records: dict[str, dict]
+    resume: bool = False  # the stage was interrupted before with the same config and inputs
+
 
     def path(self, rel: str) -> Path:
         return self.run_dir / rel
@@ -245,7 +247,10 @@ def execute(stages: list[Stage], run_dir: str | os.PathLike, cfg: dict | None = 
                 echo(f"[skip] {stage.name}: {why}")
                 continue
             echo(f"[run ] {stage.name}: {why}")
-            records[stage.name] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            ctx.resume = bool(rec and rec.get("status") == "running" and rec.get("config_hash") == config_hash
+                              and rec.get("inputs") == inputs and i not in forced)
+            records[stage.name] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                   "config_hash": config_hash, "inputs": inputs}
             _write_manifest(run_dir, manifest)
             t0 = time.perf_counter()
             metrics = stage.action(ctx) or {}
@@ -287,3 +292,398 @@ def _versions() -> dict:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+# -- the real stage graph ---------------------------------------------------------------------
+
+class MissingStage(UserError):
+    """A stage's implementation is not importable in this checkout."""
+
+
+def _fn(module: str, name: str, stage: str):
+    """Import `module.name` lazily (TensorFlow stays unloaded until a stage needs it)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and (e.name == module or module.startswith(e.name + ".")):
+            raise MissingStage(f"stage {stage} needs {module}.{name}, but {module} is not installed in this checkout")
+        raise
+    try:
+        return getattr(mod, name)
+    except AttributeError:
+        raise MissingStage(f"stage {stage} needs {module}.{name}, which {module} does not define") from None
+
+
+def _call(func, section: str, fixed: dict, options: dict):
+    """Call `func(**fixed, **options)`, options restricted to keywords it takes (pass-through keys checked)."""
+    import inspect
+
+    from pipeline.config import DEFAULTS, check_kwargs
+
+    params = inspect.signature(func).parameters
+    extra = {k: v for k, v in options.items() if k not in DEFAULTS.get(section, {})}
+    check_kwargs(section, func, extra)
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in options.items() if (takes_any or k in params) and k not in fixed}
+    return func(**fixed, **kwargs)
+
+
+# stage kind -> (module, function) it calls; checked before anything runs
+IMPLEMENTATIONS = {
+    "data": [("pipeline.competition", "Competition")],
+    "localval": [("pipeline.localval", "make_local_validation")],
+    "train": [("pipeline.train", "train")],
+    "predict": [("pipeline.predict", "predict")],
+    "ensemble": [("pipeline.ensemble", "ensemble")],
+    "verify": [("pipeline.verify", "verify")],
+    "tune": [("tuning.search", "tune")],
+    "rescore": [("tuning.policy", "rescore")],
+    "submission": [("submissions.format", "submission_from_predictions"),
+                   ("submissions.format", "write_submission"), ("submissions.format", "check_submission")],
+    "upload": [("pipeline.kaggle", "submit")],
+    "report": [("pipeline.report", "write_report")],
+}
+
+
+def missing_implementations(stages: list[Stage]) -> list[str]:
+    """One line per stage function that cannot be imported (a stage still being written)."""
+    out = []
+    for kind in dict.fromkeys(s.kind for s in stages):
+        for module, name in IMPLEMENTATIONS.get(kind, []):
+            try:
+                _fn(module, name, kind)
+            except MissingStage as e:
+                out.append(str(e))
+    return out
+
+
+def run_dir_of(cfg: dict) -> Path:
+    return Path(cfg["run"]["root"]) / cfg["run"]["name"]
+
+
+def _data_files(data_dir: str) -> list[Path]:
+    root = Path(data_dir)
+    return [root / n for n in ("train.csv", "test.csv", "sample_submission.csv", "solution.csv")]
+
+
+def _solution(data_dir: str | Path) -> Path | None:
+    p = Path(data_dir) / "solution.csv"
+    return p if p.exists() else None
+
+
+def _evaluate(preds_path: Path, solution: Path | None) -> dict | None:
+    """GAP and top-1 accuracy of a predictions table (rank 0 = the prediction) against a solution."""
+    if solution is None:
+        return None
+    from submissions.format import read_solution, submission_from_predictions
+    from submissions.metric import evaluate
+    from submissions.tables import read_predictions
+
+    res = evaluate(submission_from_predictions(read_predictions(preds_path)), read_solution(solution))
+    return {"gap": float(res["gap"]), "accuracy": float(res["accuracy"])}
+
+
+def plan(cfg: dict) -> list[Stage]:
+    """The stages of a run, in order, from a validated config (see pipeline.config)."""
+    data_dir = cfg["data"]["data_dir"]
+    models = cfg["models"]
+    refs_nearest = cfg["verify"]["refs"] == "nearest"
+    stages: list[Stage] = []
+
+    # data: fetch when asked, then check the competition opens; its CSV digests feed every later stage
+    def data(ctx: Context) -> dict:
+        d = ctx.cfg["data"]
+        if d["fetch"]:
+            fetch = _fn("pipeline.kaggle", "fetch", "data")
+            fetch(d["competition"], data_dir, files=d["files"] or None)
+        from pipeline.competition import Competition
+
+        summary = Competition(data_dir).summary()
+        body = {"summary": summary, "files": {Path(k).name: v for k, v in file_digest(*_data_files(data_dir)).items()}}
+        atomic_write_text(ctx.path("data.json"), json.dumps(body, indent=2, sort_keys=True) + "\n")
+        return summary
+
+    stages.append(Stage("data", data, config=cfg["data"], outputs=["data.json"],
+                        external=lambda: file_digest(*_data_files(data_dir))))
+
+    def localval(ctx: Context) -> dict:
+        from pipeline.localval import make_local_validation
+
+        s = make_local_validation(data_dir, ctx.path("localval"), overwrite=True, **ctx.cfg["localval"])
+        return {k: s[k] for k in ("train_images", "train_classes", "queries", "landmark_queries",
+                                  "non_landmark_queries")}
+
+    stages.append(Stage("localval", localval, deps=["data"], config=cfg["localval"], outputs=["localval"],
+                        digest=["localval/train.csv", "localval/solution.csv", "localval/localval.json"]))
+
+    for m in models:
+        name = m["name"]
+
+        def train_stage(ctx: Context, m=m, name=name) -> dict:
+            import shutil
+
+            train = _fn("pipeline.train", "train", f"train:{name}")
+            out = ctx.path(f"models/{name}")
+            if out.exists() and not ctx.resume:
+                shutil.rmtree(out)  # stale run of another config: start afresh
+            options = {k: v for k, v in m.items() if k not in ("name", "backbone")}
+            manifest = _call(train, "train", {"data_dir": str(ctx.path("localval")), "backbone": m["backbone"],
+                                              "out": str(out), "resume": ctx.resume}, options)
+            metrics = manifest.get("metrics", {}) if isinstance(manifest, dict) else {}
+            return {"metrics": metrics}
+
+        stages.append(Stage(f"train:{name}", train_stage, deps=["localval"], config=m,
+                            outputs=[f"models/{name}/manifest.json"], digest=[f"models/{name}"]))
+
+    for i, m in enumerate(models):
+        name = m["name"]
+        emb = refs_nearest and i == 0
+
+        def predict_stage(ctx: Context, name=name, emb=emb) -> dict:
+            predict = _fn("pipeline.predict", "predict", f"predict:{name}")
+            run = str(ctx.path(f"models/{name}"))
+            p = ctx.cfg["predict"]
+            out: dict = {}
+            for part, ddir in (("val", ctx.path("localval")), ("test", Path(data_dir))):
+                target = ctx.path(f"preds/{name}.{part}.parquet")
+                fixed = {"run_dir": run, "data_dir": str(ddir), "split": "test", "out": str(target)}
+                if emb:
+                    fixed["embeddings"] = str(ctx.path(f"preds/{name}.{part}.emb.npy"))
+                _call(predict, "predict", fixed, p)
+                if emb:  # references for --refs nearest: the training images of the same folder
+                    _call(predict, "predict", {"run_dir": run, "data_dir": str(ddir), "split": "train",
+                                               "out": str(ctx.path(f"preds/{name}.{part}.train.parquet")),
+                                               "embeddings": str(ctx.path(f"preds/{name}.{part}.train.emb.npy"))}, p)
+                out[part] = _evaluate(target, _solution(ddir))
+            return out
+
+        outputs = [f"preds/{name}.val.parquet", f"preds/{name}.test.parquet"]
+        if emb:
+            outputs += [f"preds/{name}.{part}{t}.emb.npy" for part in ("val", "test") for t in ("", ".train")]
+        stages.append(Stage(f"predict:{name}", predict_stage, deps=["data", "localval", f"train:{name}"],
+                            config={"predict": cfg["predict"], "embeddings": emb}, outputs=outputs))
+
+    def ensemble_stage(ctx: Context) -> dict:
+        ensemble = _fn("pipeline.ensemble", "ensemble", "ensemble")
+        e = dict(ctx.cfg["ensemble"])
+        weights = e.pop("weights") or None
+        out = {}
+        for part in ("val", "test"):
+            target = ctx.path(f"ens.{part}.parquet")
+            paths = [str(ctx.path(f"preds/{m['name']}.{part}.parquet")) for m in models]
+            _call(ensemble, "ensemble", {"paths": paths, "weights": weights, "out": str(target)}, e)
+            out[part] = _evaluate(target, _solution(ctx.path("localval") if part == "val" else data_dir))
+        return out
+
+    stages.append(Stage("ensemble", ensemble_stage, deps=[f"predict:{m['name']}" for m in models],
+                        config={"ensemble": cfg["ensemble"], "models": [m["name"] for m in models]},
+                        outputs=["ens.val.parquet", "ens.test.parquet"]))
+
+    for part in ("val", "test"):
+        def verify_stage(ctx: Context, part=part) -> dict:
+            verify = _fn("pipeline.verify", "verify", f"verify:{part}")
+            v = dict(ctx.cfg["verify"])
+            v["cache_dir"] = v.get("cache_dir") or str(ctx.path("features"))
+            ddir = ctx.path("localval") if part == "val" else Path(data_dir)
+            fixed = {"preds": str(ctx.path(f"ens.{part}.parquet")), "data_dir": str(ddir),
+                     "out": str(ctx.path(f"inliers.{part}.parquet"))}
+            if refs_nearest:
+                first = models[0]["name"]
+                fixed["embeddings"] = str(ctx.path(f"preds/{first}.{part}.emb.npy"))
+                fixed["ref_embeddings"] = str(ctx.path(f"preds/{first}.{part}.train.emb.npy"))
+            df = _call(verify, "verify", fixed, v)
+            return {"pairs": int(len(df)) if df is not None else None}
+
+        deps = ["ensemble", "localval" if part == "val" else "data"]
+        if refs_nearest:
+            deps.append(f"predict:{models[0]['name']}")
+        stages.append(Stage(f"verify:{part}", verify_stage, deps=deps, config=cfg["verify"],
+                            outputs=[f"inliers.{part}.parquet"]))
+
+    def tune_stage(ctx: Context) -> dict:
+        tune = _fn("tuning.search", "tune", "tune")
+        t = dict(ctx.cfg["tune"])
+        # a study per input: trials of another ensemble / inlier table must not be mixed in
+        t["storage"] = t.get("storage") or None
+        t["study"] = t.get("study") or f"{ctx.cfg['run']['name']}-{_hash_obj(ctx.records['tune']['inputs'])[:10]}"
+        t["timeout"] = t.get("timeout") or None
+        res = _call(tune, "tune", {"preds": str(ctx.path("ens.val.parquet")),
+                                   "inliers": str(ctx.path("inliers.val.parquet")),
+                                   "solution": str(ctx.path("localval/solution.csv")),
+                                   "out": str(ctx.path("tune/policy.json"))}, t)
+        return _jsonable(res)
+
+    stages.append(Stage("tune", tune_stage, deps=["localval", "ensemble", "verify:val"], config=cfg["tune"],
+                        outputs=["tune/policy.json"], digest=["tune/policy.json"]))
+
+    def rescore_stage(ctx: Context) -> dict:
+        rescore = _fn("tuning.policy", "rescore", "rescore")
+        from submissions.tables import read_inliers, read_predictions, write_predictions
+
+        out = {}
+        for part in ("val", "test"):
+            preds = read_predictions(ctx.path(f"ens.{part}.parquet"))
+            inliers = read_inliers(ctx.path(f"inliers.{part}.parquet"))
+            target = ctx.path(f"rescored.{part}.parquet")
+            write_predictions(_rescore(rescore, preds, inliers, ctx.path("tune/policy.json")), target)
+            out[part] = _evaluate(target, _solution(ctx.path("localval") if part == "val" else data_dir))
+        return out
+
+    stages.append(Stage("rescore", rescore_stage, deps=["ensemble", "verify:val", "verify:test", "tune"],
+                        outputs=["rescored.val.parquet", "rescored.test.parquet"]))
+
+    sub_file = cfg["submission"]["file"]
+
+    def submission_stage(ctx: Context) -> dict:
+        from submissions.format import (align_submission, check_submission, read_solution, read_submission,
+                                        submission_from_predictions, write_submission)
+        from submissions.tables import read_predictions
+
+        from pipeline.competition import Competition
+
+        comp = Competition(data_dir)
+        sub = submission_from_predictions(read_predictions(ctx.path("rescored.test.parquet")))
+        sub = align_submission(sub, comp.test_ids)
+        target = ctx.path(sub_file)
+        write_submission(sub, target)
+        check_submission(target, comp.sample_submission_path)
+        out = {"path": str(target), "rows": int(len(sub)), "predicted": int(sub["landmark_id"].notna().sum())}
+        if comp.solution_path is not None:
+            from submissions.metric import evaluate
+
+            res = evaluate(read_submission(target), read_solution(comp.solution_path))
+            out["test"] = {k: float(res[k]) for k in ("gap", "accuracy")}
+        return out
+
+    stages.append(Stage("submission", submission_stage, deps=["data", "rescore"], config=cfg["submission"],
+                        outputs=[sub_file]))
+
+    if cfg["kaggle"]["submit"]:
+        def upload_stage(ctx: Context) -> dict:
+            submit = _fn("pipeline.kaggle", "submit", "upload")
+            res = submit(str(ctx.path(sub_file)), cfg["data"]["competition"], cfg["kaggle"]["message"])
+            atomic_write_text(ctx.path("upload.json"), json.dumps(_jsonable(res), indent=2) + "\n")
+            return _jsonable(res)
+
+        stages.append(Stage("upload", upload_stage, deps=["submission"], config=cfg["kaggle"],
+                            outputs=["upload.json"]))
+
+    def report_stage(ctx: Context) -> dict:
+        write_report = _fn("pipeline.report", "write_report", "report")
+        return {"path": str(write_report(ctx.run_dir, ctx.cfg, ctx.records))}
+
+    stages.append(Stage("report", report_stage, deps=[s.name for s in stages], config=cfg["report"],
+                        outputs=["report.html"]))
+    return stages
+
+
+def _rescore(rescore, preds, inliers, policy_path: Path):
+    """Apply the tuned policy (file path or loaded) with whichever form `rescore` takes."""
+    return rescore(preds, inliers, str(policy_path))
+
+
+def _jsonable(obj: Any) -> Any:
+    """Metrics as plain JSON (numpy scalars, paths, DataFrames dropped)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items() if not hasattr(v, "to_parquet")}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        try:
+            return obj.item()
+        except (ValueError, AttributeError):
+            return str(obj)
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def run(config: str | os.PathLike | dict, *, from_stage: str | None = None, only: str | None = None,
+        dry_run: bool = False, echo: Callable[[str], None] = print) -> dict:
+    """Run (or with `dry_run`, plan) the pipeline of a config file; return the manifest.
+
+    Before anything runs, every stage's implementation is imported: a missing one is one
+    error listing all of them.
+    """
+    from pipeline.config import load_config, validate
+
+    cfg = load_config(config) if not isinstance(config, dict) else validate(config)
+    stages = plan(cfg)
+    if not dry_run:
+        missing = missing_implementations(stages)
+        if missing:
+            raise MissingStage("cannot run: " + "; ".join(missing))
+    return execute(stages, run_dir_of(cfg), cfg, from_stage=from_stage, only=only, dry_run=dry_run, echo=echo)
+
+
+def tune_parts(metrics: dict) -> dict:
+    """{'tuning': (before, after), 'held-out': (before, after)} GAPs from `tune`'s result, when present."""
+    out = {}
+    for part, keys in (("tuning", ("tune", "tuning", "train")), ("held-out", ("holdout", "held_out", "heldout"))):
+        for k in keys:
+            d = metrics.get(k)
+            if isinstance(d, dict) and "before" in d and "after" in d:
+                b, a = d["before"], d["after"]
+                b = b.get("gap") if isinstance(b, dict) else b
+                a = a.get("gap") if isinstance(a, dict) else a
+                out[part] = (b, a)
+                break
+    return out
+
+
+def summary_rows(manifest: dict) -> list[tuple[str, float | None, float | None]]:
+    """(what, GAP on the local validation queries, GAP on the competition's test set or None)."""
+    stages = manifest.get("stages", {})
+
+    def gaps(name: str) -> tuple[float | None, float | None]:
+        m = stages.get(name, {}).get("metrics", {}) or {}
+        val, test = m.get("val") or {}, m.get("test") or {}
+        return val.get("gap"), test.get("gap")
+
+    rows = []
+    for name in manifest.get("plan", []):
+        if name.startswith("predict:"):
+            rows.append((f"model {name.split(':', 1)[1]}", *gaps(name)))
+    rows.append(("ensemble", *gaps("ensemble")))
+    rows.append(("ensemble + rescoring", *gaps("rescore")))
+    parts = tune_parts(stages.get("tune", {}).get("metrics", {}) or {})
+    for part, (before, after) in parts.items():
+        rows.append((f"  {part} part: before → after", before, after))
+    return rows
+
+
+def summary_table(manifest: dict) -> str:
+    """The final table `glr run` / `glr demo` print: GAPs, time per stage, submission and report paths."""
+    stages = manifest.get("stages", {})
+    rows = summary_rows(manifest)
+    has_test = any(t is not None for what, _, t in rows if not what.startswith("  "))
+
+    def f(x):
+        return "    -" if x is None else f"{x:.4f}"
+
+    lines = ["", f"{'GAP':<34} {'local val':>10}" + (f" {'test':>8}" if has_test else "")]
+    for what, val, test in rows:
+        if what.startswith("  "):
+            lines.append(f"{what:<34} {f(val):>10} {f(test):>8}   (validation queries, tune's split)")
+        else:
+            lines.append(f"{what:<34} {f(val):>10}" + (f" {f(test):>8}" if has_test else ""))
+    lines += ["", "time per stage"]
+    total = 0.0
+    skipped = {r["stage"] for r in manifest.get("last_plan", []) if r["action"] == "skip"}
+    for name in manifest.get("plan", []):
+        rec = stages.get(name, {})
+        sec = rec.get("seconds")
+        if sec is None:
+            lines.append(f"  {name:<20} {'not run':>9}")
+            continue
+        note = "  (skipped now: unchanged)" if name in skipped else ""
+        if name not in skipped:
+            total += sec
+        lines.append(f"  {name:<20} {sec:>8.1f}s{note}")
+    lines.append(f"  {'total (this run)':<20} {total:>8.1f}s")
+    sub = stages.get("submission", {}).get("metrics", {}).get("path")
+    rep = stages.get("report", {}).get("metrics", {}).get("path")
+    lines += ["", f"submission: {sub or '-'}", f"report:     {rep or '-'}"]
+    return "\n".join(lines)
