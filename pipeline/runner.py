@@ -648,9 +648,6 @@ def summary_rows(manifest: dict) -> list[tuple[str, float | None, float | None]]
             rows.append((f"model {name.split(':', 1)[1]}", *gaps(name)))
     rows.append(("ensemble", *gaps("ensemble")))
     rows.append(("ensemble + rescoring", *gaps("rescore")))
-    parts = tune_parts(stages.get("tune", {}).get("metrics", {}) or {})
-    for part, (before, after) in parts.items():
-        rows.append((f"  {part} part: before → after", before, after))
     return rows
 
 
@@ -658,17 +655,15 @@ def summary_table(manifest: dict) -> str:
     """The final table `glr run` / `glr demo` print: GAPs, time per stage, submission and report paths."""
     stages = manifest.get("stages", {})
     rows = summary_rows(manifest)
-    has_test = any(t is not None for what, _, t in rows if not what.startswith("  "))
-
-    def f(x):
-        return "    -" if x is None else f"{x:.4f}"
-
-    lines = ["", f"{'GAP':<34} {'local val':>10}" + (f" {'test':>8}" if has_test else "")]
+    has_test = any(t is not None for _, _, t in rows)
+    lines = ["", f"{'GAP':<24} {'local val':>10}" + (f" {'test':>8}" if has_test else "")]
     for what, val, test in rows:
-        if what.startswith("  "):
-            lines.append(f"{what:<34} {f(val):>10} {f(test):>8}   (validation queries, tune's split)")
-        else:
-            lines.append(f"{what:<34} {f(val):>10}" + (f" {f(test):>8}" if has_test else ""))
+        lines.append(f"{what:<24} {f(val):>10}" + (f" {f(test):>8}" if has_test else ""))
+    parts = tune_parts(stages.get("tune", {}).get("metrics", {}) or {})
+    if parts:
+        lines += ["", f"{'rescoring (local val)':<24} {'before':>10} {'after':>8}"]
+        for part, (before, after) in parts.items():
+            lines.append(f"  {part + ' part':<22} {f(before):>10} {f(after):>8}")
     lines += ["", "time per stage"]
     total = 0.0
     skipped = {r["stage"] for r in manifest.get("last_plan", []) if r["action"] == "skip"}
