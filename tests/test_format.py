@@ -1,0 +1,229 @@
+"""The id,landmarks file: round trip, validation with exact line numbers, solution.csv."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from submissions.errors import UserError
+from submissions.format import (
+    align_submission,
+    check_submission,
+    read_sample_ids,
+    read_solution,
+    read_submission,
+    submission_from_predictions,
+    validate_submission,
+    write_submission,
+)
+from submissions.metric import gap
+
+
+def canonical(ids, lids, confs) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"id": pd.Series(ids, dtype="str"), "landmark_id": pd.array(lids, dtype="Int64"), "confidence": np.array(confs, dtype=float)}
+    )
+
+
+def write(tmp_path, text: str, name: str = "sub.csv"):
+    path = tmp_path / name
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+# ------------------------------------------------------------------------------ round trip
+
+
+def test_round_trip_keeps_ranking_of_confidences_differing_past_the_9th_digit(tmp_path):
+    base = 0.123456789
+    confs = [base + k * 1e-13 for k in range(6)] + [base * (1 + 1e-15), 1e-300, 5e-324, 1.7e308, 0.0, 123456789.123456789]
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(len(confs))
+    df = canonical([f"id{k}" for k in range(len(confs))], list(range(len(confs))), np.array(confs)[perm])
+    path = write_submission(df, tmp_path / "out" / "s.csv")
+    back = read_submission(path)
+    pd.testing.assert_frame_equal(back, df)
+    assert (np.argsort(back["confidence"].to_numpy(), kind="stable") == np.argsort(df["confidence"].to_numpy(), kind="stable")).all()
+    assert back["confidence"].nunique() == df["confidence"].nunique() == len(confs)  # no two collapsed
+
+
+@settings(max_examples=60, derandomize=True, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=6).filter(lambda s: s.strip() == s),
+            st.none() | st.tuples(st.integers(0, 10**12), st.floats(0, 1e300, allow_nan=False)),
+        ),
+        unique_by=lambda r: r[0],
+        max_size=20,
+    )
+)
+def test_round_trip_property(tmp_path_factory, rows):
+    ids = [r[0] for r in rows]
+    lids = [r[1][0] if r[1] else None for r in rows]
+    confs = [r[1][1] if r[1] else np.nan for r in rows]
+    df = canonical(ids, lids, confs)
+    path = write_submission(df, tmp_path_factory.mktemp("rt") / "s.csv")
+    pd.testing.assert_frame_equal(read_submission(path), df)
+
+
+def test_write_is_atomic_and_needs_canonical_columns(tmp_path):
+    target = write(tmp_path, "id,landmarks\nold,1 0.5\n")
+    with pytest.raises(UserError, match="lacks column"):
+        write_submission(pd.DataFrame({"id": ["a"], "landmarks": ["1 0.5"]}), target)
+    with pytest.raises(UserError, match="confidence"):
+        write_submission(canonical(["a"], [1], [-1.0]), target)
+    assert target.read_text() == "id,landmarks\nold,1 0.5\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["sub.csv"]  # no temp file left behind
+    write_submission(canonical(["a", "b"], [3, None], [0.25, np.nan]), target)
+    assert target.read_text() == "id,landmarks\na,3 0.25\nb,\n"
+
+
+def test_reads_crlf_bom_quotes_and_loose_whitespace(tmp_path):
+    path = write(tmp_path, '\ufeffid,landmarks\r\n"a","1 0.5"\r\nb,  2\t0.25 \r\nc,\r\nd, \r\n')
+    df = read_submission(path)
+    assert df["id"].tolist() == ["a", "b", "c", "d"]
+    assert df["landmark_id"].tolist()[:2] == [1, 2] and df["landmark_id"][2:].isna().all()
+    assert df["confidence"].tolist()[:2] == [0.5, 0.25]
+
+
+# ------------------------------------------------------------------------------ validation
+
+BAD = (
+    "id,landmarks\n"  # 1
+    "a,1 0.5\n"  # 2
+    "b,1 0.5,x\n"  # 3  too many fields
+    ",2 0.5\n"  # 4  empty id
+    "c\n"  # 5  too few fields
+    "f,1.5 0.2\n"  # 6  non-integer landmark
+    "g,3 nan\n"  # 7  NaN
+    "h,4 -1\n"  # 8  negative
+    "i,5 inf\n"  # 9  infinite
+    "j,abc\n"  # 10 unparsable
+    "k,1 2 3\n"  # 11 unparsable (two predictions)
+    "a,7 0.1\n"  # 12 duplicate
+    "l,x 0.1\n"  # 13 non-integer landmark
+    "m,1 zero\n"  # 14 confidence not a number
+    "n,\n"  # 15 fine: no prediction
+    "o,  8   0.25 \n"  # 16 fine: loose whitespace
+)
+
+EXPECTED = [
+    "line 3: expected 2 fields (id,landmarks), found 3",
+    "line 4: empty id",
+    "line 5: expected 2 fields (id,landmarks), found 1",
+    "line 6: landmark id '1.5' is not a non-negative integer",
+    "line 7: confidence 'nan' is NaN",
+    "line 8: confidence -1.0 is negative",
+    "line 9: confidence 'inf' is infinite",
+    "line 10: cannot parse landmarks 'abc': expected '<landmark_id> <confidence>' or empty",
+    "line 11: cannot parse landmarks '1 2 3': expected '<landmark_id> <confidence>' or empty",
+    "line 12: duplicate id 'a' (first on line 2)",
+    "line 13: landmark id 'x' is not a non-negative integer",
+    "line 14: confidence 'zero' is not a number",
+]
+
+
+def test_validate_reports_every_problem_with_its_line(tmp_path):
+    assert validate_submission(write(tmp_path, BAD)) == EXPECTED
+
+
+def test_validate_against_sample_reports_missing_and_extra_ids(tmp_path):
+    sub = write(tmp_path, "id,landmarks\na,1 0.5\nzz,2 0.1\nb,\nyy,\n")
+    sample = write(tmp_path, "id,landmarks\na,\nb,\nc,\nd,\n", "sample_submission.csv")
+    assert validate_submission(sub, sample) == [
+        "line 3: id 'zz' is not in sample_submission.csv",
+        "line 5: id 'yy' is not in sample_submission.csv",
+        "sample_submission.csv line 4: id 'c' has no row in the submission",
+        "sample_submission.csv line 5: id 'd' has no row in the submission",
+    ]
+    good = write(tmp_path, "id,landmarks\nd,\nc,3 1e-3\nb,\na,1 0.5\n", "good.csv")
+    assert validate_submission(good, sample) == []
+    check_submission(good, sample)
+
+
+def test_wrong_header(tmp_path):
+    path = write(tmp_path, "id,landmark\na,1 0.5\n")
+    assert validate_submission(path) == ["line 1: header is 'id,landmark', expected 'id,landmarks'"]
+    with pytest.raises(UserError, match=r"sub\.csv: line 1: header is 'id,landmark'"):
+        read_submission(path)
+
+
+def test_check_and_read_summarise_in_one_line(tmp_path):
+    path = write(tmp_path, BAD)
+    with pytest.raises(UserError) as e:
+        check_submission(path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{path}: 12 problems: line 3: expected 2 fields")
+    assert "line 12: duplicate id 'a'" in msg and "… and 2 more" in msg and "line 14" not in msg
+    with pytest.raises(UserError, match=r"12 problems: line 3"):
+        read_submission(path)
+    for text, error in [("", "empty"), ("id,landmarks\n" + "x,1 0.5\n" * 3, "line 3: duplicate id 'x'")]:
+        with pytest.raises(UserError, match=error):
+            read_submission(write(tmp_path, text, "other.csv"))
+    with pytest.raises(UserError, match="no such file"):
+        read_submission(tmp_path / "missing.csv")
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00\x01garbage")
+    with pytest.raises(UserError, match="binary.csv"):
+        read_submission(tmp_path / "binary.csv")
+
+
+# ------------------------------------------------------------------------------ solution
+
+
+def test_read_solution(tmp_path):
+    path = write(
+        tmp_path,
+        "id,landmarks,Usage\n"
+        "a,1,Public\n"
+        "b,,Private\n"
+        "c,3 4  5,private\n"
+        "d,6,Ignored\n",
+        "solution.csv",
+    )
+    sol = read_solution(path)
+    assert sol["id"].tolist() == ["a", "b", "c", "d"]
+    assert sol["landmarks"].tolist() == [(1,), (), (3, 4, 5), (6,)]
+    assert sol["usage"].tolist() == ["Public", "Private", "Private", "Ignored"]
+    no_usage = read_solution(write(tmp_path, "id,landmarks\na,1\nb,\n", "s2.csv"))
+    assert no_usage["usage"].tolist() == ["All", "All"]
+    sub = canonical(["a", "b"], [1, None], [0.5, np.nan])
+    assert gap(sub, no_usage, "Public") == gap(sub, no_usage, "Private") == 1.0
+
+
+def test_read_solution_errors(tmp_path):
+    with pytest.raises(UserError, match=r"line 1: solution lacks column\(s\) landmarks"):
+        read_solution(write(tmp_path, "id,landmark_id\na,1\n", "s.csv"))
+    path = write(tmp_path, "id,landmarks,Usage\na,1,Public\nb,x,Public\nc,2,Secret\na,3,Private\n", "s.csv")
+    with pytest.raises(UserError) as e:
+        read_solution(path)
+    msg = str(e.value)
+    assert "line 3: landmarks 'x' is not a space-separated list" in msg
+    assert "line 4: Usage 'Secret' is not one of Public, Private, Ignored" in msg
+    assert "line 5: duplicate id 'a' (first on line 2)" in msg
+
+
+# ------------------------------------------------------------------------------ conversions
+
+
+def test_submission_from_predictions_and_align(tmp_path):
+    preds = pd.DataFrame(
+        {
+            "id": ["q2", "q2", "q1", "q1", "q3"],
+            "landmark_id": [7, 8, 5, 6, 9],
+            "score": np.array([0.9, 0.1, 0.3, 0.2, 0.5], dtype=np.float32),
+            "rank": [0, 1, 0, 1, 1],  # q3 has no rank-0 row
+        }
+    )
+    sub = submission_from_predictions(preds)
+    assert sub["id"].tolist() == ["q2", "q1", "q3"]
+    assert sub["landmark_id"].tolist()[:2] == [7, 5] and pd.isna(sub["landmark_id"][2])
+    assert sub["confidence"].tolist()[:2] == [float(np.float32(0.9)), float(np.float32(0.3))]
+    assert sub["landmark_id"].dtype == "Int64" and sub["confidence"].dtype == "float64"
+    sample = write(tmp_path, "id,landmarks\nq1,\nq4,\nq2,\n", "sample.csv")
+    aligned = align_submission(sub, read_sample_ids(sample))
+    assert aligned["id"].tolist() == ["q1", "q4", "q2"]
+    assert aligned["landmark_id"].tolist()[0] == 5 and pd.isna(aligned["landmark_id"][1])
+    path = write_submission(aligned, tmp_path / "sub.csv")
+    assert validate_submission(path, sample) == []
