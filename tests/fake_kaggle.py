@@ -1,0 +1,322 @@
+"""A stand-in for Kaggle's API on loopback, for driving the real `kaggle` client offline.
+
+The real client (kaggle 2.x + kagglesdk), with `KAGGLE_API_ENVIRONMENT=LOCALHOST` set before
+`kaggle` is imported, POSTs JSON to `http://localhost/api/v1/<Service>/<Method>`. Routing it
+here with `http_proxy=http://127.0.0.1:PORT` (and empty `no_proxy`) means this server receives
+absolute-form requests (`POST http://localhost/api/... HTTP/1.0`) and answers them as Kaggle
+would: Basic auth for username/key, Bearer for `KAGGLE_API_TOKEN` (checked through
+`security.OAuthService/IntrospectToken`), downloads as a 302 to a file URL that honours `Range`
+(so the client can resume), submissions as StartSubmissionUpload → PUT → CreateSubmission.
+
+Everything is bounded: the server binds 127.0.0.1 only, stops itself after `lifetime` seconds,
+handler sockets time out, and a CONNECT (a stray https request) is refused and recorded so a
+test can assert nothing tried to leave the machine.
+"""
+from __future__ import annotations
+
+import base64
+import email.utils
+import hashlib
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlsplit
+
+API = "/api/v1/"
+LAST_MODIFIED = email.utils.formatdate(1_700_000_000, usegmt=True)
+
+
+@dataclass
+class Hit:
+    """One request the fake received."""
+
+    method: str
+    path: str
+    range: str | None = None
+    auth: str | None = None
+    status: int = 0
+    body_bytes: int = 0  # bytes of file content actually sent
+
+
+@dataclass
+class FakeKaggle:
+    """Configure, then `with FakeKaggle(...) as fk:` and use `fk.env(home)` for the client.
+
+    archives: competition name → bytes of its all-files bundle (served as `<name>.zip`).
+    files: (competition, file name) → bytes of one file (`competition_download_file`).
+    users: username → key accepted with Basic auth. tokens: access token → username.
+    rules_accepted: competitions whose rules the user accepted (others answer 403).
+    code_competitions: competitions that refuse file submissions (400 on CreateSubmission).
+    throttle: (bytes per chunk, seconds between chunks) for file bodies, or None for full speed.
+    cut_after: when set, the first full (non-Range) download of a file sends this many bytes of
+    the body and then drops the connection (the client sees an incomplete read).
+    """
+
+    archives: dict[str, bytes] = field(default_factory=dict)
+    files: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    users: dict[str, str] = field(default_factory=lambda: {"alice": "secret-key"})
+    tokens: dict[str, str] = field(default_factory=lambda: {"good-token": "alice"})
+    rules_accepted: set[str] | None = None  # None: every known competition
+    code_competitions: set[str] = field(default_factory=set)
+    throttle: tuple[int, float] | None = None
+    cut_after: int | None = None
+    lifetime: float = 180.0
+
+    def __post_init__(self) -> None:
+        self.hits: list[Hit] = []
+        self.uploads: dict[str, bytes] = {}
+        self.submissions: list[dict] = []
+        self.lock = threading.Lock()
+        self._cut_done: set[str] = set()
+        self._server: ThreadingHTTPServer | None = None
+        self._stop = threading.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.server_address[1]
+
+    def start(self) -> "FakeKaggle":
+        fake = self
+
+        class Handler(_Handler):
+            pass
+
+        Handler.fake = fake
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        # stops itself even when a test forgets to
+        self._timer = threading.Timer(self.lifetime, self.stop)
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._timer.cancel()
+            self._server = None
+
+    def __enter__(self) -> "FakeKaggle":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def env(self, home, **creds: str) -> dict[str, str]:
+        """Environment variables that point the real client at this fake (and nowhere else)."""
+        proxy = f"http://127.0.0.1:{self.port}"
+        env = {
+            "HOME": str(home),
+            "KAGGLE_API_ENVIRONMENT": "LOCALHOST",
+            "http_proxy": proxy, "HTTP_PROXY": proxy,
+            "https_proxy": proxy, "HTTPS_PROXY": proxy,
+            "all_proxy": proxy, "ALL_PROXY": proxy,
+            "no_proxy": "", "NO_PROXY": "",
+        }
+        env.update(creds)
+        return env
+
+    # -- what the tests look at -------------------------------------------------------------------
+    def file_hits(self) -> list[Hit]:
+        with self.lock:
+            return [h for h in self.hits if h.path.startswith("/files/")]
+
+    def api_calls(self) -> list[str]:
+        with self.lock:
+            return [h.path[len(API):] for h in self.hits if h.path.startswith(API)]
+
+    def stray(self) -> list[Hit]:
+        """Requests that were not for localhost (e.g. an https CONNECT to api.kaggle.com)."""
+        with self.lock:
+            return [h for h in self.hits if h.method == "CONNECT" or h.path.startswith("!")]
+
+    def known(self, competition: str) -> bool:
+        return competition in self.archives or any(c == competition for c, _ in self.files) \
+            or competition in self.code_competitions
+
+
+def _etag(data: bytes) -> str:
+    return '"' + hashlib.sha1(data).hexdigest()[:16] + '"'
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fake: FakeKaggle
+    timeout = 10  # a stuck client never holds a handler thread for long
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, format, *args) -> None:  # quiet
+        pass
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _record(self, **kw) -> Hit:
+        url = urlsplit(self.path)
+        path = unquote(url.path)
+        if url.netloc and url.hostname not in ("localhost", "127.0.0.1"):
+            path = "!" + url.netloc + path
+        hit = Hit(self.command, path, self.headers.get("Range"), self.headers.get("Authorization"), **kw)
+        with self.fake.lock:
+            self.fake.hits.append(hit)
+        return hit
+
+    def _json(self, hit: Hit, status: int, obj: dict) -> None:
+        body = json.dumps(obj).encode()
+        hit.status = status
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, hit: Hit, status: int, message: str) -> None:
+        self._json(hit, status, {"code": status, "message": message})
+
+    def _body(self) -> bytes:
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def _user(self) -> str | None:
+        auth = self.headers.get("Authorization") or ""
+        if auth.startswith("Basic "):
+            try:
+                user, _, key = base64.b64decode(auth[6:]).decode().partition(":")
+            except ValueError:
+                return None
+            return user if self.fake.users.get(user) == key else None
+        if auth.startswith("Bearer "):
+            return self.fake.tokens.get(auth[7:])
+        return None
+
+    # -- verbs -----------------------------------------------------------------------------------
+    def do_CONNECT(self) -> None:
+        hit = self._record()
+        hit.status = 403
+        self.send_error(403, "fake Kaggle: https is not served here (only http://localhost)")
+
+    def do_POST(self) -> None:
+        hit = self._record()
+        if hit.path.startswith("!") or not hit.path.startswith(API):
+            return self._error(hit, 404, f"no such endpoint {hit.path}")
+        method = hit.path[len(API):]
+        try:
+            req = json.loads(self._body() or b"{}")
+        except ValueError:
+            return self._error(hit, 400, "body is not JSON")
+        if method == "security.OAuthService/IntrospectToken":
+            user = self.fake.tokens.get(req.get("token", ""))
+            return self._json(hit, 200, {"active": True, "username": user} if user else {"active": False})
+        if not method.startswith("competitions.CompetitionApiService/"):
+            return self._error(hit, 404, f"fake Kaggle does not implement {method}")
+        if self._user() is None:
+            return self._error(hit, 401, "Unauthenticated: the request does not have valid credentials")
+        name = method.split("/", 1)[1]
+        comp = req.get("competitionName", "")
+        fake = self.fake
+        if not fake.known(comp):
+            return self._error(hit, 404, f"Competition '{comp}' not found")
+        if fake.rules_accepted is not None and comp not in fake.rules_accepted:
+            return self._error(hit, 403, "You must accept this competition's rules before you'll be able to download files")
+        if name == "DownloadDataFiles":
+            if comp not in fake.archives:
+                return self._error(hit, 404, f"Competition '{comp}' has no data files")
+            return self._redirect(hit, f"/files/{comp}/{comp}.zip")
+        if name == "DownloadDataFile":
+            fname = req.get("fileName", "")
+            if (comp, fname + ".zip") in fake.files:  # big files are served zipped, as Kaggle does
+                return self._redirect(hit, f"/files/{comp}/{fname}.zip")
+            if (comp, fname) not in fake.files:
+                return self._error(hit, 404, f"File '{fname}' not found in competition '{comp}'")
+            return self._redirect(hit, f"/files/{comp}/{fname}")
+        if name == "StartSubmissionUpload":
+            token = f"blob-{len(fake.uploads) + 1}"
+            fake.uploads[token] = b""
+            return self._json(hit, 200, {"token": token, "createUrl": f"http://localhost/upload/{token}"})
+        if name == "CreateSubmission":
+            if comp in fake.code_competitions:
+                return self._error(hit, 400, "Submission not allowed: this competition only accepts submissions from Kaggle Notebooks")
+            token = req.get("blobFileTokens", "")
+            if not fake.uploads.get(token):
+                return self._error(hit, 400, f"unknown or empty upload {token!r}")
+            ref = 1000 + len(fake.submissions)
+            fake.submissions.append({**req, "ref": ref, "content": fake.uploads[token]})
+            return self._json(hit, 200, {"message": "Successfully submitted to " + comp, "ref": ref})
+        return self._error(hit, 404, f"fake Kaggle does not implement {method}")
+
+    def _redirect(self, hit: Hit, path: str) -> None:
+        hit.status = 302
+        self.send_response(302)
+        self.send_header("Location", "http://localhost" + path)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_PUT(self) -> None:
+        hit = self._record()
+        token = hit.path.rsplit("/", 1)[-1]
+        if not hit.path.startswith("/upload/") or token not in self.fake.uploads:
+            return self._error(hit, 404, "no such upload")
+        self.fake.uploads[token] = self._body()
+        self._json(hit, 200, {})
+
+    def do_GET(self) -> None:
+        hit = self._record()
+        parts = hit.path.split("/", 3)  # '', 'files', comp, name
+        if len(parts) != 4 or parts[1] != "files":
+            return self._error(hit, 404, "not found")
+        comp, name = parts[2], parts[3]
+        data = self.fake.archives.get(comp) if name == f"{comp}.zip" else self.fake.files.get((comp, name))
+        if data is None:
+            return self._error(hit, 404, "not found")
+        start, status = 0, 200
+        rng = self.headers.get("Range")
+        if rng and rng.startswith("bytes=") and self.headers.get("If-Range", _etag(data)) in (_etag(data), LAST_MODIFIED):
+            start = int(rng[6:].split("-")[0])
+            if start >= len(data):
+                hit.status = 416
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            status = 206
+        hit.status = status
+        self.send_response(status)
+        self.send_header("Content-Type", "application/zip" if name.endswith(".zip") else "application/octet-stream")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", _etag(data))
+        self.send_header("Last-Modified", LAST_MODIFIED)
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        end = len(data)
+        cut = False
+        with self.fake.lock:
+            if self.fake.cut_after is not None and start == 0 and hit.path not in self.fake._cut_done:
+                self.fake._cut_done.add(hit.path)
+                end, cut = min(end, self.fake.cut_after), True
+        chunk, pause = self.fake.throttle or (1 << 20, 0.0)
+        pos = start
+        try:
+            while pos < end and not self.fake._stop.is_set():
+                n = min(chunk, end - pos)
+                self.wfile.write(data[pos:pos + n])
+                self.wfile.flush()
+                pos += n
+                hit.body_bytes += n
+                if pause:
+                    time.sleep(pause)
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            return
+        if cut:
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
