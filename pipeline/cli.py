@@ -136,6 +136,135 @@ def gap_command(submission: str, solution: str, usage: str, bootstrap: int, seed
 
 # === section: Kaggle side (issue 3: fetch, fetch-urls, clean, submit) ===
 
+def _echo_summary(summary: dict | None) -> None:
+    if summary:
+        click.echo(
+            f"{summary['root']}: {summary['train_images']} train images, {summary['classes']} classes, "
+            f"{summary['test_images']} test images"
+        )
+
+
+@cli.command("fetch")
+@click.argument("competition")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="Where the competition's files go.")
+@click.option("--files", default=None, metavar="A,B,…",
+              help="Fetch only these files (comma-separated, e.g. train.csv,sample_submission.csv).")
+@click.option("--force", is_flag=True, help="Download again even if the files are already there.")
+@quiet_option
+@json_option
+def fetch_cmd(competition: str, data_dir: str, files: str | None, force: bool, as_json: bool) -> None:
+    """Download a competition's files with the official kaggle client and extract them safely.
+
+    Credentials: ~/.kaggle/kaggle.json, or KAGGLE_USERNAME + KAGGLE_KEY, or KAGGLE_API_TOKEN.
+    An interrupted download resumes from the bytes on disk; a re-run skips what is complete.
+    Archive members that would land outside DATA_DIR (../, absolute, symlinks) are refused.
+
+    \b
+    Example:
+      glr fetch landmark-recognition-2021 --data-dir data/glr2021
+      glr fetch landmark-recognition-2019 --data-dir data/glr2019 --files train.csv,test.csv
+    """
+    from pipeline.kaggle import fetch
+
+    out = fetch(competition, data_dir, files=files.split(",") if files else None, force=force)
+    if as_json:
+        echo_json(out)
+        return
+    if out["downloaded"]:
+        click.echo(f"downloaded {', '.join(out['downloaded'])}" + (f"; extracted {out['extracted']} files" if out["extracted"] else ""))
+    if out["skipped"]:
+        click.echo(f"already complete: {', '.join(out['skipped'])} (use --force to download again)")
+    _echo_summary(out["summary"])
+
+
+@cli.command("fetch-urls")
+@click.argument("csv", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Image folder (hashed layout a/b/c/<id>.jpg).")
+@click.option("--size", default=96, show_default=True, type=click.IntRange(min=0),
+              help="Longest side in pixels (asked of Google's servers, else resized here); 0 = original.")
+@click.option("--workers", default=16, show_default=True, type=click.IntRange(1, 256), help="Parallel downloads.")
+@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.01), help="Seconds per request.")
+@click.option("--retries", default=3, show_default=True, type=click.IntRange(min=0),
+              help="Retries of a timed-out / refused / 5xx request, with back-off.")
+@quiet_option
+@json_option
+def fetch_urls_cmd(csv: str, out: str, size: int, workers: int, timeout: float, retries: int, as_json: bool) -> None:
+    """Download the images of an id,url[,landmark_id] list (2018/2019 competitions).
+
+    Resumable (images already there are skipped), written atomically, failures listed in
+    OUT/failed.csv (id,url,reason) instead of skipped silently.
+
+    \b
+    Example:
+      glr fetch-urls data/glr2019/train.csv --out data/glr2019/train --size 256 --workers 32
+    """
+    from pipeline.fetch_urls import fetch_urls
+
+    res = fetch_urls(csv, out, size=size, workers=workers, timeout=timeout, retries=retries)
+    if as_json:
+        echo_json(res)
+        return
+    click.echo(
+        f"{res['downloaded']} downloaded, {res['skipped']} already there, {res['failed']} failed "
+        f"({res['images_per_s']:.1f} images/s)" + (f"; failures listed in {res['failed_csv']}" if res["failed"] else "")
+    )
+
+
+@cli.command("clean")
+@click.argument("data_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--quarantine", default=None, type=click.Path(file_okay=False),
+              help="Where unusable images are moved (default: DATA_DIR-quarantine beside it).")
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(1, 64), help="Parallel checks.")
+@quiet_option
+@json_option
+def clean_cmd(data_dir: str, quarantine: str | None, workers: int, as_json: bool) -> None:
+    """Move unusable images (empty, truncated, not an image, bomb-sized, unsupported mode) to quarantine.
+
+    Nothing is deleted; QUARANTINE/report.csv says why each file was moved. Odd but usable
+    images (palette+transparency, CMYK, 16-bit, grayscale, EXIF-rotated) stay in place.
+
+    \b
+    Example:
+      glr clean data/glr2019/train --quarantine data/glr2019/quarantine
+    """
+    from pipeline.clean import clean
+
+    res = clean(data_dir, quarantine=quarantine, workers=workers)
+    if as_json:
+        echo_json(res)
+        return
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(res["reasons"].items()))
+    click.echo(f"{res['checked']} images checked, {res['quarantined']} quarantined" + (f" ({reasons})" if reasons else ""))
+    if res["quarantined"]:
+        click.echo(f"report: {res['report']}")
+
+
+@cli.command("submit")
+@click.argument("submission", type=click.Path(dir_okay=False))
+@click.option("--competition", "-c", required=True, help="Kaggle's name, e.g. landmark-recognition-2019.")
+@click.option("--message", "-m", required=True, help="Description shown on Kaggle.")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False),
+              help="Competition directory: validate against its sample_submission.csv.")
+@json_option
+def submit_cmd(submission: str, competition: str, message: str, data_dir: str | None, as_json: bool) -> None:
+    """Validate a submission file, then upload it to Kaggle with the official client.
+
+    An invalid file is never uploaded. The 2020/2021 competitions take submissions only from
+    Kaggle notebooks: run glr inside one there.
+
+    \b
+    Example:
+      glr submit submission.csv -c landmark-recognition-2019 -m "vgg16 + rescoring" --data-dir data/glr2019
+    """
+    from pipeline.kaggle import submit
+
+    res = submit(submission, competition, message, data_dir=data_dir)
+    if as_json:
+        echo_json(res)
+        return
+    click.echo(f"{res['message'] or 'submitted'} (ref {res['ref']}); status: {res['url']}")
+
+
 # === end section: Kaggle side ===
 
 # === section: models (issue 4: train, predict, ensemble, evaluate) ===
