@@ -1,0 +1,97 @@
+"""`glr ensemble` and `glr evaluate`: average several models' predictions tables; score one.
+
+Ensemble rule, per image: over the union of the candidate classes in the models' top-k rows,
+
+    score(c) = Σ_m w_m · p_m(c) / Σ_m w_m        (m over the models that predicted the image)
+
+where p_m(c) is model m's probability for class c when c is in m's top-k, and **0 when it is not**
+(a class outside a model's top-k had at most that model's k-th probability; counting it as 0
+rather than guessing keeps the rule exact for what the table holds, and penalises classes only
+some models believe in). Weights are renormalised over the models that predicted the image, so
+an image missing from one table (e.g. an unreadable file there) is averaged over the others and
+scores stay on the probability scale. Scores are not renormalised per image to sum to 1: that
+would inflate diffuse, unsure predictions and hurt GAP. Models may have different class sets.
+Pure pandas/numpy: no TensorFlow here.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from submissions.errors import UserError
+
+
+def parse_weights(text: str | None, n: int) -> list[float] | None:
+    """'1,2,0.5' → [1.0, 2.0, 0.5], checked against the number of models."""
+    if text is None or str(text).strip() == "":
+        return None
+    try:
+        w = [float(t) for t in str(text).split(",")]
+    except ValueError:
+        raise UserError(f"--weights {text!r}: expected comma-separated numbers, e.g. 1,1,2") from None
+    if len(w) != n:
+        raise UserError(f"--weights {text!r}: {len(w)} weight(s) for {n} predictions table(s); give one per table")
+    return w
+
+
+def ensemble_tables(tables: list[pd.DataFrame], weights: list[float] | None = None, top_k: int = 5) -> pd.DataFrame:
+    """The weighted average of predictions tables (see the module docstring), top-k per image."""
+    if not tables:
+        raise UserError("ensemble: no predictions tables given")
+    if top_k < 1:
+        raise UserError(f"--top-k {top_k}: must be at least 1")
+    w = np.ones(len(tables)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if len(w) != len(tables):
+        raise UserError(f"ensemble: {len(w)} weight(s) for {len(tables)} table(s)")
+    if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+        raise UserError(f"--weights {','.join(map(str, w))}: weights must be finite, non-negative, not all 0")
+    parts, present = [], []
+    for m, t in enumerate(tables):
+        parts.append(pd.DataFrame({"id": t["id"].to_numpy(dtype=object), "landmark_id": t["landmark_id"].to_numpy(),
+                                   "s": t["score"].to_numpy(dtype=np.float64) * w[m]}))
+        present.append(pd.DataFrame({"id": pd.unique(t["id"].to_numpy(dtype=object)), "w": w[m]}))
+    allrows = pd.concat(parts, ignore_index=True)
+    summed = allrows.groupby(["id", "landmark_id"], sort=False, as_index=False)["s"].sum()
+    wsum = pd.concat(present, ignore_index=True).groupby("id", sort=False)["w"].sum()
+    summed["score"] = summed["s"].to_numpy() / np.maximum(wsum.reindex(summed["id"]).to_numpy(), 1e-300)
+    summed = summed.sort_values(["id", "score", "landmark_id"], ascending=[True, False, True], kind="stable")
+    summed["rank"] = summed.groupby("id", sort=False).cumcount()
+    out = summed[summed["rank"] < top_k]
+    return pd.DataFrame({
+        "id": out["id"].astype(str).to_numpy(),
+        "landmark_id": out["landmark_id"].to_numpy(dtype=np.int64),
+        "score": out["score"].to_numpy(dtype=np.float32),
+        "rank": out["rank"].to_numpy(dtype=np.int16),
+    })
+
+
+def ensemble(paths: list[str | os.PathLike], *, weights: list[float] | str | None = None,
+             out: str | os.PathLike, top_k: int = 5) -> pd.DataFrame:
+    """Read predictions tables, average them (module docstring), write and return the result."""
+    from submissions.tables import read_predictions, write_predictions
+
+    if isinstance(weights, str):
+        weights = parse_weights(weights, len(paths))
+    elif weights is not None and len(weights) == 0:
+        weights = None
+    if weights is not None and len(weights) != len(paths):
+        raise UserError(f"--weights: {len(weights)} weight(s) for {len(paths)} predictions table(s); "
+                        "give one per table")
+    table = ensemble_tables([read_predictions(p) for p in paths], weights, top_k)
+    write_predictions(table, out)
+    return table
+
+
+def evaluate_predictions(preds: pd.DataFrame | str | os.PathLike, solution: pd.DataFrame | str | os.PathLike,
+                         usage: str = "all") -> dict:
+    """GAP and top-1 accuracy of a predictions table (its rank-0 rows are the predictions)."""
+    from submissions.format import read_solution, submission_from_predictions
+    from submissions.metric import evaluate
+    from submissions.tables import read_predictions, validate_predictions
+
+    table = validate_predictions(preds) if isinstance(preds, pd.DataFrame) else read_predictions(preds)
+    sol = solution if isinstance(solution, pd.DataFrame) else read_solution(solution)
+    return evaluate(submission_from_predictions(table), sol, usage=usage)

@@ -1,0 +1,257 @@
+"""Backbones and heads: VGG16, VGG19, ResNet50 from `keras.applications` with the study's heads.
+
+A model takes RGB images as float 0–255 (H×W×3) and returns class probabilities (float32,
+whatever the mixed-precision policy). Its layers, in order:
+
+    input → `BackbonePreprocess` (ImageNet "caffe" preprocessing, inside the model so a saved
+    model needs no outside code) → the base (a nested `keras.Model`, called with training=False
+    so BatchNorm stays in inference mode even when fine-tuned) → the head:
+
+    vgg16:    Flatten → Dense(256, relu) → Dense(256, relu) "embedding" → Dense(n, softmax)
+    vgg19:    Flatten → Dense(1024, relu) → Dense(1024, relu) "embedding" → Dense(n, softmax)
+    resnet50: GlobalAveragePooling "embedding" → Dropout(0.5) → Dense(n, softmax)
+
+The layer named "embedding" is the penultimate global descriptor `glr predict --embeddings` saves.
+The head is also built on its own (`build_head`) over cached base features: the bottleneck phase
+trains it there and copies its weights into the full model by layer name.
+
+TensorFlow/Keras are imported inside functions so importing this module is cheap.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from submissions.errors import UserError
+
+BACKBONES = ("vgg16", "vgg19", "resnet50")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_POLICY = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16", "fp32": "float32"}
+HEAD_LAYERS = ("head_flatten", "head_fc1", "head_dropout", "embedding", "predictions")
+MIN_SIZE = 32
+
+
+def quiet_tf():
+    """Import TensorFlow with its C++ logging turned down; return the module."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    return tf
+
+
+def _register():
+    """Define (once) the custom preprocessing layer, registered so `.keras` files load anywhere."""
+    global BackbonePreprocess
+    if "BackbonePreprocess" in globals():
+        return BackbonePreprocess
+    quiet_tf()
+    import keras
+
+    @keras.saving.register_keras_serializable(package="glr")
+    class BackbonePreprocess(keras.layers.Layer):
+        """ImageNet 'caffe' preprocessing (RGB→BGR, minus the ImageNet mean) used by all three bases."""
+
+        def __init__(self, mode: str = "caffe", **kwargs):
+            super().__init__(**kwargs)
+            self.mode = mode
+
+        def call(self, x):
+            x = keras.ops.cast(x, self.compute_dtype)
+            mean = keras.ops.convert_to_tensor([103.939, 116.779, 123.68], dtype=self.compute_dtype)
+            return keras.ops.flip(x, axis=-1) - mean
+
+        def get_config(self):
+            return {**super().get_config(), "mode": self.mode}
+
+    globals()["BackbonePreprocess"] = BackbonePreprocess
+    return BackbonePreprocess
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_precision(precision: str = "auto") -> str:
+    """'auto' → fp16 on a GPU, bf16 on CPUs with AMX or AVX512-BF16, else fp32."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    tf = quiet_tf()
+    if tf.config.list_physical_devices("GPU"):
+        return "fp16"
+    flags = cpu_flags()
+    if {"amx_bf16", "avx512_bf16"} & flags:
+        return "bf16"
+    return "fp32"
+
+
+def set_precision(precision: str) -> str:
+    """Set Keras' global mixed-precision policy; return the resolved precision name."""
+    resolved = resolve_precision(precision)
+    quiet_tf()
+    import keras
+
+    keras.mixed_precision.set_global_policy(_POLICY[resolved])
+    return resolved
+
+
+def get_strategy():
+    """MultiWorkerMirrored with TF_CONFIG, Mirrored with >1 GPU, else the default strategy."""
+    tf = quiet_tf()
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if len(tf.config.list_physical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _check(backbone: str, image_size: int) -> None:
+    if backbone not in BACKBONES:
+        raise UserError(f"--backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
+    if int(image_size) < MIN_SIZE:
+        raise UserError(f"--image-size {image_size}: must be at least {MIN_SIZE} pixels for {backbone}")
+
+
+def build_base(backbone: str, image_size: int = 96, weights: str | None = "imagenet"):
+    """The convolutional base without its top. `weights`: 'imagenet', 'none'/None, or a file path.
+
+    'imagenet' is keras.applications' own download (cached in ~/.keras/models); offline it fails
+    and the failure becomes a UserError suggesting --weights none or a local file. A path is
+    handed to keras.applications as well (a `.weights.h5` of the base, or Keras' `_notop.h5`).
+    """
+    _check(backbone, image_size)
+    quiet_tf()
+    import keras
+
+    ctor = {"vgg16": keras.applications.VGG16, "vgg19": keras.applications.VGG19,
+            "resnet50": keras.applications.ResNet50}[backbone]
+    w = None if weights in (None, "none", "") else weights
+    if w not in (None, "imagenet"):
+        path = Path(w)
+        if not path.is_file():
+            raise UserError(f"--weights {w}: no such file (use imagenet, none, or a weights file of the "
+                            f"{backbone} base without its top, e.g. saved with base.save_weights('x.weights.h5'))")
+        w = str(path)
+    shape = (int(image_size), int(image_size), 3)
+    try:
+        return ctor(include_top=False, weights=w, input_shape=shape)
+    except UserError:
+        raise
+    except Exception as e:  # download failure, bad file, shape mismatch: keras raises many types
+        if w == "imagenet":
+            raise UserError(f"--weights imagenet: cannot get the ImageNet weights of {backbone} ({_short(e)}); "
+                            "this machine may be offline — put the file in ~/.keras/models, pass "
+                            "--weights PATH to a local copy, or --weights none to train from scratch") from None
+        raise UserError(f"--weights {w}: cannot load into the {backbone} base at {image_size} px "
+                        f"({_short(e)})") from None
+
+
+def _short(e: Exception, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return f"{e.__class__.__name__}: {text[:limit]}{'…' if len(text) > limit else ''}"
+
+
+def _head(backbone: str, n_classes: int, x):
+    """Apply the backbone's conventional head to tensor `x`; return the probabilities tensor."""
+    import keras
+
+    L = keras.layers
+    if backbone in ("vgg16", "vgg19"):
+        width = 256 if backbone == "vgg16" else 1024
+        x = L.Flatten(name="head_flatten")(x)
+        x = L.Dense(width, activation="relu", name="head_fc1")(x)
+        x = L.Dense(width, activation="relu", name="embedding")(x)
+    else:
+        x = L.GlobalAveragePooling2D(name="embedding")(x)
+        x = L.Dropout(0.5, name="head_dropout")(x)
+    return L.Dense(int(n_classes), activation="softmax", dtype="float32", name="predictions")(x)
+
+
+def build_model(backbone: str, n_classes: int, image_size: int = 96, weights: str | None = "imagenet"):
+    """The full classifier (see the module docstring) under the current precision policy."""
+    if int(n_classes) < 2:
+        raise UserError(f"need at least 2 classes to train a classifier, got {n_classes}")
+    _register()
+    import keras
+
+    base = build_base(backbone, image_size, weights)
+    base.trainable = False
+    inputs = keras.Input(shape=(int(image_size), int(image_size), 3), name="image")
+    x = globals()["BackbonePreprocess"](name="preprocess")(inputs)
+    x = base(x, training=False)
+    return keras.Model(inputs, _head(backbone, n_classes, x), name=f"glr_{backbone}")
+
+
+def find_base(model):
+    """The nested base model inside a full model."""
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            return layer
+    raise ValueError(f"{model.name}: no nested base model")
+
+
+def feature_shape(model) -> tuple[int, ...]:
+    return tuple(int(d) for d in find_base(model).output.shape[1:])
+
+
+def build_head(backbone: str, n_classes: int, feature_shape: tuple[int, ...]):
+    """The head alone, on base features (for training over cached bottleneck features)."""
+    _register()
+    import keras
+
+    inputs = keras.Input(shape=tuple(feature_shape), name="features")
+    return keras.Model(inputs, _head(backbone, n_classes, inputs), name=f"head_{backbone}")
+
+
+def feature_extractor(model):
+    """A model image → base features, sharing `model`'s preprocessing and base."""
+    import keras
+
+    inputs = keras.Input(shape=tuple(model.input.shape[1:]))
+    x = model.get_layer("preprocess")(inputs)
+    return keras.Model(inputs, find_base(model)(x, training=False))
+
+
+def copy_head(src, dst) -> None:
+    """Copy the head's weights from one model to another, matched by layer name."""
+    names = {l.name for l in dst.layers}
+    for layer in src.layers:
+        if layer.name in HEAD_LAYERS and layer.name in names and layer.weights:
+            dst.get_layer(layer.name).set_weights(layer.get_weights())
+
+
+def unfreeze_top(model, n_layers: int) -> int:
+    """Make the top `n_layers` weighted layers of the base trainable (BatchNorm stays frozen);
+    return how many layers were unfrozen."""
+    import keras
+
+    base = find_base(model)
+    base.trainable = True
+    weighted = [l for l in base.layers if l.weights]
+    top = weighted[-n_layers:] if n_layers > 0 else []
+    for layer in base.layers:
+        layer.trainable = layer in top and not isinstance(layer, keras.layers.BatchNormalization)
+    return sum(1 for l in top if l.trainable)
+
+
+def load_model(path: str | os.PathLike, compile: bool = False):
+    """Load a `.keras` model written by `glr train` (registers the custom layer first).
+    `compile=True` restores the optimizer and its state too (for --resume)."""
+    _register()
+    import keras
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such model file (train one with `glr train`)")
+    return keras.models.load_model(path, compile=compile)
