@@ -269,6 +269,162 @@ def submit_cmd(submission: str, competition: str, message: str, data_dir: str | 
 
 # === section: models (issue 4: train, predict, ensemble, evaluate) ===
 
+def _warnings_to_stderr() -> None:
+    """Show our warnings (skipped images) as one plain line each on stderr."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        click.echo(f"Warning: {message}", err=True)
+
+    warnings.showwarning = show
+
+
+@cli.command("train")
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option("--backbone", type=click.Choice(["vgg16", "vgg19", "resnet50"]), required=True,
+              help="ImageNet backbone (keras.applications) with its conventional head.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory, e.g. runs/vgg16.")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="Base weights: imagenet (downloaded by Keras), none (from scratch), or a weights file path.")
+@click.option("--image-size", type=click.IntRange(min=32), default=96, show_default=True, help="Input size in pixels.")
+@click.option("--epochs", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Head epochs on the frozen base.")
+@click.option("--fine-tune-epochs", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Epochs fine-tuning the top layers with augmentation (0 = skip).")
+@click.option("--fine-tune-layers", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Weighted layers at the top of the base made trainable for fine-tuning.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of the head phase.")
+@click.option("--fine-tune-lr", type=float, default=1e-4, show_default=True, help="Adam learning rate when fine-tuning.")
+@click.option("--decay", type=float, default=0.0, show_default=True, help="Learning-rate decay: lr / (1 + decay·step).")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Mixed precision; auto = fp16 on GPU, bf16 on CPUs with AMX/AVX512-BF16, else fp32.")
+@click.option("--max-per-class", type=click.IntRange(min=1), default=3000, show_default=True,
+              help="Cap on images per class (random, seeded).")
+@click.option("--min-per-class", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Drop classes with fewer images.")
+@click.option("--val-frac", type=float, default=0.1, show_default=True, help="Stratified validation share per class.")
+@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Early stopping: epochs without a lower validation loss.")
+@click.option("--augment/--no-augment", default=True, show_default=True,
+              help="The study's augmentation (rotation 30°, shifts 0.2, zoom 0.5, brightness 0.5–1.5).")
+@click.option("--flip/--no-flip", default=False, show_default=True, help="Also random horizontal flips.")
+@click.option("--bottleneck/--no-bottleneck", default=True, show_default=True,
+              help="Train the head on cached base features (fast) instead of on images.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last finished epoch.")
+@quiet_option
+@json_option
+def train_command(data_dir: str, as_json: bool, **options) -> None:
+    """Train a transfer-learning classifier (two phases, resumable) into a run directory.
+
+    Phase 1 trains the new head on the frozen base (on cached bottleneck features by default);
+    phase 2 fine-tunes the top layers with augmentation at a lower learning rate. Early stopping
+    on validation loss keeps the best model. The run directory holds model.keras, labels.json,
+    split.csv, history.json, manifest.json and training_curve.png. Corrupt images are skipped
+    with a warning and counted in the manifest.
+
+    \b
+    Example:
+      glr train data --backbone vgg16 --out runs/vgg16 --weights none --epochs 10
+      glr train data --backbone vgg16 --out runs/vgg16 --weights none --epochs 10 --resume
+    """
+    from pipeline.train import train
+
+    _warnings_to_stderr()
+    m = train(data_dir, **options)
+    if as_json:
+        echo_json({"out": options["out"], "best": m["best"], "final": m["final"], "precision": m["precision"],
+                   "timings": m["timings"], "skipped_images": m["data"]["skipped_images"]})
+        return
+    best = m["best"]
+    click.echo(f"{options['out']}: {m['backbone']} on {m['n_classes']} classes, {m['data']['train_images']} train / "
+               f"{m['data']['val_images']} val images, precision {m['precision']}")
+    click.echo(f"best {best.get('phase')} epoch {best.get('epoch')}: monitored loss {best.get('value'):.4f}; "
+               f"last epoch val_accuracy {m['final'].get('val_accuracy')}")
+    if m["data"]["skipped_images"]:
+        click.echo(f"skipped {m['data']['skipped_images']} unreadable image(s) (listed in manifest.json)")
+
+
+@cli.command("predict")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="Competition directory.")
+@click.option("--split", type=click.Choice(["test", "train", "val"]), default="test", show_default=True,
+              help="Images to predict; val = the run's stored validation split.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Predictions table (Parquet).")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--embeddings", type=click.Path(dir_okay=False), default=None,
+              help="Also save the penultimate-layer descriptors here (.npy, ids in .ids.txt beside it).")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=None,
+              help="Run inference under this precision instead of the one the model was trained with.")
+@quiet_option
+@json_option
+def predict_command(run_dir: str, as_json: bool, **options) -> None:
+    """Predict the top-k landmarks of every image of a split with a trained run.
+
+    \b
+    Example:
+      glr predict runs/vgg16 --data-dir data --out preds/vgg16.parquet --top-k 5
+      glr predict runs/vgg16 --data-dir data --split val --out val.parquet --embeddings val.npy
+    """
+    from pipeline.predict import predict
+
+    _warnings_to_stderr()
+    table = predict(run_dir, options.pop("data_dir"), **options)
+    info = {k: v for k, v in table.attrs.items() if k != "skipped"}
+    info["skipped"] = len(table.attrs.get("skipped", []))
+    if as_json:
+        echo_json(info)
+    else:
+        click.echo(f"{options['out']}: {info['predicted']} of {info['images']} images, top-{options['top_k']}, "
+                   f"{info['images_per_s']} images/s ({info['precision']})")
+
+
+@cli.command("ensemble")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--weights", default=None, help="One weight per table, comma-separated (default: equal).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Ensembled predictions table.")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+def ensemble_command(paths: tuple[str, ...], weights: str | None, out: str, top_k: int) -> None:
+    """Weighted average of several models' predictions tables, top-k out.
+
+    A class missing from a model's top-k counts as probability 0 for that model; weights are
+    renormalised over the models that predicted each image. Models may know different classes.
+
+    \b
+    Example:
+      glr ensemble preds/vgg16.parquet preds/vgg19.parquet preds/resnet50.parquet --weights 1,1,2 --out ens.parquet
+    """
+    from pipeline.ensemble import ensemble
+
+    table = ensemble(list(paths), weights=weights, out=out, top_k=top_k)
+    click.echo(f"{out}: {table['id'].nunique()} images, top-{top_k}, from {len(paths)} tables")
+
+
+@cli.command("evaluate")
+@click.argument("preds", type=click.Path(dir_okay=False))
+@click.option("--solution", required=True, type=click.Path(dir_okay=False), help="solution.csv (id,landmarks,Usage).")
+@click.option("--usage", type=click.Choice(["Public", "Private", "all"], case_sensitive=False), default="all",
+              show_default=True)
+@json_option
+def evaluate_command(preds: str, solution: str, usage: str, as_json: bool) -> None:
+    """GAP and top-1 accuracy of a predictions table (its top-1 rows are the predictions).
+
+    \b
+    Example:
+      glr evaluate preds/vgg16.parquet --solution data/solution.csv --json
+    """
+    from pipeline.ensemble import evaluate_predictions
+
+    r = evaluate_predictions(preds, solution, usage=usage)
+    if as_json:
+        echo_json(r)
+    else:
+        click.echo(f"GAP {r['gap']:.4f}  accuracy {r['accuracy']:.4f}  ({r['n_queries']} queries, "
+                   f"{r['n_landmark_queries']} with a landmark, {r['n_predicted']} predicted)")
+
+
 # === end section: models ===
 
 # === section: verification (issue 5: features, verify, merge, match) ===
