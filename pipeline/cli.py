@@ -132,6 +132,57 @@ def gap_command(submission: str, solution: str, usage: str, bootstrap: int, seed
         )
 
 
+@cli.command("synth")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Everything follows from it: the same seed gives the same bytes.")
+@click.option("--landmarks", type=click.IntRange(1, 200_000), default=20, show_default=True,
+              help="Number of landmark classes (in confusable groups of 2–3 and singletons).")
+@click.option("--per-landmark", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Train photos per landmark.")
+@click.option("--test", "test", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Test images (landmark queries + distractors).")
+@click.option("--distractor-frac", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="Share of the test images that show no training landmark.")
+@click.option("--size", type=click.IntRange(32, 1024), default=96, show_default=True,
+              help="Side of every image in pixels.")
+@click.option("--public-frac", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Share of test rows marked Usage=Public in solution.csv.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT (only once the new one is complete).")
+@quiet_option
+@json_option
+def synth_command(out: str, seed: int, landmarks: int, per_landmark: int, test: int, distractor_frac: float,
+                  size: int, public_frac: float, overwrite: bool, as_json: bool) -> None:
+    """Write a synthetic mini-competition (Kaggle's 2021 layout, with solution.csv) to OUT.
+
+    Landmarks are procedurally drawn façades; every photo is a new view (perspective, crop,
+    rotation, lighting, blur, noise, occluders). Some landmarks are confusable (shared palette and
+    structure, different details); test queries are new views plus non-landmark distractors.
+    Writes train.csv, train/, test/, sample_submission.csv, solution.csv and synth.json.
+
+    \b
+    Example:
+      glr synth data/synth
+      glr synth data/big --landmarks 100 --per-landmark 40 --test 2000 --size 128 --seed 7
+      glr gap data/synth/sample_submission.csv data/synth/solution.csv   # GAP 0
+    """
+    from pipeline.synth import make_competition
+
+    summary = make_competition(out, seed=seed, landmarks=landmarks, per_landmark=per_landmark, test=test,
+                               distractor_frac=distractor_frac, size=size, public_frac=public_frac,
+                               overwrite=overwrite)
+    if as_json:
+        echo_json(summary)
+        return
+    click.echo(
+        f"{summary['path']}: {summary['landmarks']} landmarks × {summary['per_landmark']} = "
+        f"{summary['train_images']} train images; {summary['test_images']} test images "
+        f"({summary['landmark_queries']} landmark queries, {summary['distractors']} distractors; "
+        f"{summary['public']} Public / {summary['private']} Private); {summary['size']} px; "
+        f"{len(summary['confusable_groups'])} confusable groups"
+    )
+
+
 # === end section: contract & synthetic data ===
 
 # === section: Kaggle side (issue 3: fetch, fetch-urls, clean, submit) ===
