@@ -37,7 +37,6 @@ ALL_USAGE = "All"  # a solution without a Usage column: the row counts as Public
 
 _FLOAT = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _CANONICAL_PAIR = rf"^\d{{1,18}} {_FLOAT}$"  # what write_submission writes; the fast path
-_INT_LIST = r"^\s*\d{1,18}(?:\s+\d{1,18})*\s*$"
 _SHOWN = 10  # problems shown in a check_submission error
 
 
@@ -111,8 +110,13 @@ def _read_csv(path: str | os.PathLike, header: list[str]) -> _Csv:
         (int(r.number), f"expected {r.expected_columns} fields ({','.join(header)}), found {r.actual_columns}")
         for r in bad
     ]
-    columns = {c: table.column(c).combine_chunks() for c in header}
+    columns = {c: table.column(c) for c in header}  # ChunkedArrays: combining them would copy
     return _Csv(path, header, columns, lines[:n], problems)
+
+
+def _array(values):
+    """One contiguous pyarrow array (some kernels refuse ChunkedArrays)."""
+    return values.combine_chunks() if hasattr(values, "combine_chunks") else values
 
 
 def _format_problems(problems: list[tuple[int, str]], prefix: str = "line") -> list[str]:
@@ -160,7 +164,6 @@ def _parse_pairs(cells, lines: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     has = np.zeros(n, dtype=bool)
     problems: list[tuple[int, str]] = []
     fast = pc.match_substring_regex(cells, _CANONICAL_PAIR).to_numpy(zero_copy_only=False)
-    empty = pc.match_substring_regex(cells, r"^\s*$").to_numpy(zero_copy_only=False)
     rows = np.flatnonzero(fast)
     if len(rows):
         parts = pc.split_pattern(cells.filter(pa.array(fast)), " ")
@@ -172,7 +175,7 @@ def _parse_pairs(cells, lines: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
             problems.append((int(lines[r]), f"confidence {float(conf[r])!r} is negative"))
         has[negative] = False
         conf[negative] = np.nan
-    slow = np.flatnonzero(~fast & ~empty)
+    slow = np.flatnonzero(~fast)  # empty cells (no prediction) and anything unusual
     if len(slow):
         texts = cells.take(pa.array(slow)).to_pylist()
         for r, text in zip(slow.tolist(), texts):
@@ -190,6 +193,7 @@ def _duplicates(ids, lines: np.ndarray, what: str = "id") -> list[tuple[int, str
 
     if len(pc.unique(ids)) == len(ids):
         return []
+    ids = _array(ids)
     codes = pc.dictionary_encode(ids).indices.to_numpy()
     _, first = np.unique(codes, return_index=True)
     first_of = first[codes]
@@ -204,7 +208,7 @@ def _duplicates(ids, lines: np.ndarray, what: str = "id") -> list[tuple[int, str
 def _empty_ids(ids, lines: np.ndarray) -> list[tuple[int, str]]:
     import pyarrow.compute as pc
 
-    empty = np.flatnonzero(pc.match_substring_regex(ids, r"^\s*$").to_numpy(zero_copy_only=False))
+    empty = np.flatnonzero(pc.equal(pc.utf8_length(ids), 0).to_numpy(zero_copy_only=False))
     return [(int(lines[r]), "empty id") for r in empty.tolist()]
 
 
@@ -295,7 +299,7 @@ def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike 
     if "id" not in sample_header:
         raise UserError(f"{sample_path}: line 1: no 'id' column (header is {','.join(sample_header)!r})")
     sample = _read_csv(sample_path, sample_header)
-    sample_ids = sample.columns["id"]
+    sample_ids = _array(sample.columns["id"])
     sub_ids = pa.array(frame["id"].to_numpy(dtype=object), type=pa.string())
     extra = np.flatnonzero(~pc.is_in(sub_ids, value_set=sample_ids).to_numpy(zero_copy_only=False))
     extra_problems = [
@@ -444,36 +448,43 @@ def read_solution(path: str | os.PathLike) -> pd.DataFrame:
     problems = list(csv.problems) + _empty_ids(ids, lines) + _duplicates(ids, lines)
     n = len(ids)
 
-    # landmarks: a fast path for "" and a single id, a slower one for lists
+    # landmarks: a fast path for a single id, a slower one (row by row) for the rest
     single = pc.match_substring_regex(cells, r"^\d{1,18}$").to_numpy(zero_copy_only=False)
-    valid = pc.match_substring_regex(cells, _INT_LIST).to_numpy(zero_copy_only=False)
-    empty = pc.match_substring_regex(cells, r"^\s*$").to_numpy(zero_copy_only=False)
-    landmarks = np.empty(n, dtype=object)
-    landmarks[:] = [()] * n
     rows = np.flatnonzero(single)
-    if len(rows):
-        values = pc.cast(cells.filter(pa.array(single)), pa.int64()).to_numpy()
-        landmarks[rows] = list(zip(values.tolist()))
-    multi = np.flatnonzero(valid & ~single)
-    for r, text in zip(multi.tolist(), cells.take(pa.array(multi)).to_pylist()):
-        landmarks[r] = tuple(int(t) for t in text.split())
-    bad = np.flatnonzero(~valid & ~empty)
-    for r, text in zip(bad.tolist(), cells.take(pa.array(bad)).to_pylist()):
-        problems.append(
-            (int(lines[r]), f"landmarks {_short(text)} is not a space-separated list of non-negative integer ids")
-        )
+    values = pc.cast(cells.filter(pa.array(single)), pa.int64()).to_numpy() if len(rows) else np.zeros(0, np.int64)
+    singles = np.fromiter(zip(values.tolist()), dtype=object, count=len(rows))  # 1-tuples
+    if len(rows) == n:
+        landmarks = singles
+    else:
+        landmarks = np.empty(n, dtype=object)
+        landmarks[rows] = singles
+        others = np.flatnonzero(~single)
+        parsed = []
+        for r, text in zip(others.tolist(), cells.take(pa.array(others)).to_pylist()):
+            tokens = text.split()
+            if all(re.fullmatch(r"\d{1,18}", t) for t in tokens):
+                parsed.append(tuple(int(t) for t in tokens))
+            else:
+                parsed.append(())
+                problems.append(
+                    (int(lines[r]), f"landmarks {_short(text)} is not a space-separated list of non-negative integer ids")
+                )
+        landmarks[others] = np.fromiter(parsed, dtype=object, count=len(parsed))
 
     if "usage" in col:
-        raw = pc.utf8_lower(pc.utf8_trim_whitespace(col["usage"]))
-        usage = np.full(n, "", dtype=object)
-        for name in USAGES:
-            usage[pc.equal(raw, name.lower()).to_numpy(zero_copy_only=False)] = name
-        for r in np.flatnonzero(usage == "").tolist():
-            problems.append((int(lines[r]), f"Usage {_short(col['usage'][r].as_py())} is not one of {', '.join(USAGES)}"))
+        names = pa.array(USAGES)
+        codes = pc.index_in(col["usage"], value_set=names)
+        if codes.null_count:  # not spelt exactly: forgive case and spaces
+            raw = col["usage"]
+            codes = pc.index_in(pc.utf8_lower(pc.utf8_trim_whitespace(raw)), value_set=pa.array([u.lower() for u in USAGES]))
+            for r in np.flatnonzero(pc.is_null(codes).to_numpy(zero_copy_only=False)).tolist():
+                problems.append((int(lines[r]), f"Usage {_short(raw[r].as_py())} is not one of {', '.join(USAGES)}"))
+            codes = pc.fill_null(codes, 0)
+        usage = pd.Series(pc.take(names, codes).to_pandas(), dtype="str")
     else:
-        usage = np.full(n, ALL_USAGE, dtype=object)
+        usage = pd.Series(np.full(n, ALL_USAGE, dtype=object), dtype="str")
     if problems:
         raise UserError(_summary(path, _format_problems(problems)))
     return pd.DataFrame(
-        {"id": pd.Series(ids.to_pandas(), dtype="str"), "landmarks": landmarks, "usage": pd.Series(usage, dtype="str")}
+        {"id": pd.Series(ids.to_pandas(), dtype="str"), "landmarks": landmarks, "usage": usage}
     )

@@ -179,13 +179,17 @@ def test_read_solution(tmp_path):
         "a,1,Public\n"
         "b,,Private\n"
         "c,3 4  5,private\n"
-        "d,6,Ignored\n",
+        "d,6,Ignored\n"
+        "e,7 8, public \n"
+        "f,9 10,Public\n",
         "solution.csv",
     )
     sol = read_solution(path)
-    assert sol["id"].tolist() == ["a", "b", "c", "d"]
-    assert sol["landmarks"].tolist() == [(1,), (), (3, 4, 5), (6,)]
-    assert sol["usage"].tolist() == ["Public", "Private", "Private", "Ignored"]
+    assert sol["id"].tolist() == ["a", "b", "c", "d", "e", "f"]
+    assert sol["landmarks"].tolist() == [(1,), (), (3, 4, 5), (6,), (7, 8), (9, 10)]
+    assert sol["usage"].tolist() == ["Public", "Private", "Private", "Ignored", "Public", "Public"]
+    singles = read_solution(write(tmp_path, "id,landmarks,Usage\na,1,Public\nb,2,Private\n", "s1.csv"))
+    assert singles["landmarks"].tolist() == [(1,), (2,)] and singles["usage"].tolist() == ["Public", "Private"]
     no_usage = read_solution(write(tmp_path, "id,landmarks\na,1\nb,\n", "s2.csv"))
     assert no_usage["usage"].tolist() == ["All", "All"]
     sub = canonical(["a", "b"], [1, None], [0.5, np.nan])
