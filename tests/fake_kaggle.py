@@ -17,7 +17,9 @@ from __future__ import annotations
 import base64
 import email.utils
 import hashlib
+import io
 import json
+import re
 import socket
 import threading
 import time
@@ -320,3 +322,122 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+# ------------------------------------------------------------------------------------------------
+# Image hosts for `glr fetch-urls` (the 2018/2019 lists point at Google's photo servers)
+# ------------------------------------------------------------------------------------------------
+def jpeg_bytes(name: str, w: int = 80, h: int = 60, fmt: str = "JPEG") -> bytes:
+    """A small deterministic photo-like image (smooth gradient + noise) named `name`."""
+    import zlib
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = rng.integers(0, 256, 3)
+    arr = (base + 0.8 * xx[..., None] + 0.5 * yy[..., None] + rng.normal(0, 8, (h, w, 3))) % 256
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype("uint8"), "RGB").save(buf, fmt, **({"quality": 85} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+class ImageServer:
+    """Loopback image host. Behaviour by path:
+
+    `/img/<name>.jpg` a JPEG; `/big/<name>.png` a 200×120 PNG; `/missing/…` 404; `/html/…` an
+    HTML page with status 200; `/hang/…` answers nothing for `hang` seconds; `/flaky/<name>.jpg`
+    503 on the first request, then the JPEG. Requests for other hosts (through the proxy) with an
+    `s<digits>` path segment, like Google's photo servers, get a JPEG of that longest side.
+    `delay` slows every answer (for kill -9 tests). Counts every request per URL.
+    """
+
+    def __init__(self, delay: float = 0.0, hang: float = 3.0, lifetime: float = 180.0):
+        self.delay, self.hang, self.lifetime = delay, hang, lifetime
+        self.counts: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._cache: dict[tuple, bytes] = {}
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    @property
+    def proxy(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _image(self, key: tuple) -> bytes:
+        with self.lock:
+            if key not in self._cache:
+                self._cache[key] = jpeg_bytes(*key)
+            return self._cache[key]
+
+    def start(self) -> "ImageServer":
+        server = self
+
+        class H(BaseHTTPRequestHandler):
+            timeout = 10
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _send(self, status: int, body: bytes, ctype: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                u = urlsplit(self.path)
+                key = (u.netloc or "127.0.0.1") + u.path
+                with server.lock:
+                    n = server.counts[key] = server.counts.get(key, 0) + 1
+                if server.delay:
+                    server._stop.wait(server.delay)
+                path = u.path
+                name = path.rsplit("/", 1)[-1]
+                if u.hostname not in (None, "127.0.0.1", "localhost"):
+                    segs = [s for s in path.split("/") if re.fullmatch(r"s\d+", s)]
+                    side = int(segs[-1][1:]) if segs else 1600
+                    side = min(side, 400)
+                    return self._send(200, server._image((name, side, side * 3 // 4)), "image/jpeg")
+                if path.startswith("/img/"):
+                    return self._send(200, server._image((name,)), "image/jpeg")
+                if path.startswith("/big/"):
+                    return self._send(200, server._image((name, 200, 120, "PNG")), "image/png")
+                if path.startswith("/html/"):
+                    return self._send(200, b"<html><body>Photo removed</body></html>", "text/html; charset=utf-8")
+                if path.startswith("/hang/"):
+                    server._stop.wait(server.hang)
+                    return self._send(200, server._image((name,)), "image/jpeg")
+                if path.startswith("/flaky/"):
+                    if n == 1:
+                        return self._send(503, b"busy", "text/plain")
+                    return self._send(200, server._image((name,)), "image/jpeg")
+                return self._send(404, b"not found", "text/plain")
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self._timer = threading.Timer(self.lifetime, self.stop)
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if getattr(self, "_server", None) is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._timer.cancel()
+            self._server = None
+
+    def __enter__(self) -> "ImageServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
