@@ -29,7 +29,7 @@ def read_csv_checked(path: Path, required: tuple[str, ...], dtype: dict | None =
         raise UserError(f"{path}: no such file")
     try:
         df = pd.read_csv(path, dtype=dtype or {"id": str}, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
         raise UserError(f"{path}: not a readable CSV ({e})") from None
     missing = [c for c in required if c not in df.columns]
     if missing:
@@ -43,7 +43,12 @@ def read_csv_checked(path: Path, required: tuple[str, ...], dtype: dict | None =
         dup = df["id"].duplicated().to_numpy()
         if dup.any():
             row = int(np.flatnonzero(dup)[0])
-            raise UserError(f"{path}: row {row + 2}: duplicate id {df['id'].iloc[row]!r}")
+            dup_id = df["id"].iloc[row]
+            first = int(np.flatnonzero((df["id"] == dup_id).to_numpy())[0])
+            raise UserError(
+                f"{path}: row {row + 2}: duplicate id {dup_id!r} (first on row {first + 2}; "
+                f"{int(dup.sum())} duplicate row(s) in all)"
+            )
     return df
 
 
@@ -74,7 +79,9 @@ class Competition:
         bad = lid.isna().to_numpy() | (lid.to_numpy(dtype=float, na_value=np.nan) % 1 != 0)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise UserError(f"{path}: row {row + 2}: landmark_id {df['landmark_id'].iloc[row]!r} is not an integer")
+            value = df["landmark_id"].iloc[row]
+            what = "empty landmark_id" if pd.isna(value) else f"landmark_id {value!r} is not an integer"
+            raise UserError(f"{path}: row {row + 2}: {what}")
         df["landmark_id"] = lid.astype("int64")
         return df
 
