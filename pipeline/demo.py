@@ -1,6 +1,6 @@
 """`glr demo`: the embedded default — a synthetic mini-competition and the whole pipeline on it.
 
-Small enough to finish in a few minutes on two CPU cores (12 landmarks × 20 photos at 64 px,
+Small enough to finish in a few minutes on two CPU cores (12 landmarks × 30 photos at 64 px,
 models from scratch, head epochs on bottleneck features, SIFT verification, a modest Optuna
 budget), yet every stage is the real one, so the same folder is a template for `glr run`.
 """
@@ -13,7 +13,7 @@ from typing import Callable
 
 from submissions.files import atomic_write_text
 
-SYNTH = {"landmarks": 12, "per_landmark": 20, "test": 120, "distractor_frac": 0.3, "size": 64, "public_frac": 0.5}
+SYNTH = {"landmarks": 12, "per_landmark": 30, "test": 120, "distractor_frac": 0.3, "size": 64, "public_frac": 0.5}
 
 CONFIG = """\
 # glr demo: the built-in small config (see `glr config-example` for every key).
@@ -33,9 +33,11 @@ seed = {seed}
 [train]
 weights = "none"             # offline: models from scratch
 image_size = 64
-epochs = 8                   # head epochs on bottleneck features: cheap
+epochs = 40                  # head epochs on bottleneck features: cheap
 fine_tune_epochs = 0
 batch_size = 32
+lr = 0.003                   # any `glr train` option can be set here
+patience = 10
 seed = {seed}
 
 [[models]]

@@ -300,9 +300,20 @@ class MissingStage(UserError):
     """A stage's implementation is not importable in this checkout."""
 
 
+TUNE_MODULES = ("tuning.search", "tuning.tune", "tuning.study", "tuning.optimize")
+
+
 def _fn(module: str, name: str, stage: str):
     """Import `module.name` lazily (TensorFlow stays unloaded until a stage needs it)."""
     import importlib
+
+    if (module, name) == ("tuning.search", "tune"):  # tuning's study lives in one of these
+        for alt in TUNE_MODULES:
+            try:
+                return getattr(importlib.import_module(alt), name)
+            except (ModuleNotFoundError, AttributeError):
+                continue
+        raise MissingStage(f"stage {stage} needs tuning's tune(), but none of {', '.join(TUNE_MODULES)} defines it")
 
     try:
         mod = importlib.import_module(module)
@@ -338,7 +349,7 @@ IMPLEMENTATIONS = {
     "predict": [("pipeline.predict", "predict")],
     "ensemble": [("pipeline.ensemble", "ensemble")],
     "verify": [("pipeline.verify", "verify")],
-    "tune": [("tuning.search", "tune")],
+    "tune": [("tuning.search", "tune")],  # see TUNE_MODULES
     "rescore": [("tuning.policy", "rescore")],
     "submission": [("submissions.format", "submission_from_predictions"),
                    ("submissions.format", "write_submission"), ("submissions.format", "check_submission")],
@@ -347,15 +358,15 @@ IMPLEMENTATIONS = {
 }
 
 
-def missing_implementations(stages: list[Stage]) -> list[str]:
-    """One line per stage function that cannot be imported (a stage still being written)."""
-    out = []
+def missing_implementations(stages: list[Stage]) -> dict[str, str]:
+    """{stage kind: why} for each stage function that cannot be imported (a stage still being written)."""
+    out: dict[str, str] = {}
     for kind in dict.fromkeys(s.kind for s in stages):
         for module, name in IMPLEMENTATIONS.get(kind, []):
             try:
                 _fn(module, name, kind)
             except MissingStage as e:
-                out.append(str(e))
+                out.setdefault(kind, str(e))
     return out
 
 
@@ -431,11 +442,13 @@ def plan(cfg: dict) -> list[Stage]:
             options = {k: v for k, v in m.items() if k not in ("name", "backbone")}
             manifest = _call(train, "train", {"data_dir": str(ctx.path("localval")), "backbone": m["backbone"],
                                               "out": str(out), "resume": ctx.resume}, options)
-            metrics = manifest.get("metrics", {}) if isinstance(manifest, dict) else {}
-            return {"metrics": metrics}
+            m_ = manifest if isinstance(manifest, dict) else {}
+            return _jsonable({"final": m_.get("final"), "best": m_.get("best"), "timings": m_.get("timings"),
+                              "n_classes": m_.get("n_classes"), "resumed": m_.get("resumed")})
 
         stages.append(Stage(f"train:{name}", train_stage, deps=["localval"], config=m,
-                            outputs=[f"models/{name}/manifest.json"], digest=[f"models/{name}"]))
+                            outputs=[f"models/{name}/model.keras", f"models/{name}/manifest.json"],
+                            digest=[f"models/{name}/model.keras", f"models/{name}/labels.json"]))
 
     for i, m in enumerate(models):
         name = m["name"]
@@ -611,11 +624,15 @@ def run(config: str | os.PathLike | dict, *, from_stage: str | None = None, only
 
     cfg = load_config(config) if not isinstance(config, dict) else validate(config)
     stages = plan(cfg)
-    if not dry_run:
-        missing = missing_implementations(stages)
-        if missing:
-            raise MissingStage("cannot run: " + "; ".join(missing))
-    return execute(stages, run_dir_of(cfg), cfg, from_stage=from_stage, only=only, dry_run=dry_run, echo=echo)
+    missing = missing_implementations(stages)
+    if not missing or dry_run:
+        return execute(stages, run_dir_of(cfg), cfg, from_stage=from_stage, only=only, dry_run=dry_run, echo=echo)
+    # run what can run (its work is kept), then say exactly what is missing
+    first = next(i for i, s in enumerate(stages) if s.kind in missing)
+    echo(f"warning: stopping before stage {stages[first].name}: " + "; ".join(missing.values()))
+    if first and not (only or from_stage):
+        execute(stages[:first], run_dir_of(cfg), cfg, echo=echo)
+    raise MissingStage(f"cannot finish the run: {'; '.join(missing.values())}")
 
 
 def tune_parts(metrics: dict) -> dict:
@@ -654,6 +671,10 @@ def summary_rows(manifest: dict) -> list[tuple[str, float | None, float | None]]
 def summary_table(manifest: dict) -> str:
     """The final table `glr run` / `glr demo` print: GAPs, time per stage, submission and report paths."""
     stages = manifest.get("stages", {})
+
+    def f(x):
+        return "    -" if x is None else f"{x:.4f}"
+
     rows = summary_rows(manifest)
     has_test = any(t is not None for _, _, t in rows)
     lines = ["", f"{'GAP':<24} {'local val':>10}" + (f" {'test':>8}" if has_test else "")]
