@@ -144,6 +144,37 @@ def _download(session, url: str, final: Path, tmp_dir: Path, size: int, timeout:
     return reason
 
 
+
+def bounded_map(fn, items, workers: int, window: int | None = None):
+    """Yield `fn(item)` for every item, in completion order, from a thread pool.
+
+    At most `window` (default 4×workers, ≥ 64) calls are queued at once, so a million items
+    never become a million futures; pending calls are cancelled if the consumer stops.
+    """
+    window = window or max(4 * workers, 64)
+    it = iter(items)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="glr") as pool:
+        pending: set = set()
+        try:
+            while True:
+                while len(pending) < window:
+                    nxt = next(it, _END)
+                    if nxt is _END:
+                        break
+                    pending.add(pool.submit(fn, nxt))
+                if not pending:
+                    return
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    yield f.result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+_END = object()
+
+
 def fetch_urls(
     csv: str | os.PathLike, out: str | os.PathLike, *, size: int = 96, workers: int = 16, timeout: float = 10,
     retries: int = 3,
@@ -203,25 +234,7 @@ def fetch_urls(
         return i, u, _download(session(), u, final, tmp_dir, size, timeout, retries)
 
     def results():
-        window = max(4 * workers, 64)  # bounded queue: a million rows never become a million futures
-        it = iter(todo)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch") as pool:
-            pending = set()
-            try:
-                while True:
-                    while len(pending) < window:
-                        nxt = next(it, None)
-                        if nxt is None:
-                            break
-                        pending.add(pool.submit(job, nxt))
-                    if not pending:
-                        return
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        yield f.result()
-            finally:
-                for f in pending:
-                    f.cancel()
+        return bounded_map(job, todo, workers)
 
     t0 = time.monotonic()
     downloaded = 0
