@@ -191,10 +191,11 @@ def _duplicates(ids, lines: np.ndarray, what: str = "id") -> list[tuple[int, str
     """One problem per repeated id, naming the line where it first appeared."""
     import pyarrow.compute as pc
 
-    if len(pc.unique(ids)) == len(ids):
-        return []
     ids = _array(ids)
-    codes = pc.dictionary_encode(ids).indices.to_numpy()
+    encoded = pc.dictionary_encode(ids)  # the cheapest of arrow's hash kernels here
+    if len(encoded.dictionary) == len(ids):
+        return []
+    codes = encoded.indices.to_numpy()
     _, first = np.unique(codes, return_index=True)
     first_of = first[codes]
     dup = np.flatnonzero(first_of != np.arange(len(codes)))
@@ -422,6 +423,23 @@ def read_sample_ids(path: str | os.PathLike) -> pd.Series:
 
 # ------------------------------------------------------------------------------ solution
 
+UNIQUE_IDS_ATTR = "glr_unique_ids"
+
+
+def ids_token(ids: pd.Series) -> tuple | None:
+    """Identity of an id column's Arrow buffers: equal tokens mean the very same (immutable) ids,
+    so a uniqueness check made when the column was read still holds. None if not Arrow-backed."""
+    import pyarrow as pa
+
+    try:
+        arr = pa.array(ids)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+    if isinstance(arr, pa.ChunkedArray):
+        return None
+    bufs = arr.buffers()
+    return (len(arr), arr.offset, str(arr.type), *(b.address if b is not None else 0 for b in bufs))
+
 
 def read_solution(path: str | os.PathLike) -> pd.DataFrame:
     """Read `solution.csv` (`id,landmarks[,Usage]`; other columns ignored) for scoring.
@@ -444,7 +462,7 @@ def read_solution(path: str | os.PathLike) -> pd.DataFrame:
         )
     csv = _read_csv(path, header)
     col = {h.lower(): csv.columns[h] for h in header}
-    ids, cells, lines = col["id"], col["landmarks"], csv.lines
+    ids, cells, lines = _array(col["id"]), col["landmarks"], csv.lines
     problems = list(csv.problems) + _empty_ids(ids, lines) + _duplicates(ids, lines)
     n = len(ids)
 
@@ -485,6 +503,6 @@ def read_solution(path: str | os.PathLike) -> pd.DataFrame:
         usage = pd.Series(np.full(n, ALL_USAGE, dtype=object), dtype="str")
     if problems:
         raise UserError(_summary(path, _format_problems(problems)))
-    return pd.DataFrame(
-        {"id": pd.Series(ids.to_pandas(), dtype="str"), "landmarks": landmarks, "usage": usage}
-    )
+    frame = pd.DataFrame({"id": pd.Series(ids.to_pandas(), dtype="str"), "landmarks": landmarks, "usage": usage})
+    frame.attrs[UNIQUE_IDS_ATTR] = ids_token(frame["id"])  # lets the metric skip re-checking 1M ids
+    return frame

@@ -190,6 +190,11 @@ def test_read_solution(tmp_path):
     assert sol["usage"].tolist() == ["Public", "Private", "Private", "Ignored", "Public", "Public"]
     singles = read_solution(write(tmp_path, "id,landmarks,Usage\na,1,Public\nb,2,Private\n", "s1.csv"))
     assert singles["landmarks"].tolist() == [(1,), (2,)] and singles["usage"].tolist() == ["Public", "Private"]
+    # read_solution's uniqueness check is trusted only for the very ids it read
+    twice = pd.concat([sol, sol], ignore_index=True)
+    with pytest.raises(UserError, match="duplicate"):
+        gap(canonical(twice["id"], [1] * len(twice), [0.5] * len(twice)), twice)
+    assert gap(canonical(sol["id"], [1, 2, 3, 6, 8, 1], [0.1] * 6), sol) == pytest.approx((1 + 2 / 3 + 3 / 4) / 4)  # ties by id; d Ignored
     no_usage = read_solution(write(tmp_path, "id,landmarks\na,1\nb,\n", "s2.csv"))
     assert no_usage["usage"].tolist() == ["All", "All"]
     sub = canonical(["a", "b"], [1, None], [0.5, np.nan])
