@@ -484,6 +484,119 @@ def evaluate_command(preds: str, solution: str, usage: str, as_json: bool) -> No
 
 # === section: tuning (issue 6: tune, rescore, write-submission) ===
 
+@cli.command("tune")
+@click.argument("preds", type=click.Path(dir_okay=False))
+@click.argument("inliers", type=click.Path(dir_okay=False))
+@click.option("--solution", required=True, type=click.Path(dir_okay=False),
+              help="Ground truth of the validation queries (id,landmarks,Usage).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Policy JSON to write (plots go beside it).")
+@click.option("--policy", type=click.Choice(["auto", "bands", "blend", "seed-rules", "identity"]), default="auto",
+              show_default=True, help="Search bands, blend or both (auto); seed-rules / identity are fixed, for comparison.")
+@click.option("--trials", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Finished trials the study should have in total (a re-run continues to it; 0 = until --timeout).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop searching after S seconds.")
+@click.option("--storage", default=None,
+              help="Optuna storage: a journal file path (default: <out stem>.optuna.journal beside --out) or an RDB URL "
+                   "(sqlite:///x.db, postgresql://user@host/db) that several machines share.")
+@click.option("--study", default=None, help="Study name (default: derived from the inputs, policy, holdout and seed).")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes on this machine.")
+@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.3, show_default=True,
+              help="Share of validation queries the study never sees; the policy is checked on them.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split, TPE and the bootstrap.")
+@click.option("--force", is_flag=True, help="Write the policy even if it loses on the held-out part (with a warning).")
+@click.option("--no-plots", is_flag=True, help="Do not write the PNG plots.")
+@quiet_option
+@json_option
+def tune_command(preds: str, inliers: str, solution: str, out: str, policy: str, trials: int, timeout: float | None,
+                 storage: str | None, study: str | None, jobs: int, holdout: float, seed: int, force: bool,
+                 no_plots: bool, as_json: bool) -> None:
+    """Choose a rescoring policy on GAP with Optuna (TPE) and write it as JSON.
+
+    The study maximises GAP on the tuning part of the validation queries; the held-out part
+    (--holdout) is never seen by it. Prints GAP before -> after on both parts with 95% bootstrap
+    intervals and whether the held-out gain is beyond noise; refuses to write a policy that loses
+    on the held-out part unless --force. Interrupted? Re-run the same command: the study resumes
+    from its storage. Several processes or machines share one study through --storage (a journal
+    file on a shared disk, or PostgreSQL) and the same --study name; trials of dead workers are
+    retried.
+
+    \b
+    Example:
+      glr tune val.parquet inliers.val.parquet --solution solution.csv --out tune/policy.json --trials 300
+      glr tune val.parquet inliers.val.parquet --solution solution.csv --out tune/policy.json --jobs 2
+      glr tune val.parquet inliers.val.parquet --solution solution.csv --out seed.json --policy seed-rules
+      glr tune ... --storage postgresql://glr@db/optuna --study gldv2-run1   (on every machine)
+    """
+    from pipeline.progress import enabled
+    from tuning.search import summary_lines, tune
+
+    result = tune(preds, inliers, solution, out, policy=policy, trials=trials, timeout=timeout, storage=storage,
+                  study=study, jobs=jobs, holdout=holdout, seed=seed, force=force, plots=not no_plots,
+                  progress=enabled())
+    if as_json:
+        echo_json(result)
+        return
+    for line in summary_lines(result):
+        click.echo(line, err=line.startswith("WARNING"))
+    click.echo("wrote " + ", ".join(result["written"]))
+
+
+@cli.command("rescore")
+@click.argument("preds", type=click.Path(dir_okay=False))
+@click.argument("inliers", type=click.Path(dir_okay=False))
+@click.option("--policy", "policy", required=True,
+              help="Policy JSON from `glr tune`, or a preset: identity, seed-rules.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Rescored predictions table (Parquet).")
+@json_option
+def rescore_command(preds: str, inliers: str, policy: str, out: str, as_json: bool) -> None:
+    """Apply a rescoring policy to a predictions table, writing a predictions table.
+
+    Rank 0 of each id becomes the policy's prediction with its new confidence as score (other
+    candidates follow with their scores); `glr write-submission` turns it into a submission.
+
+    \b
+    Example:
+      glr rescore test.parquet inliers.test.parquet --policy tune/policy.json --out rescored.parquet
+    """
+    from submissions.tables import write_predictions
+    from tuning.policy import rescore
+
+    df = rescore(preds, inliers, policy)
+    write_predictions(df, out)
+    top = df[df["rank"] == 0]
+    info = {"path": out, "queries": int(len(top)), "rows": int(len(df))}
+    if as_json:
+        echo_json(info)
+    else:
+        click.echo(f"wrote {out}: {info['queries']} queries, {info['rows']} rows")
+
+
+@cli.command("write-submission")
+@click.argument("preds", type=click.Path(dir_okay=False))
+@click.option("--data-dir", required=True, type=click.Path(exists=True),
+              help="Competition directory holding sample_submission.csv (or that file itself).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Submission CSV to write (id,landmarks).")
+@json_option
+def write_submission_command(preds: str, data_dir: str, out: str, as_json: bool) -> None:
+    """Write the id,landmarks submission from a predictions table (rank 0 of each id).
+
+    Exactly the ids of the competition's sample_submission.csv, in its order; ids without a
+    prediction are written empty. The file is validated before the command returns.
+
+    \b
+    Example:
+      glr write-submission rescored.parquet --data-dir data/landmark-recognition-2021 --out submission.csv
+    """
+    from tuning.policy import write_submission_from_predictions
+
+    info = write_submission_from_predictions(preds, data_dir, out)
+    if as_json:
+        echo_json(info)
+    else:
+        click.echo(f"wrote {info['path']}: {info['rows']} rows, {info['predicted']} with a prediction"
+                   + (f"; {info['dropped_ids']} prediction ids not in sample_submission.csv dropped"
+                      if info["dropped_ids"] else ""))
+
 # === end section: tuning ===
 
 # === section: end to end (issue 7: run, demo, config-example) ===

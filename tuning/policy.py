@@ -422,7 +422,7 @@ def apply_policy(policy: dict, d: Prepared) -> tuple[np.ndarray, np.ndarray]:
 
     freq = policy.get("frequency")
     if freq is not None and n:
-        pc = d.code[rows, chosen]
+        pc = d.code[:, 0] if swap is None else d.code[rows, chosen]
         counts = np.bincount(pc, minlength=d.n_codes)
         frequent = counts[pc] > float(freq["max_share"]) * n
         conf = np.where(frequent, conf * float(freq["factor"]), conf)

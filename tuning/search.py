@@ -53,10 +53,13 @@ class Part:
     solution: pd.DataFrame  # rows of solution.csv of this part (for evaluate / bootstrap)
 
     def gap(self, policy: dict) -> float:
+        """GAP of this part under `policy` (a trial's objective)."""
         from submissions.metric import gap_score
 
         chosen, conf = apply_policy(policy, self.data)
-        return gap_score(conf, self.correct[np.arange(self.data.n), chosen], self.n_landmark_queries)
+        order = rank_order(conf)  # presorted: gap_score's stable sort of sorted input is O(n)
+        correct = self.correct[:, 0] if policy.get("swap") is None else self.correct[np.arange(self.data.n), chosen]
+        return gap_score(conf[order], correct[order], self.n_landmark_queries)
 
     def submission(self, policy: dict) -> pd.DataFrame:
         """Canonical one-per-query submission of this part under `policy`."""
@@ -64,6 +67,21 @@ class Part:
         lm = self.data.landmark[np.arange(self.data.n), chosen]
         return pd.DataFrame({"id": pd.Series(self.data.ids, dtype="str"),
                              "landmark_id": pd.array(lm, dtype="Int64"), "confidence": conf})
+
+
+def rank_order(conf: np.ndarray) -> np.ndarray:
+    """Order of queries by confidence descending, ties by position (= query id order) ascending.
+
+    Same order as gap_score's stable argsort, ~10x faster for 100k queries: the float32
+    confidence's bits (monotone for values >= 0) and the position are packed into one uint64 key
+    and sorted with numpy's (SIMD) unstable sort; keys are unique, so stability is not needed.
+    """
+    c32 = conf.astype(np.float32) + np.float32(0.0)  # -0.0 -> 0.0
+    if c32.size and (c32.min() < 0 or not np.isfinite(c32).all()):
+        return np.argsort(-conf, kind="stable")
+    bits = c32.view(np.uint32).astype(np.uint64)
+    key = ((np.uint64(0xFFFFFFFF) - bits) << np.uint64(32)) | np.arange(len(c32), dtype=np.uint64)
+    return (np.sort(key) & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
 
 @dataclass
