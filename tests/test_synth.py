@@ -295,8 +295,9 @@ def test_classes_are_learnable_but_groups_confusable(comp64):
     chance = 1 / len(np.unique(y))
     assert correct.mean() >= 3 * chance  # learnable
     assert grouped.any() and (~grouped).any()
-    # …but confusable: grouped landmarks are harder, and their mistakes stay inside the group
-    assert correct[~grouped].mean() > correct[grouped].mean() + 0.05
+    # …but confusable: telling the group is much easier than telling the landmark, and the
+    # mistakes on grouped landmarks mostly stay inside their group (chance: about 1 in 7)
+    assert same_group.mean() >= correct.mean() + 0.1
     errors = grouped & ~correct
     assert errors.sum() >= 5 and (same_group[errors]).mean() >= 0.5
     # distractors: some look as close to a landmark as a real query does (confident mistakes)
