@@ -346,7 +346,7 @@ def jpeg_bytes(name: str, w: int = 80, h: int = 60, fmt: str = "JPEG") -> bytes:
 class ImageServer:
     """Loopback image host. Behaviour by path:
 
-    `/img/<name>.jpg` a JPEG; `/big/<name>.png` a 200×120 PNG; `/missing/…` 404; `/html/…` an
+    `/img/<name>.jpg` an 80×60 JPEG, `/photo/<name>.jpg` a 256×192 one; `/big/<name>.png` a 200×120 PNG; `/missing/…` 404; `/html/…` an
     HTML page with status 200; `/hang/…` answers nothing for `hang` seconds; `/flaky/<name>.jpg`
     503 on the first request, then the JPEG. Requests for other hosts (through the proxy) with an
     `s<digits>` path segment, like Google's photo servers, get a JPEG of that longest side.
@@ -379,6 +379,7 @@ class ImageServer:
         class H(BaseHTTPRequestHandler):
             timeout = 10
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
 
             def log_message(self, *a):
                 pass
@@ -406,6 +407,8 @@ class ImageServer:
                     return self._send(200, server._image((name, side, side * 3 // 4)), "image/jpeg")
                 if path.startswith("/img/"):
                     return self._send(200, server._image((name,)), "image/jpeg")
+                if path.startswith("/photo/"):
+                    return self._send(200, server._image((name, 256, 192)), "image/jpeg")
                 if path.startswith("/big/"):
                     return self._send(200, server._image((name, 200, 120, "PNG")), "image/png")
                 if path.startswith("/html/"):
