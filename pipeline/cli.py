@@ -153,10 +153,11 @@ def gap_command(submission: str, solution: str, usage: str, bootstrap: int, seed
 @json_option
 def synth_command(out: str, seed: int, landmarks: int, per_landmark: int, test: int, distractor_frac: float,
                   size: int, public_frac: float, overwrite: bool, as_json: bool) -> None:
-    """Write a synthetic mini-competition (Kaggle's 2021 layout, with solution.csv) to OUT.
+    """Generate a synthetic mini-competition in OUT.
 
-    Landmarks are procedurally drawn façades; every photo is a new view (perspective, crop,
-    rotation, lighting, blur, noise, occluders). Some landmarks are confusable (shared palette and
+    Kaggle's 2021 layout with ground truth (solution.csv). Landmarks are procedurally drawn
+    façades; every photo is a new view (perspective, crop, rotation, lighting, blur, noise,
+    occluders). Some landmarks are confusable (shared palette and
     structure, different details); test queries are new views plus non-landmark distractors.
     Writes train.csv, train/, test/, sample_submission.csv, solution.csv and synth.json.
 
