@@ -153,12 +153,49 @@ def _strings(series: pd.Series):
     return arr
 
 
+def _match_ids(sol_ids, sub_ids) -> np.ndarray:
+    """Row of each submission id in the solution (-1 if absent); UserError on duplicate ids.
+
+    Equal-width ids (the usual case) are matched by a numpy hash, sort and searchsorted, then
+    confirmed byte by byte; anything else goes through one Arrow hash table over both columns."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from submissions.format import fixed_width_bytes, hash_rows
+
+    n_sol = len(sol_ids)
+    if n_sol == 0:
+        return np.full(len(sub_ids), -1, dtype=np.int64)
+    sol_rows, sub_rows = fixed_width_bytes(sol_ids), fixed_width_bytes(sub_ids)
+    if sol_rows is not None and sub_rows is not None and sol_rows.shape[1] == sub_rows.shape[1]:
+        hs, hq = hash_rows(sol_rows), hash_rows(sub_rows)
+        order = np.argsort(hs)
+        hs_sorted = hs[order]
+        if not (hs_sorted[1:] == hs_sorted[:-1]).any() and not (np.diff(np.sort(hq)) == 0).any():
+            pos = np.minimum(np.searchsorted(hs_sorted, hq), n_sol - 1)
+            cand = order[pos]
+            hit = np.flatnonzero(hs_sorted[pos] == hq)
+            same = (sol_rows[cand[hit]] == sub_rows[hit]).all(axis=1)
+            where = np.full(len(hq), -1, dtype=np.int64)
+            where[hit[same]] = cand[hit[same]]
+            return where
+        # a repeated hash: a duplicate id (or, rarely, a collision); the exact path below decides
+    codes = pc.dictionary_encode(pa.concat_arrays([sol_ids, sub_ids])).indices.to_numpy().astype(np.int64)
+    # codes number distinct ids in order of first appearance: the solution's are 0..n_sol-1 iff unique
+    if n_sol and codes[:n_sol].max() != n_sol - 1:
+        raise UserError("solution has duplicate ids")
+    if len(sub_ids) and np.bincount(codes[n_sol:]).max() > 1:
+        raise UserError("submission has duplicate ids; keep one row per id")
+    where = codes[n_sol:]
+    return np.where(where < n_sol, where, -1)
+
+
 def score(submission: pd.DataFrame, solution: pd.DataFrame, usage: str = "all") -> Scored:
     """Match a canonical submission to `solution` (as from `read_solution`) on the `usage` rows."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from submissions.format import UNIQUE_IDS_ATTR, canonical_submission, ids_token
+    from submissions.format import UNIQUE_IDS_ATTR, canonical_submission, has_duplicates, ids_token
 
     for col in ("id", "landmarks", "usage"):
         if col not in solution.columns:
@@ -168,21 +205,14 @@ def score(submission: pd.DataFrame, solution: pd.DataFrame, usage: str = "all") 
     sub_ids = _strings(sub["id"])
     n_sol = len(sol_ids)
 
-    # query number in the solution of each submission row (-1: not there); one hash pass
+    # query number in the solution of each submission row (-1: not there)
     if len(sub_ids) == n_sol and n_sol and pc.all(pc.equal(sub_ids, sol_ids)).as_py():
         where = np.arange(n_sol, dtype=np.int64)  # the usual case: same ids, same order
         checked = solution.attrs.get(UNIQUE_IDS_ATTR)  # read_solution checked these very ids
-        if (checked is None or checked != ids_token(solution["id"])) and len(pc.dictionary_encode(sol_ids).dictionary) != n_sol:
+        if (checked is None or checked != ids_token(solution["id"])) and has_duplicates(sol_ids):
             raise UserError("solution has duplicate ids")
     else:
-        codes = pc.dictionary_encode(pa.concat_arrays([sol_ids, sub_ids])).indices.to_numpy().astype(np.int64)
-        # codes number distinct ids in order of first appearance: the solution's are 0..n_sol-1 iff unique
-        if n_sol and codes[:n_sol].max() != n_sol - 1:
-            raise UserError("solution has duplicate ids")
-        if len(sub_ids) and np.bincount(codes[n_sol:]).max() > 1:
-            raise UserError("submission has duplicate ids; keep one row per id")
-        where = codes[n_sol:]
-        where = np.where(where < n_sol, where, -1)
+        where = _match_ids(sol_ids, sub_ids)
 
     selected = _usage_mask(solution["usage"], usage)
     qnum = np.cumsum(selected) - 1  # solution row -> query number among the selected rows

@@ -236,3 +236,27 @@ def test_submission_from_predictions_and_align(tmp_path):
     assert aligned["landmark_id"].tolist()[0] == 5 and pd.isna(aligned["landmark_id"][1])
     path = write_submission(aligned, tmp_path / "sub.csv")
     assert validate_submission(path, sample) == []
+
+
+CELLS = ["1 0.5", "2 0.25", "", "7 1e-5", "8 3", "+5 0.5", "-0 0.5", "5 +0.5", "5 -0.0", "5 nan", "5 inf",
+         "5  0.5", " 5 0.5", "5 0.5 ", "5\t0.5", "1.0 0.5", "5 .5", "5 5.", "005 0.5", "x", "5 1e400", "99999999999999999999 1"]
+
+
+@settings(max_examples=150, derandomize=True, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c", "d", "", "e f", "gg"]), st.sampled_from(CELLS)), max_size=8),
+       st.booleans(), st.booleans())
+def test_fast_and_checking_readers_agree(tmp_path_factory, rows, blank_line, final_newline):
+    """read_submission's one-pass reader must accept exactly what the checking reader accepts."""
+    from submissions.format import _load_submission
+
+    lines = [f"{i},{c}" for i, c in rows]
+    if blank_line and lines:
+        lines.insert(len(lines) // 2, "")
+    text = "id,landmarks\n" + "\n".join(lines) + ("\n" if final_newline or not lines else "")
+    path = write(tmp_path_factory.mktemp("fast"), text)
+    frame, _, problems = _load_submission(path)
+    if problems:
+        with pytest.raises(UserError):
+            read_submission(path)
+    else:
+        pd.testing.assert_frame_equal(read_submission(path), frame)
