@@ -66,8 +66,10 @@ landmark = st.integers(0, 4)
 
 
 @st.composite
-def competitions(draw):
-    ids = draw(st.lists(st.text("abcÿé0", min_size=1, max_size=4), unique=True, max_size=30))
+def competitions(draw, fixed_width: bool = False):
+    # equal-width ids take the numpy hash join; others Arrow's hash table
+    names = st.text("abc0", min_size=3, max_size=3) if fixed_width else st.text("abcÿé0", min_size=1, max_size=4)
+    ids = draw(st.lists(names, unique=True, max_size=30))
     truth, usage, preds = {}, {}, {}
     for i in ids:
         truth[i] = tuple(draw(st.lists(landmark, max_size=3, unique=True)))  # () = non-landmark query
@@ -75,12 +77,12 @@ def competitions(draw):
         if draw(st.booleans()) or draw(st.booleans()):  # 3/4 of queries get a prediction
             preds[i] = (draw(landmark), draw(confidences))
     order = draw(st.permutations(ids))
-    extra = {f"zz{k}": (draw(landmark), draw(confidences)) for k in range(draw(st.integers(0, 3)))}
+    extra = {f"zz{k}": (draw(landmark), draw(confidences)) for k in range(draw(st.integers(0, 3)))}  # not in solution
     return preds, truth, usage, order, extra
 
 
 @SETTINGS
-@given(competitions(), st.sampled_from(["all", "Public", "Private"]))
+@given(st.booleans().flatmap(competitions), st.sampled_from(["all", "Public", "Private"]))
 def test_gap_equals_reference(comp, which):
     preds, truth, usage, order, extra = comp
     sub, sol = frames(preds, truth, usage, order, extra)
@@ -161,6 +163,22 @@ def test_gap_score_is_fast_enough_for_tuning_loops():
     for _ in range(5):
         gap_score(conf, correct, 100_000)
     assert (time.perf_counter() - t) / 5 < 0.1  # a per-row Python loop takes far longer
+
+
+def test_hash_join_matches_ids_exactly():
+    """Equal-width ids in another order, ids absent from the solution, and duplicates."""
+    truth = {f"{k:04x}": (k % 3,) for k in range(50)}
+    usage = dict.fromkeys(truth, "Public")
+    preds = {i: (t[0], k / 50) for k, (i, t) in enumerate(truth.items()) if k % 5}
+    order = sorted(truth, reverse=True)
+    extra = {"ffff": (1, 0.99), "fffe": (0, 0.98)}
+    sub, sol = frames(preds, truth, usage, order, extra)
+    expected, hits, m = reference_gap(preds, truth, usage)
+    assert gap(sub, sol) == pytest.approx(expected) and evaluate(sub, sol)["n_ignored_predictions"] == 2
+    with pytest.raises(UserError, match="submission has duplicate ids"):
+        gap(pd.concat([sub, sub.iloc[[3]]]), sol)
+    with pytest.raises(UserError, match="solution has duplicate ids"):
+        gap(sub, pd.concat([sol, sol.iloc[[3]]]))
 
 
 def test_errors():
