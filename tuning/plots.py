@@ -60,7 +60,7 @@ def write_plots(study, policy: dict, tune_part, hold_part, out: str | os.PathLik
                 plt.close("all")
                 continue
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-            fig.set_size_inches(8, 5)
+            fig.set_size_inches(8, max(5.0, 0.3 * len(fig.axes[0].get_yticklabels())) if name == "importance" else 5)
             written.append(_save(fig, Path(f"{stem}.{name}.png")))
             plt.close(fig)
     written.append(_threshold_plot(plt, policy, tune_part, hold_part, Path(f"{stem}.threshold.png")))

@@ -265,7 +265,7 @@ def open_storage(storage: str | None, out: str | os.PathLike):
     `journal:PATH` → journal file; an RDB URL (sqlite:///, postgresql://, mysql://) → RDBStorage
     with heartbeat and retry of trials whose worker died."""
     import optuna
-    from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import JournalStorage, RDBStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
     spec = storage or default_storage(out)
@@ -275,9 +275,18 @@ def open_storage(storage: str | None, out: str | os.PathLike):
             raise UserError(f"--storage {spec!r}: unknown scheme {scheme!r}; use a journal file path, "
                             f"sqlite:///FILE.db or postgresql://USER@HOST/DB")
         kwargs = {"connect_args": {"timeout": 60}} if scheme == "sqlite" else {}
+        try:  # Optuna >= 4.9 renamed the retry callback
+            from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
+
+            retry = {"heartbeat_stale_trial_callback": Retry(max_retry=3)}
+        except ImportError:
+            from optuna.storages import RetryFailedTrialCallback as Retry
+
+            retry = {"failed_trial_callback": Retry(max_retry=3)}
         try:
-            return RDBStorage(spec, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=90,
-                              failed_trial_callback=RetryFailedTrialCallback(max_retry=3))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(spec, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=90, **retry)
         except (ImportError, ModuleNotFoundError) as e:
             raise UserError(f"--storage {spec!r}: the database driver is not installed ({e})") from None
         except Exception as e:  # sqlalchemy raises many kinds
