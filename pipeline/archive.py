@@ -67,12 +67,12 @@ def check_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> list[z
 
 def safe_extract(
     archive: str | os.PathLike, dest: str | os.PathLike, *, tmp_dir: str | os.PathLike | None = None,
-    desc: str = "extract",
+    desc: str = "extract", overwrite: bool = False,
 ) -> dict:
     """Extract `archive` into `dest` safely and resumably; return counts.
 
     Members whose final file already exists with the member's size are skipped (they were
-    moved into place whole by an earlier run). `tmp_dir` (default `dest/.glr-extract`) must be
+    moved into place whole by an earlier run) unless `overwrite`. `tmp_dir` (default `dest/.glr-extract`) must be
     on the same file system as `dest`; it is emptied first and removed at the end.
     """
     from pipeline.progress import progress
@@ -86,7 +86,7 @@ def safe_extract(
     todo, skipped = [], 0
     for info in members:
         target = dest / info.filename
-        if target.is_file() and target.stat().st_size == info.file_size:
+        if not overwrite and target.is_file() and target.stat().st_size == info.file_size:
             skipped += 1
         else:
             todo.append(info)

@@ -230,7 +230,8 @@ def fetch(competition: str, data_dir: str | os.PathLike, *, files: list[str] | N
                 from pipeline.archive import check_archive
 
                 members = check_archive(archive, root)
-                stats = safe_extract(archive, root, tmp_dir=staging / "extract", desc=f"extract {archive.name}")
+                stats = safe_extract(archive, root, tmp_dir=staging / "extract", desc=f"extract {archive.name}",
+                                     overwrite=force)
                 atomic_write_text(
                     _state_path(root, competition),
                     json.dumps({"archive": archive.name, "files": {m.filename: m.file_size for m in members}}),

@@ -65,6 +65,7 @@ class FakeKaggle:
     code_competitions: set[str] = field(default_factory=set)
     throttle: tuple[int, float] | None = None
     cut_after: int | None = None
+    fail_upload: bool = False  # PUT answers 500 (a storage failure during the upload)
     lifetime: float = 180.0
 
     def __post_init__(self) -> None:
@@ -263,7 +264,10 @@ class _Handler(BaseHTTPRequestHandler):
         token = hit.path.rsplit("/", 1)[-1]
         if not hit.path.startswith("/upload/") or token not in self.fake.uploads:
             return self._error(hit, 404, "no such upload")
-        self.fake.uploads[token] = self._body()
+        body = self._body()
+        if self.fake.fail_upload:
+            return self._error(hit, 500, "storage backend unavailable")
+        self.fake.uploads[token] = body
         self._json(hit, 200, {})
 
     def do_GET(self) -> None:

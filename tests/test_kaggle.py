@@ -80,7 +80,7 @@ def _assert_same_tree(comp_dir: Path, data: Path) -> None:
 
 def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout.strip() == ""  # the client's chatter stays off stdout
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
     for n in needles:
@@ -176,6 +176,7 @@ def test_fetch_refuses_malicious_archive(tmp_path, bundle):
         assert not (data / "train.csv").exists()  # nothing written, not even the safe members
 
 
+@pytest.mark.slow
 def test_fetch_single_files_and_server_zipped(tmp_path, comp_dir):
     train = (comp_dir / "train.csv").read_bytes()
     sample = (comp_dir / "sample_submission.csv").read_bytes()
@@ -303,3 +304,36 @@ def test_safe_extract_skips_complete_and_finishes_partial(tmp_path):
     assert stats == {"members": 3, "extracted": 2, "skipped": 1, "bytes": 110}
     assert (out / "a" / "two.bin").read_bytes() == b"2" * 100 and (out / "three.bin").read_bytes() == b"3" * 10
     assert not (out / ".glr-extract").exists()
+
+
+def test_submit_reports_failed_upload(tmp_path, comp_dir):
+    sub = _write_submission(comp_dir, tmp_path / "submission.csv")
+    with FakeKaggle(archives={COMP: b""}, fail_upload=True) as fake:
+        proc = glr(["submit", str(sub), "-c", COMP, "-m", "x"], _env(fake, _home(tmp_path)))
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("Error: the upload of")
+        assert fake.submissions == [] and "competitions.CompetitionApiService/CreateSubmission" not in fake.api_calls()
+
+
+@pytest.mark.slow
+def test_fetch_force_downloads_and_extracts_again(tmp_path, comp_dir, bundle):
+    with FakeKaggle(archives={COMP: bundle}) as fake:
+        env = _env(fake, _home(tmp_path))
+        data = tmp_path / "d"
+        assert glr(["fetch", COMP, "--data-dir", str(data)], env).returncode == 0
+        (data / "train.csv").write_bytes(b"x" * (data / "train.csv").stat().st_size)  # same size, wrong bytes
+        proc = glr(["fetch", COMP, "--data-dir", str(data), "--force", "--json"], env)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["extracted"] == len(zipfile.ZipFile(io.BytesIO(bundle)).namelist())
+        _assert_same_tree(comp_dir, data)
+        assert len(fake.file_hits()) == 2
+
+
+@pytest.mark.parametrize("command", ["fetch", "fetch-urls", "clean", "submit"])
+def test_help_has_example(command):
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    res = CliRunner().invoke(cli, [command, "--help"])
+    assert res.exit_code == 0 and "Example:" in res.output and "glr " + command in res.output
