@@ -54,6 +54,7 @@ class Context:
     cfg: dict
     records: dict[str, dict]
     resume: bool = False  # the stage was interrupted before with the same config and inputs
+    echo: Callable[[str], None] = print
 
 
     def path(self, rel: str) -> Path:
@@ -208,7 +209,7 @@ def execute(stages: list[Stage], run_dir: str | os.PathLike, cfg: dict | None = 
         if cfg is not None:
             manifest["config"] = cfg
         manifest.setdefault("versions", _versions())
-        ctx = Context(run_dir, cfg or {}, records)
+        ctx = Context(run_dir, cfg or {}, records, echo=echo)
         will_run: set[str] = set()
         current: dict[str, str | None] = {}  # stage -> digest of its outputs now
         plan_rows = []
@@ -522,10 +523,19 @@ def plan(cfg: dict) -> list[Stage]:
         t["storage"] = t.get("storage") or None
         t["study"] = t.get("study") or f"{ctx.cfg['run']['name']}-{_hash_obj(ctx.records['tune']['inputs'])[:10]}"
         t["timeout"] = t.get("timeout") or None
-        res = _call(tune, "tune", {"preds": str(ctx.path("ens.val.parquet")),
-                                   "inliers": str(ctx.path("inliers.val.parquet")),
-                                   "solution": str(ctx.path("localval/solution.csv")),
-                                   "out": str(ctx.path("tune/policy.json"))}, t)
+        fixed = {"preds": str(ctx.path("ens.val.parquet")), "inliers": str(ctx.path("inliers.val.parquet")),
+                 "solution": str(ctx.path("localval/solution.csv")), "out": str(ctx.path("tune/policy.json"))}
+        try:
+            res = _call(tune, "tune", fixed, t)
+        except UserError as e:
+            if t.get("force"):
+                raise
+            # the tuned policy lost on the held-out part: the run goes on without rescoring
+            ctx.echo(f"warning: {e}\nwarning: continuing with the identity policy (no rescoring); "
+                     "set [tune] force = true to use the tuned one anyway")
+            res = _call(tune, "tune", fixed, {**t, "policy": "identity", "force": True,
+                                              "study": t["study"] + "-identity"})
+            res = {**res, "fallback": f"tuned policy refused ({e}); identity policy used"}
         return _jsonable(res)
 
     stages.append(Stage("tune", tune_stage, deps=["localval", "ensemble", "verify:val"], config=cfg["tune"],

@@ -170,3 +170,108 @@ def test_config_paths_relative_to_file_and_model_overrides(tmp_path):
     assert cfg["data"]["data_dir"] == str(tmp_path / "sub" / "comp")
     assert [(m["name"], m["epochs"]) for m in cfg["models"]] == [("r", 7), ("vgg16", 3)]
     assert json.loads(json.dumps(cfg)) == cfg  # goes into the manifest as JSON
+
+
+# -- the real pipeline in a real process: kill -9 and resume ------------------------------------
+
+TINY = """\
+[run]
+name = "run"
+root = "."
+[data]
+data_dir = "comp"
+[localval]
+holdout_frac = 0.25
+unseen_class_frac = 0.2
+[train]
+weights = "none"
+image_size = 64
+epochs = {epochs}
+fine_tune_epochs = 0
+batch_size = 16
+[[models]]
+backbone = "vgg16"
+[verify]
+candidates = 2
+k = 2
+[tune]
+trials = {trials}
+holdout = 0.3
+[report]
+examples = 2
+"""
+
+
+def glr(*args, cwd, timeout=300):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("glr")
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_kill_minus_9_mid_stage_then_rerun_redoes_no_finished_stage(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from pipeline.synth import make_competition
+
+    make_competition(tmp_path / "comp", landmarks=5, per_landmark=10, test=20, size=64, seed=0)
+    (tmp_path / "glr.toml").write_text(TINY.format(epochs=30, trials=8))
+    exe = Path(sys.executable).with_name("glr")
+    proc = subprocess.Popen([str(exe), "run", "glr.toml", "-q"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    manifest_path = tmp_path / "run" / "manifest.json"
+    killed_in = None
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            stages = json.loads(manifest_path.read_text())["stages"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            stages = {}
+        running = [s for s, r in stages.items() if r.get("status") == "running"]
+        if running and stages.get("localval", {}).get("status") == "done":
+            time.sleep(1.5)  # well inside the stage
+            killed_in = running[0]
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    proc.wait(timeout=30)
+    assert killed_in, "the run finished before it could be killed"
+    before = json.loads(manifest_path.read_text())["stages"]
+    done_before = {s: r["finished"] for s, r in before.items() if r["status"] == "done"}
+    assert "data" in done_before and "localval" in done_before
+
+    res = glr("run", "glr.toml", "-q", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    after = json.loads(manifest_path.read_text())["stages"]
+    assert all(r["status"] == "done" for r in after.values())
+    for stage, finished in done_before.items():  # nothing finished was redone
+        assert after[stage]["finished"] == finished and after[stage]["runs"] == 1, stage
+        assert f"[skip] {stage}: unchanged" in res.stdout
+    assert after[killed_in]["runs"] == 1
+    assert (tmp_path / "run" / "submission.csv").exists() and (tmp_path / "run" / "report.html").exists()
+    from submissions.format import check_submission
+
+    check_submission(tmp_path / "run" / "submission.csv", tmp_path / "comp" / "sample_submission.csv")
+    assert "ensemble + rescoring" in res.stdout and "report:" in res.stdout
+
+    # only the tuning budget changes: tuning and what follows are redone, nothing before it
+    (tmp_path / "glr.toml").write_text(TINY.format(epochs=30, trials=12))
+    plan = glr("run", "glr.toml", "--dry-run", cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    import re
+
+    assert re.search(r"train:vgg16\s+skip\s+unchanged", plan.stdout), plan.stdout
+    assert re.search(r"tune\s+run\s+config changed", plan.stdout), plan.stdout
+    res = glr("run", "glr.toml", "-q", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    final = json.loads(manifest_path.read_text())["stages"]
+    redone = sorted(s for s in final if final[s]["runs"] > after[s]["runs"])
+    assert "tune" in redone and set(redone) <= {"tune", "rescore", "submission", "report"}, redone
