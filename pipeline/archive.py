@@ -49,12 +49,16 @@ def check_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> list[z
         raise UserError(f"{archive}: not a valid zip archive ({e}); delete it and re-run to download again") from None
     root = os.path.realpath(dest)
     files = []
+    inside: dict[str, bool] = {}  # per parent folder: a symlink already in `dest` could lead out
     for info in infos:
         problem = _member_problem(info)
         if problem is None:
-            target = os.path.realpath(os.path.join(root, info.filename))
-            if os.path.commonpath([root, target]) != root:
-                problem = "would land outside the destination"
+            parent = os.path.dirname(info.filename.rstrip("/"))
+            if parent not in inside:
+                real = os.path.realpath(os.path.join(root, parent))
+                inside[parent] = os.path.commonpath([root, real]) == root
+            if not inside[parent]:
+                problem = "would land outside the destination (through a symlink in it)"
         if problem:
             raise UserError(
                 f"{archive}: member {info.filename!r} {problem}; refusing to extract this archive "

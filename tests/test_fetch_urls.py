@@ -92,7 +92,7 @@ def test_fetch_urls_rejects_unsafe_ids(tmp_path):
 
 @pytest.mark.slow
 def test_fetch_urls_kill9_then_rerun_completes_without_duplicate_work(tmp_path):
-    n, workers = 80, 4
+    n, workers = 120, 4
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.update(no_proxy="127.0.0.1,localhost", PYTHONPATH=str(ROOT))
     with ImageServer(delay=0.05) as srv:

@@ -200,7 +200,7 @@ def test_fetch_single_files_and_server_zipped(tmp_path, comp_dir):
 def test_fetch_kill9_then_rerun_resumes_without_duplicate_work(tmp_path, comp_dir, bundle):
     data = tmp_path / "d"
     part = data / ".glr-fetch" / f"{COMP}.zip"
-    with FakeKaggle(archives={COMP: bundle}, throttle=(64 * 1024, 0.03)) as fake:
+    with FakeKaggle(archives={COMP: bundle}, throttle=(64 * 1024, 0.05)) as fake:
         env = _env(fake, _home(tmp_path))
         proc = subprocess.Popen([GLR, "fetch", COMP, "--data-dir", str(data)], env=env, cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -337,3 +337,17 @@ def test_help_has_example(command):
 
     res = CliRunner().invoke(cli, [command, "--help"])
     assert res.exit_code == 0 and "Example:" in res.output and "glr " + command in res.output
+
+
+def test_check_archive_rejects_member_under_symlinked_folder(tmp_path):
+    from pipeline.archive import safe_extract
+    from submissions.errors import UserError
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "train").symlink_to(elsewhere)
+    z = _zip(tmp_path / "x.zip", [("train/a.jpg", b"x")])
+    with pytest.raises(UserError, match="symlink"):
+        safe_extract(z, out)
+    assert list(elsewhere.iterdir()) == []
