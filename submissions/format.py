@@ -18,6 +18,7 @@ problem. Line numbers in messages are file line numbers (header = line 1).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -38,6 +39,7 @@ ALL_USAGE = "All"  # a solution without a Usage column: the row counts as Public
 _FLOAT = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _CANONICAL_PAIR = rf"^\d{{1,18}} {_FLOAT}$"  # what write_submission writes; the fast path
 _SHOWN = 10  # problems shown in a check_submission error
+_ID = re.compile(r"\d{1,18}")
 
 
 # ------------------------------------------------------------------------------ CSV reading
@@ -583,11 +585,14 @@ def read_solution(path: str | os.PathLike) -> pd.DataFrame:
     else:
         landmarks = np.empty(n, dtype=object)
         landmarks[rows] = singles
-        others = np.flatnonzero(~single)
+        empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(cells)), 0).to_numpy(zero_copy_only=False)
+        blank = np.flatnonzero(empty)  # non-landmark queries
+        landmarks[blank] = np.fromiter(itertools.repeat((), len(blank)), dtype=object, count=len(blank))
+        others = np.flatnonzero(~single & ~empty)  # several ids (rare) or a bad cell: row by row
         parsed = []
-        for r, text in zip(others.tolist(), cells.take(pa.array(others)).to_pylist()):
+        for r, text in zip(others.tolist(), _array(cells).take(pa.array(others)).to_pylist()):
             tokens = text.split()
-            if all(re.fullmatch(r"\d{1,18}", t) for t in tokens):
+            if all(_ID.fullmatch(t) for t in tokens):
                 parsed.append(tuple(int(t) for t in tokens))
             else:
                 parsed.append(())
