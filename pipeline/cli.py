@@ -121,7 +121,8 @@ def gap_command(submission: str, solution: str, usage: str, bootstrap: int, seed
     click.echo(
         f"queries: {report['n_queries']} scored, {report['n_landmark_queries']} with a landmark, "
         f"{report['n_predicted']} predicted"
-        + (f"; {report['n_ignored_predictions']} predictions on ids not scored" if report["n_ignored_predictions"] else "")
+        + (f"; {report['n_ignored_predictions']} prediction(s) on ids outside the scored rows"
+           if report["n_ignored_predictions"] else "")
     )
     if "compare" in report:
         c = report["compare"]

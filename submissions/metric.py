@@ -238,8 +238,7 @@ def score(submission: pd.DataFrame, solution: pd.DataFrame, usage: str = "all") 
         for j in range(int(n.max()) if len(n) else 0):
             has_j = n > j
             correct[has_j] |= flat[offsets[srow[has_j]] + j] == lid[has_j]
-    pred_ids = sub_ids.take(pa.array(rows))
-    order = _rank_order(conf, lambda members: _id_ranks(pred_ids, members))
+    order = _rank_order(conf, lambda members: _id_ranks(sub_ids, rows[members]))  # ids only for ties
     return Scored(
         n_queries=int(selected.sum()),
         is_landmark=(lens > 0)[selected],

@@ -46,7 +46,7 @@ def test_text_output(files):
     assert out.splitlines() == [
         "GAP (all): 0.555556",  # (1/1 + 2/3) / 3
         "accuracy: 0.666667 (2 correct / 3 landmark queries)",
-        "queries: 4 scored, 3 with a landmark, 4 predicted; 1 predictions on ids not scored",
+        "queries: 4 scored, 3 with a landmark, 4 predicted; 1 prediction(s) on ids outside the scored rows",
     ]
 
 
