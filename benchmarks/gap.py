@@ -22,7 +22,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from submissions.format import read_solution, read_submission, write_submission  # noqa: E402
-from submissions.metric import gap, gap_score, score  # noqa: E402
+from submissions.metric import evaluate, gap, gap_score, paired_bootstrap, score  # noqa: E402
 
 NAIVE_BUDGET_S = 60.0  # skip a naive size whose extrapolated time exceeds this
 
@@ -132,6 +132,15 @@ def main() -> None:
         assert abs(g - g_core) < 1e-12
         say(f"| `gap_score` (arrays: argsort + cumsum) | {n:,} | {t_core * 1000:.1f} ms | {g:.6f} |")
         say(f"| `gap(submission, solution)` (frames: id join, correctness, tie rule) | {n:,} | {t_full * 1000:.0f} ms | {g:.6f} |")
+
+    sub, sol = make_case(100_000)
+    t, report = best_of(lambda: evaluate(sub, sol, bootstrap=1000, seed=0), repeat=1)
+    lo, hi = report["gap_ci"]
+    say(f"| `evaluate(..., bootstrap=1000)` (exact per-resample GAP from counts) | 100,000 | {t:.2f} s | {report['gap']:.6f} [{lo:.4f}, {hi:.4f}] |")
+    other = sub.copy()
+    other["confidence"] = np.random.default_rng(1).random(len(other))
+    t, paired = best_of(lambda: paired_bootstrap(other, sub, sol, n=1000, seed=0), repeat=1)
+    say(f"| `paired_bootstrap(n=1000)` | 100,000 | {t:.2f} s | Δ {paired['delta']:+.6f}, p = {paired['p_value']:.3f} |")
 
     # end to end: files on disk, a fresh `glr gap` process (Python start-up and imports included)
     glr = Path(sys.executable).with_name("glr")

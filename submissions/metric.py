@@ -13,6 +13,7 @@ scores each resample exactly from per-query counts, without materialising it.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from dataclasses import dataclass
@@ -111,6 +112,11 @@ class Scored:
 
     def gap(self) -> float:
         return _sorted_gap(self.correct[self.order], self.n_landmark_queries)
+
+    @functools.cached_property
+    def ranked(self) -> tuple[np.ndarray, np.ndarray]:
+        """(query, correct) of the predictions in rank order; computed once for all resamples."""
+        return self.query[self.order], self.correct[self.order]
 
 
 def _usage_mask(usage_col: pd.Series, usage: str) -> np.ndarray:
@@ -276,8 +282,8 @@ def _gap_from_counts(s: Scored, counts: np.ndarray, harmonic: np.ndarray) -> flo
     m = int(counts[s.is_landmark].sum())
     if m == 0:
         return 0.0
-    c = counts[s.query[s.order]].astype(np.float64)
-    rel = s.correct[s.order]
+    query, rel = s.ranked
+    c = counts[query].astype(np.float64)
     k = np.cumsum(c) - c
     cr = c * rel
     C = np.cumsum(cr) - cr
