@@ -1,0 +1,311 @@
+"""Matching, seeded RANSAC (vs the skimage reference), `verify`/`merge`/`match` on synthetic data."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.featcache import FeatureCache
+from pipeline.features import make_config, make_extractor, stable_shard
+from pipeline.verify import (MatchConfig, match_descriptors, match_features, merge, plan_pairs, ransac_inliers,
+                             skimage_inliers, verify)
+from submissions.tables import read_inliers, write_predictions
+from tests.test_features import save, textured
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- matching -----------------------------------------------------------------------------------
+
+
+def _brute(da, db, ratio, mutual, max_distance):
+    from scipy.spatial.distance import cdist
+
+    d = cdist(da.astype(float), db.astype(float))
+    out = []
+    for i, row in enumerate(d):
+        o = np.argsort(row)
+        j, d1, d2 = o[0], row[o[0]], row[o[1]]
+        if ratio is not None and not d1 < ratio * d2:
+            continue
+        if max_distance is not None and not d1 < max_distance:
+            continue
+        if mutual and np.argmin(d[:, j]) != i:
+            continue
+        out.append((i, j))
+    return np.array(out, np.int64).reshape(-1, 2)
+
+
+@pytest.mark.parametrize("ratio,mutual,max_distance", [(0.8, False, None), (0.9, True, None), (None, False, 0.8)])
+def test_vectorised_matching_equals_brute_force(ratio, mutual, max_distance):
+    rng = np.random.default_rng(1)
+    da = rng.random((150, 40), dtype=np.float32)
+    db = np.concatenate([da[:60] + rng.normal(0, 0.03, (60, 40)).astype(np.float32), rng.random((90, 40), dtype=np.float32)])
+    db = db[rng.permutation(len(db))]
+    da /= np.linalg.norm(da, axis=1, keepdims=True)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    got = match_descriptors(da, db, ratio=ratio, mutual=mutual, max_distance=max_distance)
+    want = _brute(da, db, ratio, mutual, max_distance)
+    assert len(want) >= 30
+    np.testing.assert_array_equal(got, want)
+
+
+def test_hamming_matching_for_orb():
+    rng = np.random.default_rng(2)
+    da = rng.integers(0, 256, (80, 32), dtype=np.uint8)
+    db = da.copy()
+    db[:, 0] ^= 1  # one bit off: still each other's nearest neighbour
+    got = match_descriptors(da, db, ratio=0.8, mutual=True)
+    np.testing.assert_array_equal(got, np.stack([np.arange(80), np.arange(80)], 1))
+
+
+# -- RANSAC -------------------------------------------------------------------------------------
+
+
+def _affine_pairs(seed, n_in=120, n_out=200, noise=0.7):
+    rng = np.random.default_rng(seed)
+    src = rng.uniform(0, 500, (n_in + n_out, 2))
+    a = np.array([[1.1, 0.2], [-0.15, 0.9]]) * rng.uniform(0.7, 1.3)
+    dst = src @ a.T + rng.uniform(-50, 50, 2)
+    dst[:n_in] += rng.normal(0, noise, (n_in, 2))
+    dst[n_in:] = rng.uniform(0, 500, (n_out, 2))
+    return src.astype(np.float32), dst.astype(np.float32), n_in
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_opencv_counts_agree_with_skimage_reference_on_known_inliers(seed):
+    src, dst, n_in = _affine_pairs(seed)
+    cfg = MatchConfig(threshold=4.0)
+    cv = ransac_inliers(src, dst, cfg)
+    sk = skimage_inliers(src, dst, threshold=4.0, max_trials=2000, seed=seed)
+    assert cv[:n_in].mean() >= 0.97  # finds (nearly) all true inliers: counts are not cut short
+    assert abs(int(cv.sum()) - int(sk.sum())) <= max(3, 0.05 * n_in)
+    assert abs(int(cv.sum()) - n_in) <= 0.05 * n_in + 6  # few outliers fall inside 4 px by chance
+
+
+def test_ransac_is_seeded_and_repeatable_across_processes():
+    src, dst, _ = _affine_pairs(5, n_in=15, n_out=200, noise=2.0)  # hard: few inliers
+    cfg = MatchConfig(threshold=5.0, method="magsac")
+    counts = {int(ransac_inliers(src, dst, cfg).sum()) for _ in range(5)}
+    assert len(counts) == 1
+    code = ("import numpy as np, sys; sys.path.insert(0, %r); from tests.test_verify import _affine_pairs;"
+            "from pipeline.verify import ransac_inliers, MatchConfig;"
+            "s, d, _ = _affine_pairs(5, n_in=15, n_out=200, noise=2.0);"
+            "print(int(ransac_inliers(s, d, MatchConfig(threshold=5.0, method='magsac')).sum()))") % str(ROOT)
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert int(other) == counts.pop()
+
+
+@pytest.mark.parametrize("model,method", [("affine", "ransac"), ("affine", "magsac"), ("homography", "ransac"),
+                                          ("homography", "magsac"), ("fundamental", "ransac")])
+def test_models_find_a_homography_pair(model, method):
+    rng = np.random.default_rng(7)
+    src = rng.uniform(0, 400, (150, 2))
+    h = np.array([[1.0, 0.05, 10], [0.02, 0.95, -5], [2e-5, 1e-5, 1]])  # mild: affine fits within 6 px
+    p = np.c_[src, np.ones(150)] @ h.T
+    dst = p[:, :2] / p[:, 2:]
+    dst[100:] = rng.uniform(0, 400, (50, 2))
+    mask = ransac_inliers(src, dst, MatchConfig(model=model, method=method, threshold=6.0))
+    assert mask[:100].mean() > 0.9 and mask[100:].mean() < 0.3
+    assert not ransac_inliers(src[:2], dst[:2], MatchConfig(model=model)).any()  # too few points: 0
+
+
+def test_warped_image_matches_unrelated_does_not():
+    import cv2
+
+    img = textured(256, seed=3)
+    h = np.array([[0.9, 0.1, 12], [-0.08, 0.95, 8], [2e-4, 1e-4, 1]])
+    warped = cv2.warpPerspective(img, h, (256, 256), borderMode=cv2.BORDER_REFLECT)
+    ext = make_extractor("sift", n_features=500)
+    fa, fb, fc = ext.extract_array(img), ext.extract_array(warped), ext.extract_array(textured(256, seed=9))
+    same = match_features(fa, fb)
+    assert same["inliers"] >= 40
+    assert match_features(fa, fc)["inliers"] <= 10
+    # inliers agree with the true warp
+    m = same["matches"][same["inlier_mask"]]
+    p = np.c_[fa.locations[m[:, 0]], np.ones(len(m))] @ h.T
+    err = np.linalg.norm(p[:, :2] / p[:, 2:] - fb.locations[m[:, 1]], axis=1)
+    assert np.median(err) < 2.0
+
+
+# -- verify on synthetic competitions ----------------------------------------------------------
+
+
+def _solution(comp: Path) -> dict[str, int | None]:
+    sol = pd.read_csv(comp / "solution.csv", dtype=str, keep_default_na=False)
+    return {i: (int(s.split()[0]) if s.strip() else None) for i, s in zip(sol["id"], sol["landmarks"])}
+
+
+def _preds(comp: Path, n: int = 3, seed: int = 0) -> pd.DataFrame:
+    """Top-n predictions: the true class first for landmark queries (if any), then other classes."""
+    rng = np.random.default_rng(seed)
+    classes = sorted(pd.read_csv(comp / "train.csv")["landmark_id"].unique())
+    rows = []
+    for qid, truth in _solution(comp).items():
+        others = [c for c in rng.permutation(classes) if c != truth]
+        cands = ([truth] if truth is not None else []) + others
+        for r, c in enumerate(cands[:n]):
+            rows.append((qid, int(c), 1.0 - 0.1 * r, r))
+    return pd.DataFrame(rows, columns=["id", "landmark_id", "score", "rank"])
+
+
+def _auc(scores, positive) -> float:
+    from scipy.stats import rankdata
+
+    r = rankdata(scores)
+    p, n = positive.sum(), (~positive).sum()
+    return (r[positive].sum() - p * (p + 1) / 2) / (p * n)
+
+
+@pytest.fixture(scope="module")
+def verified(synth_comp, tmp_path_factory):
+    """One default `verify` run on the session's synthetic competition (cache reused by later tests)."""
+    tmp = tmp_path_factory.mktemp("verify")
+    preds = _preds(synth_comp)
+    write_predictions(preds, tmp / "preds.parquet")
+    cache = tmp / "cache"
+    table = verify(tmp / "preds.parquet", synth_comp, tmp / "inliers.parquet", candidates=3, k=2, cache_dir=cache)
+    return tmp, preds, cache, table
+
+
+def test_verify_separates_same_landmark_from_others(verified, synth_comp):
+    tmp, preds, _, table = verified
+    assert table.equals(read_inliers(tmp / "inliers.parquet"))
+    truth = _solution(synth_comp)
+    n_queries = preds["id"].nunique()
+    assert len(table) == n_queries * 3 * 2  # one row per (query, class, ref)
+    assert list(table.columns) == ["id", "landmark_id", "ref_id", "inliers"]
+    train = pd.read_csv(synth_comp / "train.csv", dtype={"id": str}).set_index("id")["landmark_id"]
+    assert (train[table["ref_id"]].to_numpy() == table["landmark_id"].to_numpy()).all()  # refs are of the class
+    positive = np.array([truth[q] == lid for q, lid in zip(table["id"], table["landmark_id"])])
+    assert positive.sum() > 20 and (~positive).sum() > 20
+    auc = _auc(table["inliers"].to_numpy(), positive)
+    assert auc >= 0.95, auc
+    assert not list(tmp.glob(".inliers.parquet.parts-*"))  # parts removed after a complete run
+
+
+def test_rerun_is_identical_and_resumes_from_parts(verified, synth_comp):
+    tmp, preds, cache, table = verified
+    # simulate an interrupted run: a parts folder holding a finished chunk with a marked count
+    from pipeline.verify import _parts_dir, match_config
+
+    out = tmp / "resume.parquet"
+    parts = _parts_dir(out, make_config("sift"), match_config(seed=0))
+    parts.mkdir()
+    marked = table.iloc[:4].assign(inliers=np.int32(12345))
+    marked.to_parquet(parts / "chunk-old.parquet", index=False)
+    again = verify(preds, synth_comp, out, candidates=3, k=2, cache_dir=cache)
+    assert (again.iloc[:4]["inliers"] == 12345).all()  # done pairs were skipped, not recomputed
+    pd.testing.assert_frame_equal(again.iloc[4:].reset_index(drop=True), table.iloc[4:].reset_index(drop=True))
+    assert not parts.exists()
+
+
+def test_shards_merge_to_the_full_table(verified, synth_comp):
+    tmp, preds, cache, table = verified
+    outs = []
+    for i in range(2):
+        out = tmp / f"shard{i}.parquet"
+        part = verify(preds, synth_comp, out, candidates=3, k=2, cache_dir=cache, shard=f"{i}/2")
+        assert all(stable_shard(q, 2) == i for q in part["id"])
+        outs.append(out)
+    merged = merge(outs, tmp / "merged.parquet")
+    full = table.sort_values(["id", "landmark_id", "ref_id"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(merged, full)
+
+
+def test_missing_or_unreadable_query_gets_zero_and_a_warning(synth_comp, tmp_path):
+    comp = tmp_path / "comp"
+    shutil.copytree(synth_comp, comp)
+    from pipeline.competition import Competition
+
+    c = Competition(comp)
+    truth = _solution(comp)
+    landmark_queries = [q for q, t in truth.items() if t is not None]
+    gone, broken = landmark_queries[:2]
+    c.image_path(gone, "test").unlink()
+    c.image_path(broken, "test").write_bytes(b"\xff\xd8 truncated")
+    preds = _preds(comp)
+    with pytest.warns(UserWarning) as rec:
+        table = verify(preds, comp, tmp_path / "out.parquet", candidates=2, k=2)
+    msgs = " ".join(str(w.message) for w in rec)
+    assert gone in msgs and broken in msgs
+    assert (table[table["id"].isin([gone, broken])]["inliers"] == 0).all()
+    assert len(table[table["id"].isin([gone, broken])]) == 2 * 2 * 2
+    assert table["inliers"].max() > 10  # the others were verified
+    assert (comp / ".glr-features").is_dir()  # default cache location
+
+
+@pytest.mark.slow
+def test_parallel_workers_match_serial(verified, synth_comp, tmp_path):
+    _, preds, _, table = verified
+    par = verify(preds, synth_comp, tmp_path / "par.parquet", candidates=3, k=2, workers=2,
+                 cache_dir=tmp_path / "cache2", chunk_size=10)
+    pd.testing.assert_frame_equal(par, table)
+
+
+def test_plan_refs_first_random_nearest():
+    train = pd.DataFrame({"id": [f"t{i}" for i in range(12)], "landmark_id": [1] * 6 + [2] * 6})
+    preds = pd.DataFrame({"id": ["q1", "q1", "q2"], "landmark_id": [1, 2, 1], "score": [0.9, 0.5, 0.8],
+                          "rank": [0, 1, 0]})
+    first = plan_pairs(preds, train, candidates=2, k=2, refs="first")
+    assert first["ref_id"].tolist() == ["t0", "t1", "t6", "t7", "t0", "t1"]
+    rnd = plan_pairs(preds, train, candidates=2, k=2, refs="random", seed=3)
+    q1c1 = rnd[(rnd["id"] == "q1") & (rnd["landmark_id"] == 1)]["ref_id"].tolist()
+    q2c1 = rnd[(rnd["id"] == "q2") & (rnd["landmark_id"] == 1)]["ref_id"].tolist()
+    assert q1c1 == q2c1  # same references for every query of a class: features are reused
+    assert rnd.equals(plan_pairs(preds, train, candidates=2, k=2, refs="random", seed=3))
+    assert len({tuple(plan_pairs(preds, train, k=2, refs="random", seed=s)["ref_id"]) for s in range(6)}) > 1
+    # nearest: q1 points at t4/t5 (class 1) and t11 (class 2); q2 at t2
+    r_vec = np.eye(12, dtype=np.float32)
+    q_vec = np.zeros((2, 12), np.float32)
+    q_vec[0, [4, 5, 11]] = [1.0, 0.9, 1.0]
+    q_vec[1, 2] = 1.0
+    near = plan_pairs(preds, train, candidates=2, k=2, refs="nearest", embeddings=(["q1", "q2"], q_vec),
+                      ref_embeddings=([f"t{i}" for i in range(12)], r_vec))
+    got = near.groupby(["id", "landmark_id"])["ref_id"].agg(list).to_dict()
+    assert got[("q1", 1)] == ["t4", "t5"] and got[("q1", 2)][0] == "t11" and got[("q2", 1)][0] == "t2"
+    with pytest.raises(Exception, match="--embeddings"):
+        plan_pairs(preds, train, refs="nearest")
+    # a class without training images: warned, not verified
+    with pytest.warns(UserWarning, match="no training images"):
+        p = plan_pairs(preds.assign(landmark_id=[1, 99, 1]), train, candidates=2, k=2)
+    assert 99 not in set(p["landmark_id"])
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def test_cli_verify_merge_features_match(verified, synth_comp, tmp_path):
+    tmp, preds, cache, table = verified
+    runner = CliRunner()
+    out = tmp_path / "cli.parquet"
+    r = runner.invoke(cli, ["verify", str(tmp / "preds.parquet"), "--data-dir", str(synth_comp), "--out", str(out),
+                            "--candidates", "3", "--k", "2", "--cache-dir", str(cache), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["pairs"] == len(table)
+    pd.testing.assert_frame_equal(read_inliers(out), table)
+    r = runner.invoke(cli, ["merge", str(out), str(out), "--out", str(tmp_path / "m.parquet")])
+    assert r.exit_code == 0, r.output
+    assert len(read_inliers(tmp_path / "m.parquet")) == len(table)
+    r = runner.invoke(cli, ["features", str(synth_comp), "--split", "train", "--cache-dir", str(cache), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["images"] == len(pd.read_csv(synth_comp / "train.csv"))
+    a = save(tmp_path / "a.png", textured(128, 4))
+    b = save(tmp_path / "b.png", np.ascontiguousarray(textured(128, 4)[:, ::-1][:, ::-1]))
+    r = runner.invoke(cli, ["match", str(a), str(b), "--plot", str(tmp_path / "m.png"), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["inliers"] >= 20 and (tmp_path / "m.png").stat().st_size > 1000
+    r = runner.invoke(cli, ["match", str(a), str(tmp_path / "nope.jpg")])
+    assert r.exit_code != 0 and "nope.jpg" in str(r.exception or r.output)
+    r = runner.invoke(cli, ["verify", str(tmp / "preds.parquet"), "--data-dir", str(synth_comp), "--out",
+                            str(out), "--shard", "2/2"])
+    assert r.exit_code != 0
