@@ -482,6 +482,166 @@ def evaluate_command(preds: str, solution: str, usage: str, as_json: bool) -> No
 
 # === section: verification (issue 5: features, verify, merge, match) ===
 
+def _extractor_options(f):
+    """--extractor and the settings that change features (they key the feature cache)."""
+    for opt in reversed([
+        click.option("--extractor", type=click.Choice(["sift", "orb", "delf"]), default="sift", show_default=True,
+                     help="Local features: sift (RootSIFT, offline), orb (fast), delf (TF-Hub module)."),
+        click.option("--max-side", type=click.IntRange(min=16), default=None,
+                     help="Working image size, longest side in pixels [default: 512; delf 512]."),
+        click.option("--n-features", type=click.IntRange(min=1), default=None,
+                     help="At most this many keypoints per image (sift/orb) [default: 1000]."),
+        click.option("--delf-handle", default=None,
+                     help="DELF TF-Hub handle: URL or local SavedModel folder [default: https://tfhub.dev/google/delf/1]."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _match_options(f):
+    """Matching and RANSAC settings (defaults chosen on real photos, see benchmarks/RESULTS.md)."""
+    for opt in reversed([
+        click.option("--ratio", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="Lowe's ratio test for sift/orb [default: 0.85]."),
+        click.option("--mutual/--no-mutual", default=None, help="Keep only mutual nearest neighbours [default: on]."),
+        click.option("--model", type=click.Choice(["affine", "homography", "fundamental"]), default=None,
+                     help="Geometric model checked by RANSAC [default: affine]."),
+        click.option("--method", type=click.Choice(["ransac", "magsac"]), default=None,
+                     help="OpenCV RANSAC or USAC_MAGSAC [default: ransac]."),
+        click.option("--threshold", type=click.FloatRange(0, min_open=True), default=None,
+                     help="Reprojection threshold in working-image pixels [default: 12]."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="RANSAC seed (and --refs random): same inputs, same counts."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@cli.command("features")
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@_extractor_options
+@click.option("--shard", default=None, help="Only shard i of n (i/n, by crc32 of the image id).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Feature cache [default: DATA_DIR/.glr-features].")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes.")
+@quiet_option
+@json_option
+def features_cmd(data_dir: str, split: str, as_json: bool, **options) -> None:
+    """Extract local features of a split into the cache ahead of `glr verify` (resumable).
+
+    Each image is extracted once per extractor configuration; cached images are skipped.
+
+    \b
+    Example:
+      glr features data --split train --extractor sift --shard 0/4 --workers 2
+    """
+    from pipeline.featcache import extract_features
+
+    _warnings_to_stderr()
+    res = extract_features(data_dir, split, **options)
+    if as_json:
+        echo_json(res)
+    else:
+        click.echo(f"{res['split']}: {res['extracted']} extracted, {res['already_cached']} already cached, "
+                   f"{res['unreadable']} unreadable, of {res['images']} images → {res['cache']}")
+
+
+@cli.command("verify")
+@click.argument("preds", type=click.Path(dir_okay=False))
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="Competition directory.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Inliers table to write (Parquet).")
+@_extractor_options
+@click.option("--candidates", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Verify each query's top-N predicted classes.")
+@click.option("--k", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Reference training images per class.")
+@click.option("--refs", type=click.Choice(["first", "random", "nearest"]), default="random", show_default=True,
+              help="Which references: first in train.csv, seeded random, or nearest by global embeddings.")
+@click.option("--embeddings", type=click.Path(dir_okay=False), default=None,
+              help="Query embeddings (glr predict --split test --embeddings) for --refs nearest.")
+@click.option("--ref-embeddings", type=click.Path(dir_okay=False), default=None,
+              help="Training-image embeddings (glr predict --split train --embeddings) for --refs nearest.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes.")
+@click.option("--shard", default=None, help="Only queries of shard i of n (i/n, crc32 of the id); join with glr merge.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Feature cache [default: DATA_DIR/.glr-features].")
+@_match_options
+@quiet_option
+@json_option
+def verify_cmd(preds: str, as_json: bool, **options) -> None:
+    """Count RANSAC inliers between each query and K reference images of its top candidate classes.
+
+    Writes one row per (query, class, reference). Features are extracted once per image
+    (cached); an interrupted run resumes where it stopped; a missing query image gets 0
+    inliers and a warning.
+
+    \b
+    Example:
+      glr verify preds.parquet --data-dir data --out inliers.parquet --candidates 3 --k 3 --workers 2
+      glr verify preds.parquet --data-dir data --out part0.parquet --shard 0/2
+      glr merge part0.parquet part1.parquet --out inliers.parquet
+    """
+    import time
+
+    from pipeline.verify import verify
+
+    _warnings_to_stderr()
+    t0 = time.perf_counter()
+    table = verify(preds, options.pop("data_dir"), options.pop("out"), **options)
+    info = {"pairs": len(table), "queries": int(table["id"].nunique()),
+            "median_inliers": float(table["inliers"].median()) if len(table) else 0.0,
+            "seconds": round(time.perf_counter() - t0, 2)}
+    if as_json:
+        echo_json(info)
+    else:
+        click.echo(f"{info['pairs']} pairs of {info['queries']} queries verified in {info['seconds']} s "
+                   f"(median {info['median_inliers']:g} inliers)")
+
+
+@cli.command("merge")
+@click.argument("parts", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Joined inliers table.")
+def merge_cmd(parts: tuple[str, ...], out: str) -> None:
+    """Join the inliers tables of `glr verify --shard` runs into one.
+
+    \b
+    Example:
+      glr merge part0.parquet part1.parquet --out inliers.parquet
+    """
+    from pipeline.verify import merge
+
+    table = merge(list(parts), out)
+    click.echo(f"{out}: {len(table)} rows from {len(parts)} table(s)")
+
+
+@cli.command("match")
+@click.argument("img_a", type=click.Path(dir_okay=False))
+@click.argument("img_b", type=click.Path(dir_okay=False))
+@_extractor_options
+@_match_options
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG of both images with the inlier matches drawn.")
+@json_option
+def match_cmd(img_a: str, img_b: str, as_json: bool, **options) -> None:
+    """Match one pair of images and print its RANSAC inlier count (debugging verification).
+
+    \b
+    Example:
+      glr match query.jpg ref.jpg --plot pair.png
+      glr match query.jpg ref.jpg --extractor orb --json
+    """
+    from pipeline.verify import match_pair
+
+    res = match_pair(img_a, img_b, **options)
+    if as_json:
+        echo_json(res)
+    else:
+        click.echo(f"{res['inliers']} inliers of {res['tentative_matches']} tentative matches "
+                   f"({res['keypoints_a']} / {res['keypoints_b']} keypoints; {res['match_ms']} ms matching)"
+                   + (f"; plot: {res['plot']}" if res.get("plot") else ""))
+
+
 # === end section: verification ===
 
 # === section: tuning (issue 6: tune, rescore, write-submission) ===
