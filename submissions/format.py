@@ -103,14 +103,15 @@ def _read_csv(path: str | os.PathLike, header: list[str]) -> _Csv:
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e})") from None
     n = table.num_rows
-    # the reader reports physical line numbers (header = line 1) even with skip_rows
-    skipped = np.array(sorted(int(r.number) for r in bad), dtype=np.int64)
+    # the reader reports physical line numbers (header = line 1) even with skip_rows; 0 = unknown
+    at = [int(r.number) if r.number is not None and r.number > 0 else 0 for r in bad]
+    skipped = np.array(sorted(line for line in at if line), dtype=np.int64)
     lines = np.arange(2, 2 + n + len(skipped), dtype=np.int64)
     if len(skipped):
         lines = np.setdiff1d(lines, skipped, assume_unique=True)
     problems = [
-        (int(r.number), f"expected {r.expected_columns} fields ({','.join(header)}), found {r.actual_columns}")
-        for r in bad
+        (line, f"expected {r.expected_columns} fields ({','.join(header)}), found {r.actual_columns}")
+        for line, r in zip(at, bad)
     ]
     columns = {c: table.column(c) for c in header}  # ChunkedArrays: combining them would copy
     return _Csv(path, header, columns, lines[:n], problems)
