@@ -16,7 +16,6 @@ Pure pandas/numpy: no TensorFlow here.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

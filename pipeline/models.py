@@ -36,6 +36,7 @@ def quiet_tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
+    tf.get_logger().setLevel("ERROR")  # e.g. retracing notices when predict runs several times
     return tf
 
 

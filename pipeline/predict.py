@@ -118,12 +118,15 @@ def predict(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, split: s
     ds = path_dataset(paths, size, batch_size=batch_size)
     n_batches = -(-len(ids) // batch_size)
     for x, ok in progress(ds, total=n_batches, desc=f"predict {split}"):
+        n = int(x.shape[0])
+        if n < batch_size:  # pad the last batch: one traced shape, no retracing
+            x = tf.concat([x, tf.zeros((batch_size - n, *x.shape[1:]), x.dtype)], axis=0)
         res = infer(x)
         if not isinstance(res, (list, tuple)):
             res = [res]
-        probs.append(np.asarray(res[0], dtype=np.float32))
+        probs.append(np.asarray(res[0], dtype=np.float32)[:n])
         if embeddings:
-            embs.append(np.asarray(res[1], dtype=np.float32))
+            embs.append(np.asarray(res[1], dtype=np.float32)[:n])
         oks.append(ok.numpy())
     secs = time.perf_counter() - t0
     n_out = int(model.output.shape[-1])

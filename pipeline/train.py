@@ -35,7 +35,8 @@ from submissions.errors import UserError
 from submissions.files import atomic_path, atomic_write_text
 
 # options that may differ on --resume (everything else must match the interrupted run)
-RESUMABLE_CHANGES = {"epochs", "fine_tune_epochs", "patience", "resume", "batch_size"}
+# (data_dir may move: the rows used are fixed by split.csv in the run directory)
+RESUMABLE_CHANGES = {"epochs", "fine_tune_epochs", "patience", "resume", "batch_size", "data_dir", "out"}
 
 
 def _dump(obj) -> str:
@@ -275,7 +276,7 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
     monitor = "val_loss" if has_val else "loss"
 
     # -- model -------------------------------------------------------------------------------
-    tf = M.quiet_tf()
+    M.quiet_tf()
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -348,8 +349,8 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
             cb = _make_callback(run, state, "head", model, monitor=monitor, patience=max(1, cfg["patience"]),
                                 n_images=len(tr_idx), last=head_last, best=head_best)
             if state["epoch"] < ep_target and not state["stopped_early"]:
-                model.fit(ds, validation_data=vds, epochs=ep_target, initial_epoch=state["epoch"], verbose=0, shuffle=False,
-                          callbacks=[cb])
+                model.fit(ds, validation_data=vds, epochs=ep_target, initial_epoch=state["epoch"], verbose=0,
+                          shuffle=False, callbacks=[cb])
             if head_best.exists():
                 model.load_weights(head_best)
         state.update(phase="fine_tune", epoch=0, wait=0, stopped_early=False)
