@@ -239,7 +239,10 @@ def test_kill_minus_9_mid_stage_then_rerun_redoes_no_finished_stage(tmp_path):
         if running and stages.get("localval", {}).get("status") == "done":
             time.sleep(1.5)  # well inside the stage
             killed_in = running[0]
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # finished meanwhile
+                killed_in = None
             break
         time.sleep(0.2)
     proc.wait(timeout=30)
