@@ -336,6 +336,7 @@ def _fast_submission(path: Path) -> pd.DataFrame | None:
             convert_options=pcsv.ConvertOptions(
                 column_types={"id": pa.string(), "landmark_id": pa.int64(), "confidence": pa.float64()},
                 strings_can_be_null=False,
+                null_values=[""],  # only an empty cell is "no value" ("NA", "null" are errors)
             ),
         )
     except (pa.ArrowInvalid, pa.ArrowTypeError):
