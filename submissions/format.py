@@ -39,7 +39,12 @@ ALL_USAGE = "All"  # a solution without a Usage column: the row counts as Public
 _FLOAT = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _CANONICAL_PAIR = rf"^\d{{1,18}} {_FLOAT}$"  # what write_submission writes; the fast path
 _SHOWN = 10  # problems shown in a check_submission error
-_ID = re.compile(r"\d{1,18}")
+_INT64_MAX = 2**63 - 1
+
+
+def _is_landmark_id(token: str) -> bool:
+    """Digits only, fitting int64 (leading zeros allowed) — the same rule as the fast readers'."""
+    return token.isascii() and token.isdigit() and int(token) <= _INT64_MAX
 
 
 # ------------------------------------------------------------------------------ CSV reading
@@ -141,7 +146,7 @@ def _diagnose_pair(text: str) -> tuple[int | None, float | None, str | None]:
     if len(tokens) != 2:
         return None, None, f"cannot parse landmarks {_short(text)}: expected '<landmark_id> <confidence>' or empty"
     lid, conf = tokens
-    if not re.fullmatch(r"\d{1,18}", lid):
+    if not _is_landmark_id(lid):
         return None, None, f"landmark id {_short(lid)} is not a non-negative integer"
     try:
         value = float(conf)
@@ -594,7 +599,7 @@ def read_solution(path: str | os.PathLike) -> pd.DataFrame:
         parsed = []
         for r, text in zip(others.tolist(), _array(cells).take(pa.array(others)).to_pylist()):
             tokens = text.split()
-            if all(_ID.fullmatch(t) for t in tokens):
+            if all(_is_landmark_id(t) for t in tokens):
                 parsed.append(tuple(int(t) for t in tokens))
             else:
                 parsed.append(())

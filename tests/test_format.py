@@ -240,7 +240,8 @@ def test_submission_from_predictions_and_align(tmp_path):
 
 CELLS = ["1 0.5", "2 0.25", "", "7 1e-5", "8 3", "+5 0.5", "-0 0.5", "5 +0.5", "5 -0.0", "5 nan", "5 inf",
          "5  0.5", " 5 0.5", "5 0.5 ", "5\t0.5", "1.0 0.5", "5 .5", "5 5.", "005 0.5", "x", "5 1e400", "99999999999999999999 1",
-         "NA NA", "null 0.5", "5 NA", "NaN NaN", "N/A"]
+         "NA NA", "null 0.5", "5 NA", "NaN NaN", "N/A", "0000000000000000000005 0.5", "9223372036854775807 1",
+         "9223372036854775808 1", "١ 0.5"]
 
 
 @settings(max_examples=300, derandomize=True, deadline=None)
