@@ -109,6 +109,9 @@ def gap_command(submission: str, solution: str, usage: str, bootstrap: int, seed
     from submissions.metric import gap_report
 
     report = gap_report(submission, solution, usage=usage, bootstrap=bootstrap, seed=seed, compare=compare)
+    if report["n_predicted"] == 0 and report["n_ignored_predictions"] > 0:
+        click.echo(f"Warning: none of the {report['n_ignored_predictions']} predictions is on a scored id of "
+                   f"{solution} (usage {report['usage']}): wrong solution file?", err=True)
     if as_json:
         echo_json(report)
         return

@@ -108,3 +108,14 @@ def test_errors_are_one_line_without_traceback(files, case, expected):
     assert expected in proc.stderr
     if case != "bad_usage":  # click's usage errors print a usage line too
         assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("Error: ")
+
+
+def test_warns_when_no_prediction_is_on_a_scored_id(files, tmp_path):
+    other = tmp_path / "other_solution.csv"
+    other.write_text("id,landmarks,Usage\nx,1,Public\ny,,Private\n")
+    result = CliRunner().invoke(cli, ["gap", str(files["sub.csv"]), str(other), "--json"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["gap"] == 0.0
+    assert "Warning: none of the 5 predictions is on a scored id" in result.stderr
+    quiet = CliRunner().invoke(cli, ["gap", str(files["sub.csv"]), str(files["solution.csv"])])
+    assert "Warning" not in quiet.stderr
