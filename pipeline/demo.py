@@ -44,6 +44,9 @@ seed = {seed}
 backbone = "vgg16"
 
 [[models]]
+backbone = "vgg19"
+
+[[models]]
 backbone = "resnet50"
 
 [predict]
