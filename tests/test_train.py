@@ -128,3 +128,24 @@ def test_kill_9_then_resume_continues_from_the_last_epoch(tiny_comp, tmp_path):
     # every epoch exactly once: not restarted from scratch, nothing repeated
     assert epochs == [("head", 1), ("head", 2)] + [("fine_tune", e) for e in range(1, done + 2)]
     assert (out / "model.keras").exists()
+
+
+@pytest.mark.slow
+def test_head_on_augmented_images_without_bottleneck(tiny_comp, tmp_path):
+    """--no-bottleneck: the head phase trains the full model (frozen base) on augmented images."""
+    import numpy as np
+
+    from pipeline.models import find_base, load_model
+    from pipeline.train import train
+
+    m = train(tiny_comp, out=tmp_path / "r", epochs=1, fine_tune_epochs=0, bottleneck=False,
+              **{**TINY, "backbone": "resnet50"})
+    assert [(h["phase"], h["epoch"]) for h in m["history"]] == [("head", 1)]
+    assert not (tmp_path / "r" / "cache" / "features_train.npy").exists()
+    init = load_model(tmp_path / "r" / "checkpoints" / "init.keras")
+    final = load_model(tmp_path / "r" / "model.keras")
+    # the base stayed frozen, the head learned
+    for a, b in zip(find_base(init).get_weights(), find_base(final).get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(init.get_layer("predictions").get_weights()[0],
+                              final.get_layer("predictions").get_weights()[0])
