@@ -25,6 +25,24 @@ from submissions.files import atomic_path, atomic_write_text
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,120}$")
 
 
+def _to_disk(desc: np.ndarray) -> np.ndarray:
+    """float32 descriptors are stored as float16: half the disk, no loss that matters for matching."""
+    return desc.astype(np.float16) if desc.dtype == np.float32 else desc
+
+
+def _from_disk(desc: np.ndarray) -> np.ndarray:
+    """float16 → float32; unit-norm descriptors (RootSIFT, DELF) are renormalised to exactly unit norm,
+    which lets matching skip the norm terms (see pipeline.verify.match_descriptors)."""
+    if desc.dtype != np.float16:
+        return desc
+    out = desc.astype(np.float32)
+    if len(out):
+        norms = np.sqrt(np.einsum("ij,ij->i", out, out))
+        if np.abs(norms - 1).max() < 5e-3:
+            out /= norms[:, None]
+    return out
+
+
 def default_cache_dir(data_dir: str | os.PathLike) -> Path:
     return Path(data_dir) / ".glr-features"
 
@@ -69,7 +87,7 @@ class FeatureCache:
             with np.load(path, allow_pickle=False) as z:
                 desc = z["descriptors"]
                 feats = Features(
-                    z["locations"].astype(np.float32), desc.astype(np.float32) if desc.dtype == np.float16 else desc,
+                    z["locations"].astype(np.float32), _from_disk(desc),
                     z["scales"].astype(np.float32), z["scores"].astype(np.float32), float(z["work_scale"]),
                 )
         except FileNotFoundError:
@@ -89,9 +107,7 @@ class FeatureCache:
         if not (self.base / "config.json").exists():
             self.base.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.base / "config.json", json.dumps(self.config.relevant(), indent=1, default=list))
-        desc = feats.descriptors
-        if desc.dtype == np.float32:
-            desc = desc.astype(np.float16)  # half the disk; RootSIFT/DELF lose nothing that matters
+        desc = _to_disk(feats.descriptors)
         with atomic_path(path, suffix=".npz") as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, locations=feats.locations.astype(np.float32), descriptors=desc,
@@ -103,9 +119,7 @@ class FeatureCache:
     @staticmethod
     def get_stored_form(feats: Features) -> Features:
         """What `get` will return for `feats` (descriptors round-tripped through float16)."""
-        if feats.descriptors.dtype == np.float32:
-            return feats._replace(descriptors=feats.descriptors.astype(np.float16).astype(np.float32))
-        return feats
+        return feats._replace(descriptors=_from_disk(_to_disk(feats.descriptors)))
 
     def contains(self, image_id: str) -> bool:
         return str(image_id) in self._lru or self.path(image_id).exists()

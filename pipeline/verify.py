@@ -46,8 +46,8 @@ class MatchConfig:
     model: str = "affine"  # affine | homography | fundamental
     method: str = "ransac"  # ransac | magsac (OpenCV USAC_MAGSAC)
     threshold: float = 12.0  # reprojection threshold in working-image pixels
-    max_iters: int = 10000
-    confidence: float = 0.9999  # high, so adaptive termination does not cut inlier counts short
+    max_iters: int = 2000  # real photos: same AUC as 10000 (total inliers -0.4%), 5x cheaper on negatives
+    confidence: float = 0.9999  # high, so adaptive termination does not stop at a weaker model
     seed: int = 0
 
     def __post_init__(self):
@@ -88,21 +88,27 @@ def match_descriptors(da: np.ndarray, db: np.ndarray, *, ratio: float | None = 0
         return _match_hamming(da, db, ratio=ratio, mutual=mutual, max_distance=max_distance)
     da = np.asarray(da, np.float32)
     db = np.asarray(db, np.float32)
-    nb = np.einsum("ij,ij->i", db, db)
-    # score = −(‖b‖² − 2a·b) = −(d² − ‖a‖²): the row constant ‖a‖² does not change the order
-    scores = da @ (2 * db.T)
-    scores -= nb[None, :]
-    best, v1, v2 = _top2(scores)
     na = np.einsum("ij,ij->i", da, da)
-    d1 = np.maximum(na - v1, 0)  # squared distances
-    d2 = np.maximum(na - v2, 0)
+    nb = np.einsum("ij,ij->i", db, db)
+    scores = da @ db.T  # the one O(n·m·d) step: BLAS sgemm
+    if np.abs(nb - 1).max() < 1e-5:  # unit descriptors (RootSIFT, DELF): d² = ‖a‖² + 1 − 2a·b
+        best, v1, v2 = _top2(scores)
+        d1, d2 = na + 1 - 2 * v1, na + 1 - 2 * v2
+        col_best = scores.max(axis=0) if mutual else None
+    else:
+        # score = a·b − ‖b‖²/2 = (‖a‖² − d²)/2: the row constant ‖a‖² does not change the order
+        scores -= 0.5 * nb[None, :]
+        best, v1, v2 = _top2(scores)
+        d1, d2 = na - 2 * v1, na - 2 * v2
+        col_best = scores.max(axis=0) if mutual else None
+    d1, d2 = np.maximum(d1, 0), np.maximum(d2, 0)  # squared distances
     keep = np.ones(len(da), bool)
     if max_distance is not None:
         keep &= d1 < max_distance**2
     if ratio is not None and ratio < 1:
         keep &= d1 < (ratio**2) * d2
-    if mutual:
-        keep &= scores.argmax(axis=0)[best] == np.arange(len(da))
+    if mutual:  # a's best b has a as its best too (column maxima: contiguous, SIMD-friendly)
+        keep &= v1 >= col_best[best]
     idx = np.flatnonzero(keep)
     return np.stack([idx, best[idx]], axis=1)
 
