@@ -311,6 +311,8 @@ def plan_pairs(preds: pd.DataFrame, train: pd.DataFrame, *, candidates: int = 3,
                 sel = fixed(lid)
         else:
             sel = fixed(lid)
+        if qid in sel:  # a query that is itself a training image (own validation split) is no reference
+            sel = [i for i in sel if i != qid] + [i for i in members[lid] if i != qid and i not in sel][:1]
         out_id += [qid] * len(sel)
         out_lid += [lid] * len(sel)
         out_ref += sel

@@ -272,6 +272,9 @@ def test_plan_refs_first_random_nearest():
                       ref_embeddings=([f"t{i}" for i in range(12)], r_vec))
     got = near.groupby(["id", "landmark_id"])["ref_id"].agg(list).to_dict()
     assert got[("q1", 1)] == ["t4", "t5"] and got[("q1", 2)][0] == "t11" and got[("q2", 1)][0] == "t2"
+    # a query that is itself a training image never serves as its own reference
+    own = plan_pairs(preds.assign(id=["t0", "t0", "q2"]), train, candidates=1, k=2, refs="first")
+    assert own[own["id"] == "t0"]["ref_id"].tolist() == ["t1", "t2"]
     with pytest.raises(Exception, match="--embeddings"):
         plan_pairs(preds, train, refs="nearest")
     # a class without training images: warned, not verified
