@@ -238,8 +238,8 @@ def load_config(path: str | os.PathLike) -> dict:
         raise UserError(f"{path}: {e}") from None
 
 
-def check_kwargs(section: str, func, extra: dict) -> None:
-    """Raise UserError when a pass-through key of `[section]` is not a keyword of `func`."""
+def check_kwargs(where: str, func, extra: dict) -> None:
+    """Raise UserError when a pass-through key (of `where`, e.g. "[verify]") is not a keyword of `func`."""
     import inspect
 
     try:
@@ -251,7 +251,7 @@ def check_kwargs(section: str, func, extra: dict) -> None:
     for key in extra:
         if key not in params:
             known = [p for p in params if params[p].kind is params[p].KEYWORD_ONLY]
-            raise UserError(f"[{section}] {key}: unknown key; {func.__module__}.{func.__name__} takes "
+            raise UserError(f"{where} {key}: unknown key; {func.__module__}.{func.__name__} takes "
                             f"{', '.join(known) or 'no options'}")
 
 

@@ -254,7 +254,12 @@ def execute(stages: list[Stage], run_dir: str | os.PathLike, cfg: dict | None = 
                                    "config_hash": config_hash, "inputs": inputs}
             _write_manifest(run_dir, manifest)
             t0 = time.perf_counter()
-            metrics = stage.action(ctx) or {}
+            try:
+                metrics = stage.action(ctx) or {}
+            except MissingStage:
+                raise
+            except UserError as e:  # say which stage, keep the one-line message
+                raise UserError(f"stage {stage.name}: {e}") from None
             seconds = time.perf_counter() - t0
             missing = [o for o in stage.outputs if not (run_dir / o).exists()]
             if missing:
@@ -336,7 +341,7 @@ def _call(func, section: str, fixed: dict, options: dict):
 
     params = inspect.signature(func).parameters
     extra = {k: v for k, v in options.items() if k not in DEFAULTS.get(section, {})}
-    check_kwargs(section, func, extra)
+    check_kwargs(f"[{section}]", func, extra)
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in options.items() if (takes_any or k in params) and k not in fixed}
     return func(**fixed, **kwargs)
@@ -369,6 +374,27 @@ def missing_implementations(stages: list[Stage]) -> dict[str, str]:
             except MissingStage as e:
                 out.setdefault(kind, str(e))
     return out
+
+
+PASS_THROUGH_FUNCS = {"train": ("pipeline.train", "train"), "predict": ("pipeline.predict", "predict"),
+                      "ensemble": ("pipeline.ensemble", "ensemble"), "verify": ("pipeline.verify", "verify"),
+                      "tune": ("tuning.search", "tune")}
+
+
+def check_options(cfg: dict, missing: dict | None = None) -> None:
+    """Before anything runs: every extra key of a stage section must be a keyword of its function."""
+    from pipeline.config import DEFAULTS, check_kwargs
+
+    for section, (module, name) in PASS_THROUGH_FUNCS.items():
+        if missing and section in missing:
+            continue
+        func = _fn(module, name, section)
+        extra = {k: v for k, v in cfg[section].items() if k not in DEFAULTS[section]}
+        check_kwargs(f"[{section}]", func, extra)
+        if section == "train":
+            for i, m in enumerate(cfg["models"], 1):
+                extra = {k: v for k, v in m.items() if k not in DEFAULTS["train"] and k not in ("name", "backbone")}
+                check_kwargs(f"[[models]] #{i}", func, extra)
 
 
 def run_dir_of(cfg: dict) -> Path:
@@ -635,6 +661,7 @@ def run(config: str | os.PathLike | dict, *, from_stage: str | None = None, only
     cfg = load_config(config) if not isinstance(config, dict) else validate(config)
     stages = plan(cfg)
     missing = missing_implementations(stages)
+    check_options(cfg, missing)
     if not missing or dry_run:
         return execute(stages, run_dir_of(cfg), cfg, from_stage=from_stage, only=only, dry_run=dry_run, echo=echo)
     # run what can run (its work is kept), then say exactly what is missing

@@ -278,3 +278,24 @@ def test_kill_minus_9_mid_stage_then_rerun_redoes_no_finished_stage(tmp_path):
     final = json.loads(manifest_path.read_text())["stages"]
     redone = sorted(s for s in final if final[s]["runs"] > after[s]["runs"])
     assert "tune" in redone and set(redone) <= {"tune", "rescore", "submission", "report"}, redone
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("[verify]\nbogus = 1\n", r"\[verify\] bogus: unknown key; pipeline.verify.verify takes"),
+    ('[[models]]\nbackbone = "vgg16"\nfine_tune_layerz = 3\n', r"\[\[models\]\] #1 fine_tune_layerz: unknown key"),
+])
+def test_unknown_stage_option_fails_before_any_stage_runs(tmp_path, extra, message):
+    from pipeline.runner import run
+
+    (tmp_path / "glr.toml").write_text(f'[run]\nroot = "."\n[data]\ndata_dir = "nowhere"\n{extra}')
+    with pytest.raises(UserError, match=message):
+        run(tmp_path / "glr.toml", echo=lambda s: None)
+    assert not (tmp_path / "glr").exists()
+
+
+def test_stage_error_names_the_stage(tmp_path):
+    from pipeline.runner import run
+
+    (tmp_path / "glr.toml").write_text('[run]\nroot = "."\n[data]\ndata_dir = "nowhere"\n')
+    with pytest.raises(UserError, match=r"^stage data: .*nowhere: not a directory"):
+        run(tmp_path / "glr.toml", echo=lambda s: None)
