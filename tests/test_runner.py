@@ -299,3 +299,41 @@ def test_stage_error_names_the_stage(tmp_path):
     (tmp_path / "glr.toml").write_text('[run]\nroot = "."\n[data]\ndata_dir = "nowhere"\n')
     with pytest.raises(UserError, match=r"^stage data: .*nowhere: not a directory"):
         run(tmp_path / "glr.toml", echo=lambda s: None)
+
+
+def test_cli_config_example_dry_run_and_errors(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    runner = CliRunner()
+    res = runner.invoke(cli, ["config-example"])
+    assert res.exit_code == 0 and tomllib.loads(res.output)["verify"]["extractor"] == "sift"
+    (tmp_path / "glr.toml").write_text(res.output.replace('root = "runs"', 'root = "."'))
+    res = runner.invoke(cli, ["run", str(tmp_path / "glr.toml"), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    for stage in ("data", "localval", "train:vgg16", "train:vgg19", "train:resnet50", "predict:resnet50",
+                  "ensemble", "verify:val", "verify:test", "tune", "rescore", "submission", "report"):
+        assert f"  {stage} " in res.output, stage
+    assert not (tmp_path / "glr" / "manifest.json").exists()  # a dry run writes nothing
+    res = runner.invoke(cli, ["run", str(tmp_path / "missing.toml")])
+    assert res.exit_code != 0 and "no such config file" in str(res.exception)
+
+
+def test_missing_stage_runs_what_it_can_then_names_what_is_missing(tmp_path, monkeypatch):
+    import pipeline.runner as runner_module
+    from pipeline.runner import MissingStage, run
+
+    from test_localval import tiny_competition
+
+    tiny_competition(tmp_path / "comp")
+    monkeypatch.setitem(runner_module.IMPLEMENTATIONS, "train", [("pipeline.not_written_yet", "train")])
+    (tmp_path / "glr.toml").write_text('[run]\nroot = "."\n[data]\ndata_dir = "comp"\n')
+    lines = []
+    with pytest.raises(MissingStage, match=r"stage train needs pipeline.not_written_yet.train, but "
+                                           r"pipeline.not_written_yet is not installed"):
+        run(tmp_path / "glr.toml", echo=lines.append)
+    stages = read_manifest(tmp_path / "glr")["stages"]
+    assert stages["data"]["status"] == "done" and stages["localval"]["status"] == "done"
+    assert "train:vgg16" not in stages
+    assert any(l.startswith("warning: stopping before stage train:vgg16") for l in lines)
