@@ -773,7 +773,10 @@ def write_submission_command(preds: str, data_dir: str, out: str, as_json: bool)
 @click.option("--dry-run", is_flag=True, help="Print the plan (run/skip and why) and run nothing.")
 @quiet_option
 def run_cmd(config: str, from_stage: str | None, only: str | None, dry_run: bool) -> None:
-    """Run the whole pipeline of a TOML config, skipping stages whose inputs and config are unchanged.
+    """Run the pipeline of a TOML config; unchanged stages are skipped.
+
+    Each stage is skipped when its config slice and input artefacts are unchanged since it wrote
+    its output (fingerprints in <run>/manifest.json).
 
     Stages: data → localval → train:<model>… → predict:<model>… → ensemble → verify:val/test →
     tune → rescore → submission → [upload] → report. Artefacts and manifest.json go to
@@ -795,7 +798,7 @@ def run_cmd(config: str, from_stage: str | None, only: str | None, dry_run: bool
 
 @cli.command("config-example")
 def config_example_cmd() -> None:
-    """Print a commented `glr run` config with every key and its default.
+    """Print a commented `glr run` config (every key, its default).
 
     \b
     Example:
@@ -812,7 +815,9 @@ def config_example_cmd() -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed of the synthetic competition and the run.")
 @quiet_option
 def demo_cmd(out: str, seed: int) -> None:
-    """Synthetic mini-competition + the whole pipeline on a small built-in config (a few minutes).
+    """Synthetic competition + the whole pipeline on it (about 1–2 min).
+
+    A small built-in config (demo/glr.toml) runs every real stage on a synthetic competition.
 
     Prints each model's GAP, the ensemble's, the ensemble after rescoring (tuning and held-out
     parts), time per stage, and the paths of the submission and the report.
