@@ -134,8 +134,9 @@ def _summary_section(run_dir: Path, manifest: dict) -> str:
     for name in manifest.get("plan", []):
         rec = stages.get(name, {})
         sec = rec.get("seconds")
-        out.append(f"<tr><td>{html.escape(name)}</td><td>{'–' if sec is None else f'{sec:.1f}'}</td>"
-                   f"<td>{html.escape(str(rec.get('finished', rec.get('status', 'not run'))))}</td></tr>")
+        when = rec.get("finished") or ("this page" if name == "report" else rec.get("status", "not run"))
+        out.append(f"<tr><td>{html.escape(name)}</td><td>{'–' if sec is None or name == 'report' else f'{sec:.1f}'}"
+                   f"</td><td>{html.escape(str(when))}</td></tr>")
     out.append("</table>")
     sub = stages.get("submission", {}).get("metrics", {}).get("path")
     out.append(f"<p>Submission: <code>{html.escape(str(sub or '–'))}</code><br>"
