@@ -312,3 +312,32 @@ def test_cli_verify_merge_features_match(verified, synth_comp, tmp_path):
     r = runner.invoke(cli, ["verify", str(tmp / "preds.parquet"), "--data-dir", str(synth_comp), "--out",
                             str(out), "--shard", "2/2"])
     assert r.exit_code != 0
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_resumes_to_the_same_table(synth_comp, tmp_path):
+    import os
+    import signal
+    import time
+
+    preds = _preds(synth_comp, n=6)
+    write_predictions(preds, tmp_path / "preds.parquet")
+    glr = str(Path(sys.executable).with_name("glr"))
+    args = [glr, "verify", str(tmp_path / "preds.parquet"), "--data-dir", str(synth_comp), "--candidates", "6",
+            "--k", "8", "--cache-dir", str(tmp_path / "cache"), "-q"]
+    clean = tmp_path / "clean.parquet"
+    subprocess.run(args + ["--out", str(clean)], check=True, capture_output=True)
+    out = tmp_path / "killed.parquet"
+    proc = subprocess.Popen(args + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(tmp_path.glob(".killed.parquet.parts-*/chunk-*.parquet"))) >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not out.exists()  # really interrupted mid-run
+    done_before = len(list(tmp_path.glob(".killed.parquet.parts-*/chunk-*.parquet")))
+    assert done_before >= 2
+    subprocess.run(args + ["--out", str(out)], check=True, capture_output=True)
+    pd.testing.assert_frame_equal(read_inliers(out), read_inliers(clean))
