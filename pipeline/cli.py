@@ -491,7 +491,7 @@ def _extractor_options(f):
         click.option("--extractor", type=click.Choice(["sift", "orb", "delf"]), default="sift", show_default=True,
                      help="Local features: sift (RootSIFT, offline), orb (fast), delf (TF-Hub module)."),
         click.option("--max-side", type=click.IntRange(min=16), default=None,
-                     help="Working image size, longest side in pixels [default: 512; delf 512]."),
+                     help="Working image size, longest side in pixels [default: 512]."),
         click.option("--n-features", type=click.IntRange(min=1), default=None,
                      help="At most this many keypoints per image (sift/orb) [default: 1000]."),
         click.option("--delf-handle", default=None,
