@@ -401,16 +401,16 @@ def verify(preds: str | os.PathLike | pd.DataFrame, data_dir: str | os.PathLike,
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(data_dir)
     shard_t = parse_shard(shard)
     if shard_t is not None:
-        preds = preds[[stable_shard(x, shard_t[1]) == shard_t[0] for x in preds["id"]]]
+        preds = preds[np.array([stable_shard(x, shard_t[1]) == shard_t[0] for x in preds["id"]], bool)]
     emb = read_embeddings(embeddings) if embeddings else None
     remb = read_embeddings(ref_embeddings) if ref_embeddings else None
     plan = plan_pairs(preds, comp.train, candidates=candidates, k=k, refs=refs, seed=seed, embeddings=emb,
                       ref_embeddings=remb)
 
     parts = _parts_dir(out, config, mcfg)
-    done = _read_parts(parts) if parts.exists() else _read_parts(Path("/nonexistent"))
+    done = _read_parts(parts)
     done_keys = set(zip(done["id"], done["landmark_id"], done["ref_id"]))
-    todo = plan[[t not in done_keys for t in zip(plan["id"], plan["landmark_id"], plan["ref_id"])]]
+    todo = plan[np.array([t not in done_keys for t in zip(plan["id"], plan["landmark_id"], plan["ref_id"])], bool)]
 
     # 1. features, once per image (cached on disk; shared by all pairs and all runs)
     qids = todo["id"].unique().tolist()

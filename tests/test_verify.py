@@ -216,6 +216,11 @@ def test_shards_merge_to_the_full_table(verified, synth_comp):
         part = verify(preds, synth_comp, out, candidates=3, k=2, cache_dir=cache, shard=f"{i}/2")
         assert all(stable_shard(q, 2) == i for q in part["id"])
         outs.append(out)
+    # a shard with no queries writes an empty table with the schema
+    one = preds[preds["id"] == preds["id"].iloc[0]]
+    empty_shard = next(f"{i}/5" for i in range(5) if i != stable_shard(one["id"].iloc[0], 5))
+    assert len(verify(one, synth_comp, tmp / "empty.parquet", cache_dir=cache, shard=empty_shard)) == 0
+    assert list(read_inliers(tmp / "empty.parquet").columns) == ["id", "landmark_id", "ref_id", "inliers"]
     merged = merge(outs, tmp / "merged.parquet")
     full = table.sort_values(["id", "landmark_id", "ref_id"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(merged, full)
