@@ -89,7 +89,8 @@ def _try_load(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
 def warn_skipped(skipped: list[dict], what: str = "image") -> None:
     """One warning per skipped image (the first few), then one with the count."""
     for s in skipped[:_WARN_LIMIT]:
-        warnings.warn(f"skipped {what} {s['id']}: {s['reason']} ({s['path']})", ImageSkipped, stacklevel=2)
+        where = "" if s["path"] in s["reason"] else f" ({s['path']})"
+        warnings.warn(f"skipped {what} {s['id']}: {s['reason']}{where}", ImageSkipped, stacklevel=2)
     if len(skipped) > _WARN_LIMIT:
         warnings.warn(f"skipped {len(skipped) - _WARN_LIMIT} more {what}s (see the manifest)", ImageSkipped,
                       stacklevel=2)

@@ -19,7 +19,9 @@ TensorFlow/Keras are imported inside functions so importing this module is cheap
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 from submissions.errors import UserError
@@ -31,13 +33,52 @@ HEAD_LAYERS = ("head_flatten", "head_fc1", "head_dropout", "embedding", "predict
 MIN_SIZE = 32
 
 
+@contextlib.contextmanager
+def _quiet_stderr_fd():
+    """Silence C++ start-up chatter (absl INFO lines, cuInit on GPU-less machines) written to fd 2
+    before TensorFlow reads TF_CPP_MIN_LOG_LEVEL; Python exceptions still surface afterwards.
+    Set TF_CPP_MIN_LOG_LEVEL=0 to see everything."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") < "2":
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+_GPUS: list | None = None
+
+
 def quiet_tf():
     """Import TensorFlow with its C++ logging turned down; return the module."""
+    global _GPUS
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if _GPUS is None:
+        with _quiet_stderr_fd():
+            import tensorflow as tf
+
+            _GPUS = tf.config.list_physical_devices("GPU")
+        tf.get_logger().setLevel("ERROR")  # e.g. retracing notices when predict runs several times
     import tensorflow as tf
 
-    tf.get_logger().setLevel("ERROR")  # e.g. retracing notices when predict runs several times
     return tf
+
+
+def gpus() -> list:
+    """The visible GPUs (listed once, quietly)."""
+    quiet_tf()
+    return list(_GPUS or [])
 
 
 def _register():
@@ -86,8 +127,7 @@ def resolve_precision(precision: str = "auto") -> str:
         raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
-    tf = quiet_tf()
-    if tf.config.list_physical_devices("GPU"):
+    if gpus():
         return "fp16"
     flags = cpu_flags()
     if {"amx_bf16", "avx512_bf16"} & flags:
@@ -110,7 +150,7 @@ def get_strategy():
     tf = quiet_tf()
     if os.environ.get("TF_CONFIG"):
         return tf.distribute.MultiWorkerMirroredStrategy()
-    if len(tf.config.list_physical_devices("GPU")) > 1:
+    if len(gpus()) > 1:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
 

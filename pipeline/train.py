@@ -39,6 +39,9 @@ from submissions.files import atomic_path, atomic_write_text
 RESUMABLE_CHANGES = {"epochs", "fine_tune_epochs", "patience", "resume", "batch_size", "data_dir", "out"}
 
 
+OWN_FILES = {"split.csv", "labels.json", "cache", "checkpoints", "state.json"}
+
+
 def _dump(obj) -> str:
     return json.dumps(obj, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n"
 
@@ -234,8 +237,11 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
     state = run.load_state()
     if state is not None and not resume:
         raise UserError(f"{out}: already holds a training run; pass --resume to continue it or choose another --out")
-    if state is None and out.exists() and any(out.iterdir()) and not resume:
-        raise UserError(f"{out}: exists and is not empty; choose another --out")
+    if state is None and out.exists():
+        # files of a start that failed before its first checkpoint (e.g. no ImageNet weights) are redone
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES)
+        if foreign:
+            raise UserError(f"{out}: exists and holds other files ({', '.join(foreign[:3])}); choose another --out")
     if state is not None:
         _check_resume(state["config"], config, out)
         if state["phase"] == "done" and (out / "manifest.json").exists():
@@ -248,6 +254,10 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
     # -- data: selection, split, label map (fixed at the first start) -----------------------
     split_path = out / "split.csv"
     if state is None:
+        if run.ckpt.exists():  # from a start that never reached its first state.json
+            import shutil
+
+            shutil.rmtree(run.ckpt)
         rows = stratified_split(select_rows(comp.train, max_per_class=max_per_class, min_per_class=min_per_class,
                                             seed=seed), val_frac=val_frac, seed=seed)
         classes = np.sort(rows["landmark_id"].unique())
