@@ -61,7 +61,7 @@ class ExtractorConfig:
     """
 
     name: str = "sift"
-    max_side: int = 800  # working image size (longest side); sift/orb
+    max_side: int = 512  # working image size (longest side)
     n_features: int = 1000  # sift/orb: at most this many keypoints (strongest first)
     rootsift: bool = True  # sift: Hellinger-normalised descriptors (RootSIFT)
     # DELF (TF-Hub) options, used only when name == "delf"
