@@ -95,11 +95,11 @@ def match_descriptors(da: np.ndarray, db: np.ndarray, *, ratio: float | None = 0
         best, v1, v2 = _top2(scores)
         d1, d2 = na + 1 - 2 * v1, na + 1 - 2 * v2
         col_best = scores.max(axis=0) if mutual else None
-    else:
-        # score = a·b − ‖b‖²/2 = (‖a‖² − d²)/2: the row constant ‖a‖² does not change the order
+    else:  # any other float descriptors: score = a·b − ‖a‖²/2 − ‖b‖²/2 = −d²/2 (rows and columns)
         scores -= 0.5 * nb[None, :]
+        scores -= 0.5 * na[:, None]
         best, v1, v2 = _top2(scores)
-        d1, d2 = na - 2 * v1, na - 2 * v2
+        d1, d2 = -2 * v1, -2 * v2
         col_best = scores.max(axis=0) if mutual else None
     d1, d2 = np.maximum(d1, 0), np.maximum(d2, 0)  # squared distances
     keep = np.ones(len(da), bool)

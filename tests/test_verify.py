@@ -44,14 +44,18 @@ def _brute(da, db, ratio, mutual, max_distance):
     return np.array(out, np.int64).reshape(-1, 2)
 
 
+@pytest.mark.parametrize("unit", [True, False])
 @pytest.mark.parametrize("ratio,mutual,max_distance", [(0.8, False, None), (0.9, True, None), (None, False, 0.8)])
-def test_vectorised_matching_equals_brute_force(ratio, mutual, max_distance):
+def test_vectorised_matching_equals_brute_force(ratio, mutual, max_distance, unit):
     rng = np.random.default_rng(1)
     da = rng.random((150, 40), dtype=np.float32)
     db = np.concatenate([da[:60] + rng.normal(0, 0.03, (60, 40)).astype(np.float32), rng.random((90, 40), dtype=np.float32)])
     db = db[rng.permutation(len(db))]
     da /= np.linalg.norm(da, axis=1, keepdims=True)
     db /= np.linalg.norm(db, axis=1, keepdims=True)
+    if not unit:  # e.g. plain SIFT-like magnitudes: the general path
+        da *= rng.uniform(0.9, 1.1, (len(da), 1)).astype(np.float32)
+        db *= rng.uniform(0.9, 1.1, (len(db), 1)).astype(np.float32)
     got = match_descriptors(da, db, ratio=ratio, mutual=mutual, max_distance=max_distance)
     want = _brute(da, db, ratio, mutual, max_distance)
     assert len(want) >= 30
