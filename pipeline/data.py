@@ -177,8 +177,8 @@ def augmenter(seed: int = 0, flip: bool = False, rotation: float = 30.0, shift: 
 
 def image_dataset(images: np.ndarray, labels: np.ndarray | None, index: np.ndarray, *, batch_size: int,
                   shuffle: bool = False, augment=None, seed: int = 0, repeat: bool = False):
-    """tf.data over rows `index` of a (memory-mapped) image cache: shuffle → batch → gather →
-    augment → prefetch. Yields float32 images (and int32 labels when given)."""
+    """tf.data over rows `index` of a (memory-mapped) array — the image cache or cached features:
+    shuffle → batch → gather → augment → prefetch. Yields float32 batches (and int32 labels)."""
     from pipeline.models import quiet_tf
 
     tf = quiet_tf()
@@ -189,26 +189,26 @@ def image_dataset(images: np.ndarray, labels: np.ndarray | None, index: np.ndarr
     if repeat:
         ds = ds.repeat()
     ds = ds.batch(batch_size)
-    size = images.shape[1]
+    shape = tuple(images.shape[1:])
     lab = None if labels is None else np.asarray(labels, dtype=np.int32)
 
     def gather(idx):
         idx = np.asarray(idx)
         order = np.argsort(idx)  # sorted reads from the memory map, then back to batch order
-        x = np.empty((len(idx), size, size, 3), dtype=np.float32)
+        x = np.empty((len(idx), *shape), dtype=np.float32)
         x[order] = images[idx[order]]
         return (x, lab[idx]) if lab is not None else x
 
     if lab is not None:
         def load(idx):
             x, y = tf.numpy_function(gather, [idx], [tf.float32, tf.int32])
-            x.set_shape((None, size, size, 3))
+            x.set_shape((None, *shape))
             y.set_shape((None,))
             return x, y
     else:
         def load(idx):
             x = tf.numpy_function(gather, [idx], tf.float32)
-            x.set_shape((None, size, size, 3))
+            x.set_shape((None, *shape))
             return x
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
     if augment is not None:
@@ -243,3 +243,53 @@ def path_dataset(paths: list[Path], size: int, *, batch_size: int):
                                             tf.constant([], dtype=tf.string))
     return ds.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch_size) \
         .prefetch(tf.data.AUTOTUNE)
+
+
+def extract_features(extractor, images: np.ndarray, index: np.ndarray, path: str | os.PathLike, *,
+                     batch_size: int = 64, desc: str = "features") -> tuple[np.ndarray, int]:
+    """Base features of rows `index` of the image cache into `path` (.npy, float32, memory-mapped),
+    written batch by batch; a `.progress.json` beside it makes an interrupted extraction resume
+    where it stopped. Returns (features memory-mapped read-only, rows computed in this call)."""
+    import json
+
+    from pipeline.models import quiet_tf
+    from pipeline.progress import progress
+    from submissions.files import atomic_write_text
+
+    tf = quiet_tf()
+    path = Path(path)
+    marker = path.with_name(path.stem + ".progress.json")
+    shape = (len(index), *(int(d) for d in extractor.output.shape[1:]))
+    if len(index) == 0:
+        return np.zeros(shape, np.float32), 0
+    done = 0
+    if path.exists() and marker.exists():
+        arr = np.load(path, mmap_mode="r+")
+        done = int(json.loads(marker.read_text()).get("rows", 0)) if arr.shape == shape else 0
+        if arr.shape != shape:
+            arr = None
+    elif path.exists() and np.load(path, mmap_mode="r").shape == shape:
+        return np.load(path, mmap_mode="r"), 0  # complete (no marker left)
+    else:
+        arr = None
+    if arr is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, json.dumps({"rows": 0}))  # first: a file without a marker is complete
+        arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    start = done
+    if done < len(index):
+        infer = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
+        ds = image_dataset(images, None, np.asarray(index)[done:], batch_size=batch_size)
+        last = done
+        for x in progress(ds, total=-(-(len(index) - done) // batch_size), desc=desc):
+            y = np.asarray(infer(x), dtype=np.float32)
+            arr[done:done + len(y)] = y
+            done += len(y)
+            if done - last >= 2048 or done == len(index):
+                arr.flush()
+                atomic_write_text(marker, json.dumps({"rows": done}))
+                last = done
+    arr.flush()
+    del arr
+    marker.unlink(missing_ok=True)
+    return np.load(path, mmap_mode="r"), done - start

@@ -308,24 +308,16 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
     if state["phase"] == "head":
         ep_target = cfg["epochs"]
         if bottleneck:
+            from pipeline.data import extract_features, image_dataset
+
             feats = {}
             t0 = time.perf_counter()
             extractor = M.feature_extractor(model)
             computed = 0
             for name, idx in (("train", tr_idx), ("val", va_idx)):
-                fpath = run.cache / f"features_{name}.npy"
-                if fpath.exists() and np.load(fpath, mmap_mode="r").shape == (len(idx), *fshape):
-                    feats[name] = np.load(fpath)
-                    continue
-                from pipeline.data import image_dataset
-
-                ds = image_dataset(images, None, idx, batch_size=max(batch_size, 64))
-                f = extractor.predict(ds, verbose=0).astype(np.float32) if len(idx) else \
-                    np.zeros((0, *fshape), np.float32)
-                with atomic_path(fpath, suffix=".npy") as tmp:
-                    np.save(tmp, f)
-                feats[name] = f
-                computed += len(idx)
+                feats[name], n_new = extract_features(extractor, images, idx, run.cache / f"features_{name}.npy",
+                                                      batch_size=max(batch_size, 64), desc=f"features {name}")
+                computed += n_new
             secs = time.perf_counter() - t0
             if computed:
                 state["timings"]["features_s"] = secs
@@ -338,9 +330,12 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
             cb = _make_callback(run, state, "head", head, monitor=monitor, patience=max(1, cfg["patience"]),
                                 n_images=len(tr_idx), last=head_last, best=head_best)
             if state["epoch"] < ep_target and not state["stopped_early"]:
-                head.fit(feats["train"], labels[tr_idx], batch_size=cfg["batch_size"], epochs=ep_target,
-                         initial_epoch=state["epoch"], verbose=0, callbacks=[cb],
-                         validation_data=(feats["val"], labels[va_idx]) if has_val else None)
+                fds = image_dataset(feats["train"], labels[tr_idx], np.arange(len(tr_idx)),
+                                    batch_size=cfg["batch_size"], shuffle=True, seed=seed)
+                fvds = image_dataset(feats["val"], labels[va_idx], np.arange(len(va_idx)),
+                                     batch_size=cfg["batch_size"]) if has_val else None
+                head.fit(fds, validation_data=fvds, epochs=ep_target, initial_epoch=state["epoch"], verbose=0,
+                         shuffle=False, callbacks=[cb])
             if head_best.exists():
                 head.load_weights(head_best)
             M.copy_head(head, model)

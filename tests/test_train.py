@@ -149,3 +149,35 @@ def test_head_on_augmented_images_without_bottleneck(tiny_comp, tmp_path):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(init.get_layer("predictions").get_weights()[0],
                               final.get_layer("predictions").get_weights()[0])
+
+
+@pytest.mark.slow
+def test_feature_extraction_resumes_where_it_stopped(tmp_path):
+    """Bottleneck features are written batch by batch; an interrupted extraction continues."""
+    import json
+
+    import keras
+    import numpy as np
+
+    from pipeline.data import extract_features
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (20, 8, 8, 3), dtype=np.uint8)
+    inp = keras.Input((8, 8, 3))
+    extractor = keras.Model(inp, keras.layers.Conv2D(4, 3, dtype="float32")(inp))
+    index = np.arange(3, 20)
+    expected = np.asarray(extractor(images[index].astype("float32")))
+    path = tmp_path / "features_train.npy"
+    feats, n = extract_features(extractor, images, index, path, batch_size=4)
+    assert n == len(index) and np.allclose(feats, expected, atol=1e-5)
+    assert not path.with_name("features_train.progress.json").exists()
+    # a complete file is reused as it is
+    assert extract_features(extractor, images, index, path, batch_size=4)[1] == 0
+    # simulate a kill after 8 rows: later rows were never written
+    arr = np.load(path, mmap_mode="r+")
+    arr[8:] = np.nan
+    arr.flush()
+    del arr
+    path.with_name("features_train.progress.json").write_text(json.dumps({"rows": 8}))
+    feats, n = extract_features(extractor, images, index, path, batch_size=4)
+    assert n == len(index) - 8 and np.allclose(feats, expected, atol=1e-5)
