@@ -208,7 +208,7 @@ def execute(stages: list[Stage], run_dir: str | os.PathLike, cfg: dict | None = 
         manifest["plan"] = names
         if cfg is not None:
             manifest["config"] = cfg
-        manifest.setdefault("versions", _versions())
+        manifest["versions"] = _versions()
         ctx = Context(run_dir, cfg or {}, records, echo=echo)
         will_run: set[str] = set()
         current: dict[str, str | None] = {}  # stage -> digest of its outputs now
@@ -251,7 +251,7 @@ def execute(stages: list[Stage], run_dir: str | os.PathLike, cfg: dict | None = 
             ctx.resume = bool(rec and rec.get("status") == "running" and rec.get("config_hash") == config_hash
                               and rec.get("inputs") == inputs and i not in forced)
             records[stage.name] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                   "config_hash": config_hash, "inputs": inputs}
+                                   "config_hash": config_hash, "inputs": inputs, "runs": (rec or {}).get("runs", 0)}
             _write_manifest(run_dir, manifest)
             t0 = time.perf_counter()
             try:
