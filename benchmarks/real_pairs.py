@@ -1,0 +1,154 @@
+"""ROC AUC of inlier counts on real photos: same-landmark pairs vs different-landmark/distractor pairs.
+
+    .venv/bin/python benchmarks/real_pairs.py --photos /work/shared/realphotos-dev [--write]
+    .venv/bin/python benchmarks/real_pairs.py --photos DIR --sweep      # compare settings
+
+`DIR/labels.csv` has `file` (relative to DIR) and `landmark` (empty for a distractor). Every
+unordered pair of photos is matched once with the default settings of `pipeline.verify`
+(features extracted once per photo, as `glr verify` does). The photos are only read here: they
+are never copied into the project or used by tests.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # one core: the figure is per process
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Mann-Whitney AUC with ties counted half (no sklearn needed)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores)
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def load_labels(photos: Path) -> pd.DataFrame:
+    lab = pd.read_csv(photos / "labels.csv", dtype=str, keep_default_na=False)
+    return lab[["file", "landmark"]]
+
+
+def extract_all(photos: Path, files: list[str], extractor: str = "sift", **opts):
+    from pipeline.featcache import FeatureCache
+    from pipeline.features import make_config, make_extractor
+
+    ext = make_extractor(make_config(extractor, **opts))
+    t0 = time.process_time()
+    feats = [FeatureCache.get_stored_form(ext.extract_path(photos / f)) for f in files]
+    return feats, (time.process_time() - t0) * 1000 / len(files)
+
+
+def all_pairs(labels: list[str], negatives: int | None = None, seed: int = 0) -> list[tuple[int, int]]:
+    """Every unordered pair; with `negatives`, all same-landmark pairs plus that many others drawn at random."""
+    pairs = list(itertools.combinations(range(len(labels)), 2))
+    if negatives is None:
+        return pairs
+    pos = [p for p in pairs if labels[p[0]] and labels[p[0]] == labels[p[1]]]
+    neg = [p for p in pairs if p not in set(pos)]
+    pick = np.random.default_rng(seed).choice(len(neg), size=min(negatives, len(neg)), replace=False)
+    return pos + [neg[i] for i in sorted(pick)]
+
+
+def score_pairs(feats, labels: list[str], match_cfg, delf: bool = False, pairs=None):
+    from pipeline.verify import match_features
+
+    pairs = all_pairs(labels) if pairs is None else pairs
+    counts = np.zeros(len(pairs))
+    positive = np.array([labels[i] != "" and labels[i] == labels[j] for i, j in pairs])
+    times = []
+    for n, (i, j) in enumerate(pairs):
+        t0 = time.process_time()  # CPU time of this single-threaded process: fair on shared cores
+        counts[n] = match_features(feats[i], feats[j], match_cfg, delf=delf)["inliers"]
+        times.append(time.process_time() - t0)
+    return roc_auc(counts, positive), float(np.median(times) * 1000), counts, positive
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--photos", required=True, type=Path)
+    ap.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
+    ap.add_argument("--sweep", action="store_true", help="also try other sizes / ratios / models")
+    ap.add_argument("--sweep-negatives", type=int, default=400,
+                    help="the sweep uses all same-landmark pairs and this many other pairs (keeps it short)")
+    args = ap.parse_args()
+
+    import cv2
+
+    from pipeline.features import ExtractorConfig
+    from pipeline.verify import MatchConfig
+
+    cv2.setNumThreads(1)
+    lab = load_labels(args.photos)
+    files, labels = lab["file"].tolist(), lab["landmark"].tolist()
+    n_pairs = len(files) * (len(files) - 1) // 2
+    n_pos = sum(1 for i, j in itertools.combinations(range(len(files)), 2) if labels[i] and labels[i] == labels[j])
+    print(f"{len(files)} photos, {n_pairs} pairs ({n_pos} same-landmark)")
+
+    d_ext, d_match = ExtractorConfig(), MatchConfig()
+    rows = []
+
+    sample = all_pairs(labels, negatives=args.sweep_negatives)
+
+    def run(label, ext_opts: dict, match_cfg: MatchConfig, cache={}, pairs=None):
+        key = tuple(sorted(ext_opts.items()))
+        if key not in cache:
+            cache[key] = extract_all(args.photos, files, **ext_opts)
+        feats, ext_ms = cache[key]
+        auc, ms, _, _ = score_pairs(feats, labels, match_cfg, pairs=pairs)
+        rows.append((label, auc, ms, ext_ms))
+        print(f"{label:58s} AUC {auc:.3f}  match+RANSAC {ms:6.2f} ms/pair  extract {ext_ms:6.1f} ms/img", flush=True)
+
+    base = {"max_side": d_ext.max_side, "n_features": d_ext.n_features}
+    run(f"**default**: RootSIFT {d_ext.max_side}px {d_ext.n_features} feats, ratio {d_match.ratio}, "
+        f"{'mutual, ' if d_match.mutual else ''}{d_match.model} RANSAC {d_match.threshold:g}px, all pairs", base, d_match)
+    if args.sweep:
+        from dataclasses import replace
+
+        n_s = sum(1 for i, j in sample if labels[i] and labels[i] == labels[j])
+        print(f"sweep on all {n_s} same-landmark pairs + {len(sample) - n_s} other pairs drawn at random")
+        run("default (sweep sample)", base, d_match, pairs=sample)
+        run("quick RootSIFT: ratio 0.8, no mutual check", base, replace(d_match, ratio=0.8, mutual=False), pairs=sample)
+        for ms_, nf in ((640, 1000), (800, 1000), (1024, 1000), (512, 1500), (800, 2000)):
+            run(f"{ms_}px {nf} feats", {"max_side": ms_, "n_features": nf}, d_match, pairs=sample)
+        for r in (0.75, 0.8, 0.9):
+            run(f"ratio {r}", base, replace(d_match, ratio=r), pairs=sample)
+        for t in (6.0, 20.0):
+            run(f"affine threshold {t:g}px", base, replace(d_match, threshold=t), pairs=sample)
+        run("RANSAC maxIters 10000", base, replace(d_match, max_iters=10000), pairs=sample)
+        run("homography 12px", base, replace(d_match, model="homography"), pairs=sample)
+        run("fundamental 4px", base, replace(d_match, model="fundamental", threshold=4.0), pairs=sample)
+        run("affine MAGSAC 12px", base, replace(d_match, method="magsac"), pairs=sample)
+        run("ORB 512px 1000 feats", {"extractor": "orb", **base}, d_match, pairs=sample)
+
+    if args.write:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from _results import write_section
+
+        body = [f"### Real photos: same-landmark vs other pairs ({len(files)} photos, {n_pairs} pairs, "
+                f"{n_pos} same-landmark)", "",
+                "ROC AUC of the RANSAC inlier count; match+RANSAC = median CPU time per pair on one core (features cached); "
+                "extraction = mean CPU time per photo including JPEG/PNG decoding.",
+                "", "| settings | ROC AUC | match+RANSAC ms/pair | extraction ms/image |", "|---|---|---|---|"]
+        body += [f"| {a} | {b:.3f} | {c:.2f} | {d:.0f} |" for a, b, c, d in rows]
+        if args.sweep:
+            body += ["", f"Rows after the first: all same-landmark pairs plus {args.sweep_negatives} other pairs drawn "
+                     "at random (seed 0); each row changes one setting from the default."]
+        body += ["", "Times are CPU time of the single-threaded process (the machine's 2 cores were shared with "
+                 "other jobs while this ran, which still inflates them somewhat)."]
+        cmd = "python benchmarks/real_pairs.py --photos /work/shared/realphotos-dev" + (" --sweep" if args.sweep else "") + " --write"
+        write_section("real_pairs", "\n".join(body), cmd)
+
+
+if __name__ == "__main__":
+    main()
