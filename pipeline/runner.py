@@ -612,7 +612,8 @@ def plan(cfg: dict) -> list[Stage]:
     if cfg["kaggle"]["submit"]:
         def upload_stage(ctx: Context) -> dict:
             submit = _fn("pipeline.kaggle", "submit", "upload")
-            res = submit(str(ctx.path(sub_file)), cfg["data"]["competition"], cfg["kaggle"]["message"])
+            res = submit(str(ctx.path(sub_file)), cfg["data"]["competition"], cfg["kaggle"]["message"],
+                         data_dir=data_dir)
             atomic_write_text(ctx.path("upload.json"), json.dumps(_jsonable(res), indent=2) + "\n")
             return _jsonable(res)
 

@@ -337,3 +337,50 @@ def test_missing_stage_runs_what_it_can_then_names_what_is_missing(tmp_path, mon
     assert stages["data"]["status"] == "done" and stages["localval"]["status"] == "done"
     assert "train:vgg16" not in stages
     assert any(l.startswith("warning: stopping before stage train:vgg16") for l in lines)
+
+
+@pytest.mark.slow
+def test_kaggle_workflow_fetch_run_submit_through_the_real_client(tmp_path):
+    """The real case: no test labels; `glr run` fetches, validates locally, tunes, writes and uploads."""
+    import io
+    import os
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    from pipeline.synth import make_competition
+    from tests.fake_kaggle import FakeKaggle
+
+    comp = "landmark-recognition-2019"
+    make_competition(tmp_path / "src", landmarks=5, per_landmark=10, test=20, size=64, seed=0)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:  # what Kaggle serves: no solution.csv
+        for p in sorted((tmp_path / "src").rglob("*")):
+            rel = p.relative_to(tmp_path / "src").as_posix()
+            if p.is_file() and rel not in ("solution.csv", "synth.json"):
+                zf.write(p, rel)
+    home = tmp_path / "home"
+    (home / ".kaggle").mkdir(parents=True)
+    (home / ".kaggle" / "kaggle.json").write_text(json.dumps({"username": "alice", "key": "secret-key"}))
+    (home / ".kaggle" / "kaggle.json").chmod(0o600)
+    config = TINY.format(epochs=15, trials=8).replace(
+        'data_dir = "comp"', f'data_dir = "data"\ncompetition = "{comp}"\nfetch = true')
+    (tmp_path / "glr.toml").write_text(config + '[kaggle]\nsubmit = true\nmessage = "glr run test"\n')
+    with FakeKaggle(archives={comp: buf.getvalue()}) as fake:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_") and "proxy" not in k.lower()}
+        env.update(fake.env(home))
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+        res = subprocess.run([str(Path(sys.executable).with_name("glr")), "run", "glr.toml", "-q"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+        (sub,) = fake.submissions
+        assert sub["content"] == (tmp_path / "run" / "submission.csv").read_bytes()
+        assert sub["submissionDescription"] == "glr run test"
+    assert (tmp_path / "data" / "train.csv").exists() and not (tmp_path / "data" / "solution.csv").exists()
+    stages = read_manifest(tmp_path / "run")["stages"]
+    assert stages["upload"]["status"] == "done" and (tmp_path / "run" / "upload.json").exists()
+    assert stages["ensemble"]["metrics"]["test"] is None  # no ground truth for the test set
+    assert stages["ensemble"]["metrics"]["val"]["gap"] >= 0  # but the local validation split has it
+    header = next(l for l in res.stdout.splitlines() if l.startswith("GAP"))
+    assert "local val" in header and "test" not in header
