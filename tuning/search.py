@@ -408,8 +408,7 @@ def _optimize(storage_spec: str | None, out: str, name: str, seed: int, trials: 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     storage = open_storage(storage_spec, out)
-    study = optuna.load_study(study_name=name, storage=storage,
-                              sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=20))
+    study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(seed))
     cbs = list(callbacks)
     if trials:
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -417,6 +416,22 @@ def _optimize(storage_spec: str | None, out: str, name: str, seed: int, trials: 
             return
         cbs.append(MaxTrialsCallback(trials, states=(TrialState.COMPLETE,)))
     study.optimize(_objective, n_trials=None, timeout=timeout, callbacks=cbs, gc_after_trial=False)
+
+
+def make_sampler(seed: int):
+    """Seeded multivariate TPE, grouped for the conditional spaces of `auto`/swap/frequency.
+
+    Independent TPE splits the history once per parameter: ~30 parameters made trial 500 cost
+    ~100 ms in the sampler alone; the multivariate sampler splits it once per trial (and models
+    the parameters jointly, which suits band edges and thresholds that act together). With
+    several workers, constant_liar keeps them from sampling the same point.
+    """
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=20, multivariate=True, group=True,
+                                          constant_liar=True)
 
 
 def _child(storage_spec, out, name, seed, trials, timeout) -> None:
