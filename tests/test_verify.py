@@ -349,3 +349,25 @@ def test_kill_9_then_rerun_resumes_to_the_same_table(synth_comp, tmp_path):
     assert done_before >= 2
     subprocess.run(args + ["--out", str(out)], check=True, capture_output=True)
     pd.testing.assert_frame_equal(read_inliers(out), clean)
+
+
+def test_refs_nearest_reads_embedding_files(verified, synth_comp, tmp_path):
+    from pipeline.embeddings import write_embeddings
+
+    _, preds, cache, _ = verified
+    train = pd.read_csv(synth_comp / "train.csv", dtype={"id": str})
+    rng = np.random.default_rng(0)
+    r_vec = rng.normal(size=(len(train), 16)).astype(np.float32)
+    q_ids = sorted(preds["id"].unique())
+    q_vec = rng.normal(size=(len(q_ids), 16)).astype(np.float32)
+    write_embeddings(tmp_path / "q.npy", q_ids, q_vec)
+    write_embeddings(tmp_path / "r.npy", train["id"].tolist(), r_vec)
+    table = verify(preds, synth_comp, tmp_path / "near.parquet", candidates=1, k=2, refs="nearest",
+                   embeddings=tmp_path / "q.npy", ref_embeddings=tmp_path / "r.npy", cache_dir=cache)
+    r_unit = r_vec / np.linalg.norm(r_vec, axis=1, keepdims=True)
+    for qid, grp in table.groupby("id"):
+        lid = grp["landmark_id"].iloc[0]
+        members = train.index[train["landmark_id"] == lid]
+        sims = r_unit[members] @ q_vec[q_ids.index(qid)]
+        want = train["id"].to_numpy()[members[np.argsort(-sims)[:2]]]
+        assert grp["ref_id"].tolist() == want.tolist()
