@@ -13,7 +13,6 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.featcache import FeatureCache
 from pipeline.features import make_config, make_extractor, stable_shard
 from pipeline.verify import (MatchConfig, match_descriptors, match_features, merge, plan_pairs, ransac_inliers,
                              skimage_inliers, verify)
