@@ -9,6 +9,7 @@ many random policies of each kind), (3) a whole study of 500 trials with the def
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -115,7 +116,8 @@ def main() -> None:
             f"Study total includes reading/splitting the tables, TPE sampling and the journal storage for every trial,"
             f" and the final evaluation with 200 bootstrap resamples; no plots. Planted-signal tables: held-out GAP "
             f"{res['holdout']['before']['gap']:.4f} → {res['holdout']['after']['gap']:.4f}.",
-            "The machine was shared with other engineers' jobs (2 cores) while this ran.",
+            f"The machine was shared with other engineers' jobs while this ran (load average "
+            f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores), so maxima include scheduling stalls.",
         ])
         write_section("tune", body, "python benchmarks/tune.py --write")
 
