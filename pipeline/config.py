@@ -290,6 +290,14 @@ max_per_class = 3000
 min_per_class = 1
 val_frac = 0.1
 seed = 0
+# fine_tune_layers = 4       # other `glr train` options, with their defaults:
+# lr = 0.001
+# fine_tune_lr = 0.0001
+# decay = 0.0
+# patience = 3               # early stopping on validation loss
+# augment = true
+# flip = false
+# bottleneck = true          # head epochs on cached frozen-base features
 
 # One [[models]] table per model; any [train] key may be overridden per model.
 [[models]]
@@ -306,6 +314,7 @@ backbone = "resnet50"
 [predict]                    # `glr predict` options
 top_k = 5
 batch_size = 64
+# precision = "auto"         # default: the model's training precision
 
 [ensemble]                   # `glr ensemble` options
 weights = []                 # one per [[models]] entry, in order; empty = equal weights
@@ -319,6 +328,15 @@ refs = "random"              # first | random | nearest (nearest: by the models'
 workers = 1
 cache_dir = ""               # feature cache folder; empty = inside the run folder
 seed = 0
+# max_side = 512             # other `glr verify` options, with their defaults:
+# n_features = 1000          # sift/orb keypoints per image
+# delf_handle = "https://tfhub.dev/google/delf/1"   # or a local copy of the module
+# ratio = 0.85               # Lowe's ratio test
+# mutual = true              # mutual nearest neighbours only
+# model = "affine"           # affine | homography | fundamental
+# method = "ransac"          # ransac | magsac
+# threshold = 12.0           # RANSAC reprojection threshold (working-image pixels)
+# chunk_size = 64            # pairs per finished chunk (the unit of resuming)
 
 [tune]                       # `glr tune` options (on the local validation split)
 policy = "auto"              # auto | bands | blend | seed-rules | identity
@@ -331,6 +349,7 @@ holdout = 0.3                # share of validation queries the study never sees
 seed = 0
 force = false                # write the policy even when it loses on the held-out part
 plots = true
+# bootstrap = 1000           # resamples for the before/after confidence intervals
 
 [submission]
 file = "submission.csv"      # written in the run folder

@@ -384,3 +384,29 @@ def test_kaggle_workflow_fetch_run_submit_through_the_real_client(tmp_path):
     assert stages["ensemble"]["metrics"]["val"]["gap"] >= 0  # but the local validation split has it
     header = next(l for l in res.stdout.splitlines() if l.startswith("GAP"))
     assert "local val" in header and "test" not in header
+
+
+def test_example_config_mentions_every_option_of_every_stage_function():
+    """"Every option of the stage commands is settable in the config": each keyword is in EXAMPLE."""
+    import inspect
+    import re
+
+    from pipeline.ensemble import ensemble
+    from pipeline.predict import predict
+    from pipeline.train import train
+    from pipeline.verify import verify
+    from tuning.search import tune
+
+    set_by_the_run = {"data_dir", "out", "backbone", "resume", "run_dir", "split", "embeddings", "paths",
+                      "preds", "inliers", "solution", "ref_embeddings", "shard", "progress"}
+    keys = set(re.findall(r"^#?\s*(\w+) = ", EXAMPLE, re.M))
+    for func in (train, predict, ensemble, verify, tune):
+        for name in inspect.signature(func).parameters:
+            if name not in set_by_the_run:
+                assert name in keys, f"{func.__module__}.{func.__name__}({name}=) is not in glr config-example"
+    uncommented = re.sub(r"^# (\w+ = )", r"\1", EXAMPLE, flags=re.M)
+    cfg = validate(tomllib.loads(uncommented), ".")  # the commented keys are valid when uncommented
+    assert cfg["verify"]["model"] == "affine" and cfg["train"]["fine_tune_layers"] == 4
+    from pipeline.runner import check_options
+
+    check_options(cfg)  # and each is a keyword of its stage function
