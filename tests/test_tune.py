@@ -233,3 +233,26 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert isinstance(r.exception, UserError) and "--timeout" in str(r.exception)
     with pytest.raises(UserError, match="unknown scheme"):
         tune(preds, inliers, solution, tmp_path / "p.json", storage="redis://localhost/0")
+
+
+def test_trial_of_a_dead_process_is_failed_and_requeued(tmp_path):
+    import socket
+
+    from tuning.search import open_storage, recover_dead_trials
+
+    storage = open_storage(None, tmp_path / "p.json")
+    study = optuna.create_study(study_name="d", storage=storage, direction="maximize")
+    dead_pid = subprocess.Popen(["true"])  # a pid that no longer runs
+    dead_pid.wait()
+    alive = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    alive.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    dead.set_user_attr("worker", f"{socket.gethostname()}:{dead_pid.pid}")
+    assert recover_dead_trials(study) == 1
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[alive.number] == optuna.trial.TrialState.RUNNING  # its process (this one) still runs
+    assert states[dead.number] == optuna.trial.TrialState.FAIL
+    (queued,) = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert queued.user_attrs["retry_of"] == dead.number
+    assert queued.system_attrs["fixed_params"] == {"x": dead.params["x"]}  # re-run with the same parameters
+    assert recover_dead_trials(study) == 0  # idempotent

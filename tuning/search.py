@@ -486,6 +486,9 @@ def summary_lines(result: dict) -> list[str]:
                      + (f" [{p['delta_ci'][0]:+.4f}, {p['delta_ci'][1]:+.4f}], p={p['p_value']:.3f}" if "delta_ci" in p else "")
                      + ")")
     lines.append(result["message"])
+    if result.get("inliers_not_candidates"):
+        lines.append(f"note: {result['inliers_not_candidates']} inlier rows are for classes that are not candidates "
+                     f"of their query in the predictions and were ignored")
     return lines
 
 
@@ -539,7 +542,8 @@ def tune(
     out = Path(out)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tune_part, hold_part = split_parts(preds, inliers, solution, holdout=holdout, seed=seed)
-    result: dict = {"policy": policy, "out": str(out), "study": None, "storage": None, "trials": 0}
+    result: dict = {"policy": policy, "out": str(out), "study": None, "storage": None, "trials": 0,
+                    "inliers_not_candidates": tune_part.data.unmatched_inliers}
 
     if policy in SEARCHED:
         space = Space.of(tune_part.data)
