@@ -256,3 +256,12 @@ def test_trial_of_a_dead_process_is_failed_and_requeued(tmp_path):
     assert queued.user_attrs["retry_of"] == dead.number
     assert queued.system_attrs["fixed_params"] == {"x": dead.params["x"]}  # re-run with the same parameters
     assert recover_dead_trials(study) == 0  # idempotent
+
+
+@pytest.mark.parametrize("kind", ["bands", "blend"])
+def test_each_searched_kind_writes_its_policy(tmp_path, kind):
+    preds, inliers, solution = write_tables(tmp_path, n=400)
+    res = tune(preds, inliers, solution, tmp_path / "p.json", policy=kind, trials=25, bootstrap=50, plots=False)
+    written = json.loads((tmp_path / "p.json").read_text())
+    assert written["kind"] == kind == res["chosen"] and written["version"] == 1
+    assert res["holdout"]["after"]["gap"] > res["holdout"]["before"]["gap"]  # planted signal
