@@ -266,7 +266,7 @@ def open_storage(storage: str | None, out: str | os.PathLike):
     with heartbeat and retry of trials whose worker died."""
     import optuna
     from optuna.storages import JournalStorage, RDBStorage
-    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+    from optuna.storages.journal import JournalFileSymlinkLock
 
     spec = storage or default_storage(out)
     if "://" in spec:
@@ -296,7 +296,6 @@ def open_storage(storage: str | None, out: str | os.PathLike):
         raise UserError(f"--storage {path}: is a directory, expected a journal file path or a database URL")
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = JournalFileSymlinkLock(str(path), grace_period=JOURNAL_LOCK_GRACE_S)
-    del optuna
     return JournalStorage(_journal_backend_class()(str(path), lock_obj=lock))
 
 
@@ -309,7 +308,11 @@ def _journal_backend_class():
     system crash could lose the last records — at worst the last trials, which a re-run redoes.
     """
     from optuna.storages.journal import JournalFileBackend
-    from optuna.storages.journal._file import get_lock_file
+
+    try:
+        from optuna.storages.journal._file import get_lock_file
+    except ImportError:  # a future Optuna moved it: keep its own (fsyncing) backend
+        return JournalFileBackend
 
     class UnsyncedJournalFileBackend(JournalFileBackend):
         def append_logs(self, logs):
