@@ -4,7 +4,8 @@ prediction speed (batched tf.data vs a naive per-image loop; fp32 vs bf16) and t
     .venv/bin/python benchmarks/models.py [--write] [--quick]
 
 Synthetic competition: 20 landmarks × 30 photos at 96 px, 200 test queries (30 % distractors),
-weights none (no ImageNet download here), 20 head epochs on bottleneck features + 1 fine-tune epoch.
+weights none (no ImageNet download here), up to 40 head epochs on bottleneck features (patience 8)
++ 1 fine-tune epoch.
 Ensemble weights are chosen on the runs' shared validation split (a small grid), never on test.
 """
 from __future__ import annotations
@@ -25,6 +26,10 @@ warnings.filterwarnings("ignore")
 from benchmarks._results import write_section  # noqa: E402
 
 BACKBONES = ("vgg16", "vgg19", "resnet50")
+
+
+def _verdict(gap: float, best: float) -> str:
+    return "beats" if gap > best + 1e-9 else ("matches" if gap >= best - 1e-9 else "does NOT beat")
 
 
 def naive_predict(run_dir: Path, paths: list[Path]) -> float:
@@ -72,8 +77,8 @@ def main() -> None:
     for b in BACKBONES:
         out = work / b
         t0 = time.perf_counter()
-        m = train(comp_dir, backbone=b, out=out, weights="none", image_size=96, epochs=20, fine_tune_epochs=1,
-                  batch_size=32, precision="auto", seed=0, resume=True)
+        m = train(comp_dir, backbone=b, out=out, weights="none", image_size=96, epochs=40, fine_tune_epochs=1,
+                  patience=8, batch_size=32, precision="auto", seed=0, resume=True)
         t_train = time.perf_counter() - t0
         test_preds[b] = predict(out, comp_dir, split="test", out=work / f"{b}.test.parquet", batch_size=64)
         val_preds[b] = predict(out, comp_dir, split="val", out=work / f"{b}.val.parquet", batch_size=64)
@@ -104,12 +109,12 @@ def main() -> None:
 
     # prediction speed, VGG16 at 96 px, 600 train images (decode + inference, end to end)
     ids = comp.train["id"].tolist()
-    speed = {}
-    for prec in ("fp32", "bf16"):
+    speed: dict[str, float] = {}
+    for prec in ("fp32", "bf16", "fp32", "bf16"):  # alternated, best of two: the cores are shared
         t = predict(work / "vgg16", comp_dir, split="train", out=work / f"speed.{prec}.parquet", batch_size=64,
                     precision=prec)
-        speed[prec] = t.attrs["images_per_s"]
-        print(f"predict vgg16 {prec}: {speed[prec]} images/s on {len(ids)} images", flush=True)
+        speed[prec] = max(speed.get(prec, 0.0), t.attrs["images_per_s"])
+        print(f"predict vgg16 {prec}: {t.attrs['images_per_s']} images/s on {len(ids)} images", flush=True)
     naive = naive_predict(work / "vgg16", comp.image_paths(ids[:5], "train"))
     print(f"naive per-image loop: {naive:.2f} images/s (5 images)", flush=True)
     total = time.perf_counter() - t_all
@@ -120,8 +125,9 @@ def main() -> None:
     best_single = max(rows, key=lambda r: r[2])
     lines = [
         f"Synthetic competition: {lm} landmarks × {per} photos, 96 px, 200 test queries (30 % distractors); "
-        "`--weights none` (no ImageNet here), 20 head epochs on cached bottleneck features + 1 fine-tune epoch "
-        "with augmentation, `--precision auto`. Chance top-1 = 1/20. Test split scored with `glr evaluate`.",
+        "`--weights none` (no ImageNet here), up to 40 head epochs on cached bottleneck features (early stopping, "
+        f"patience 8) + 1 fine-tune epoch with augmentation, `--precision auto`. Chance top-1 = 1/{lm}. "
+        "Test split scored with `glr evaluate`.",
         "",
         "| model | top-1 accuracy | GAP |",
         "|---|---|---|",
@@ -130,11 +136,12 @@ def main() -> None:
         f"| ensemble, weights {','.join(map(str, best_w))} (chosen on the validation split) | "
         f"{r_tu['accuracy']:.3f} | {r_tu['gap']:.3f} |",
         "",
-        f"Best single model on GAP: {best_single[0]} ({best_single[2]:.3f}); the validation-weighted ensemble "
-        f"{'matches or beats' if r_tu['gap'] >= best_single[2] - 1e-9 else 'does NOT beat'} it.",
+        f"Best single model on GAP: {best_single[0]} ({best_single[2]:.3f}); the equal-weights ensemble "
+        f"{_verdict(r_eq['gap'], best_single[2])} it, the validation-weighted one "
+        f"{_verdict(r_tu['gap'], best_single[2])} it (its validation split has only {len(val)} images).",
         "",
         "Prediction speed, VGG16 at 96 px, batch 64, 600 images, end to end (tf.data decode + inference, "
-        "first-batch tracing included):",
+        "first-batch tracing included; best of two alternated runs each):",
         "",
         "| way | images/s |",
         "|---|---|",

@@ -254,10 +254,11 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
     # -- data: selection, split, label map (fixed at the first start) -----------------------
     split_path = out / "split.csv"
     if state is None:
-        if run.ckpt.exists():  # from a start that never reached its first state.json
-            import shutil
+        import shutil
 
-            shutil.rmtree(run.ckpt)
+        for leftover in (run.ckpt, run.cache):  # from a start that never reached its first state.json
+            if leftover.exists():
+                shutil.rmtree(leftover)
         rows = stratified_split(select_rows(comp.train, max_per_class=max_per_class, min_per_class=min_per_class,
                                             seed=seed), val_frac=val_frac, seed=seed)
         classes = np.sort(rows["landmark_id"].unique())
