@@ -77,10 +77,10 @@ def main() -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# Each section below belongs to one area; keep commands thin and imports inside them.
+# Commands by stage; keep them thin and their imports inside them.
 # ----------------------------------------------------------------------------------------
 
-# === section: contract & synthetic data (issue 2: gap, synth) ===
+# --- contract & synthetic data: gap, synth -------------------------------------
 
 @cli.command("gap")
 @click.argument("submission", type=click.Path(dir_okay=False))
@@ -188,9 +188,8 @@ def synth_command(out: str, seed: int, landmarks: int, per_landmark: int, test: 
     )
 
 
-# === end section: contract & synthetic data ===
 
-# === section: Kaggle side (issue 3: fetch, fetch-urls, clean, submit) ===
+# --- Kaggle side: fetch, fetch-urls, clean, submit -----------------------------
 
 def _echo_summary(summary: dict | None) -> None:
     if summary:
@@ -321,9 +320,8 @@ def submit_cmd(submission: str, competition: str, message: str, data_dir: str | 
     click.echo(f"{res['message'] or 'submitted'} (ref {res['ref']}); status: {res['url']}")
 
 
-# === end section: Kaggle side ===
 
-# === section: models (issue 4: train, predict, ensemble, evaluate) ===
+# --- models: train, predict, ensemble, evaluate --------------------------------
 
 def _warnings_to_stderr() -> None:
     """Show our warnings (skipped images) as one plain line each on stderr."""
@@ -481,9 +479,8 @@ def evaluate_command(preds: str, solution: str, usage: str, as_json: bool) -> No
                    f"{r['n_landmark_queries']} with a landmark, {r['n_predicted']} predicted)")
 
 
-# === end section: models ===
 
-# === section: verification (issue 5: features, verify, merge, match) ===
+# --- verification: features, verify, merge, match ------------------------------
 
 def _extractor_options(f):
     """--extractor and the settings that change features (they key the feature cache)."""
@@ -645,9 +642,8 @@ def match_cmd(img_a: str, img_b: str, as_json: bool, **options) -> None:
                    + (f"; plot: {res['plot']}" if res.get("plot") else ""))
 
 
-# === end section: verification ===
 
-# === section: tuning (issue 6: tune, rescore, write-submission) ===
+# --- tuning: tune, rescore, write-submission -----------------------------------
 
 @cli.command("tune")
 @click.argument("preds", type=click.Path(dir_okay=False))
@@ -762,9 +758,8 @@ def write_submission_command(preds: str, data_dir: str, out: str, as_json: bool)
                    + (f"; {info['dropped_ids']} prediction ids not in sample_submission.csv dropped"
                       if info["dropped_ids"] else ""))
 
-# === end section: tuning ===
 
-# === section: end to end (issue 7: run, demo, config-example) ===
+# --- end to end: run, demo, config-example -------------------------------------
 
 @cli.command("run")
 @click.argument("config", type=click.Path(dir_okay=False))
@@ -834,7 +829,6 @@ def demo_cmd(out: str, seed: int) -> None:
     click.echo(summary_table(manifest))
 
 
-# === end section: end to end ===
 
 
 if __name__ == "__main__":
