@@ -50,6 +50,7 @@ def test_224_input_and_bf16_output_stays_float32():
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Skipping nested container")  # the deliberate vgg16-into-resnet50 mismatch
 def test_weights_from_a_file_and_errors(tmp_path):
     from pipeline import models as M
 
