@@ -43,8 +43,38 @@ class Hit:
     body_bytes: int = 0  # bytes of file content actually sent
 
 
+class _Loopback:
+    """Serve a handler class on 127.0.0.1 in a daemon thread; stops itself after `lifetime` s."""
+
+    lifetime: float
+    _stop: threading.Event
+
+    def _serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        # stops itself even when a test forgets to
+        self._timer = threading.Timer(self.lifetime, self.stop)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if getattr(self, "_server", None) is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._timer.cancel()
+            self._server = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 @dataclass
-class FakeKaggle:
+class FakeKaggle(_Loopback):
     """Configure, then `with FakeKaggle(...) as fk:` and use `fk.env(home)` for the client.
 
     archives: competition name → bytes of its all-files bundle (served as `<name>.zip`).
@@ -90,28 +120,8 @@ class FakeKaggle:
             pass
 
         Handler.fake = fake
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        # stops itself even when a test forgets to
-        self._timer = threading.Timer(self.lifetime, self.stop)
-        self._timer.daemon = True
-        self._timer.start()
+        self._serve(Handler)
         return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._timer.cancel()
-            self._server = None
-
-    def __enter__(self) -> "FakeKaggle":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def env(self, home, **creds: str) -> dict[str, str]:
         """Environment variables that point the real client at this fake (and nowhere else)."""
@@ -347,7 +357,7 @@ def jpeg_bytes(name: str, w: int = 80, h: int = 60, fmt: str = "JPEG") -> bytes:
     return buf.getvalue()
 
 
-class ImageServer:
+class ImageServer(_Loopback):
     """Loopback image host. Behaviour by path:
 
     `/img/<name>.jpg` an 80×60 JPEG, `/photo/<name>.jpg` a 256×192 one; `/big/<name>.png` a 200×120 PNG; `/missing/…` 404; `/html/…` an
@@ -426,25 +436,6 @@ class ImageServer:
                     return self._send(200, server._image((name,)), "image/jpeg")
                 return self._send(404, b"not found", "text/plain")
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self._server.daemon_threads = True
+        self._serve(H)
         self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        self._timer = threading.Timer(self.lifetime, self.stop)
-        self._timer.daemon = True
-        self._timer.start()
         return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if getattr(self, "_server", None) is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._timer.cancel()
-            self._server = None
-
-    def __enter__(self) -> "ImageServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
