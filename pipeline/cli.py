@@ -573,8 +573,9 @@ def verify_cmd(preds: str, as_json: bool, **options) -> None:
     """Count RANSAC inliers between each query and K reference images of its top candidate classes.
 
     Writes one row per (query, class, reference). Features are extracted once per image
-    (cached); an interrupted run resumes where it stopped; a missing query image gets 0
-    inliers and a warning.
+    (cached); an interrupted run resumes where it stopped; re-running onto an existing --out
+    made with the same extractor/matching settings computes only the pairs it lacks (other
+    settings: all pairs); a missing query image gets 0 inliers and a warning.
 
     \b
     Example:
@@ -590,13 +591,15 @@ def verify_cmd(preds: str, as_json: bool, **options) -> None:
     t0 = time.perf_counter()
     table = verify(preds, options.pop("data_dir"), options.pop("out"), **options)
     info = {"pairs": len(table), "queries": int(table["id"].nunique()),
+            "computed_pairs": table.attrs.get("computed_pairs"), "reused_pairs": table.attrs.get("reused_pairs"),
             "median_inliers": float(table["inliers"].median()) if len(table) else 0.0,
             "seconds": round(time.perf_counter() - t0, 2)}
     if as_json:
         echo_json(info)
     else:
         click.echo(f"{info['pairs']} pairs of {info['queries']} queries verified in {info['seconds']} s "
-                   f"(median {info['median_inliers']:g} inliers)")
+                   f"({info['computed_pairs']} computed, {info['reused_pairs']} reused from an earlier run; "
+                   f"median {info['median_inliers']:g} inliers)")
 
 
 @cli.command("merge")

@@ -9,7 +9,9 @@ is the study's reference path, kept only for tests and benchmarks.
 
 `verify` writes the inliers table (DESIGN.md): one row per (query, candidate class, reference
 image). Features are computed once per image (cache), pairs are matched in parallel processes,
-finished chunks are saved in a parts folder beside the output so an interrupted run resumes.
+finished chunks are saved in a parts folder beside the output so an interrupted run resumes, and
+the table records its settings fingerprint in its Parquet metadata so that a re-run with the same
+settings reuses its rows and computes only pairs it lacks (different settings recompute all).
 """
 from __future__ import annotations
 
@@ -352,9 +354,65 @@ def _match_chunk(pairs: list[tuple[str, int, str]]) -> list[tuple[str, int, str,
     return out
 
 
-def _parts_dir(out: Path, config, match_cfg: MatchConfig) -> Path:
-    blob = json.dumps([config.relevant(), dataclasses.asdict(match_cfg)], sort_keys=True, default=list)
-    return out.parent / f".{out.name}.parts-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+META_KEY = b"glr.verify"  # Parquet key-value metadata of the inliers table written by `verify`
+
+
+def settings_fingerprint(data_dir: str | os.PathLike, config, match_cfg: MatchConfig) -> tuple[dict, str]:
+    """(settings, short hash) of everything a pair's inlier count depends on besides the pair itself.
+
+    Extractor and its relevant config, matching/RANSAC config (ratio, mutual, model, method,
+    threshold, iterations, confidence, seed) and the competition folder the ids are resolved in.
+    Which pairs are planned (candidates, k, refs, shard) is not part of it: rows are keyed by pair.
+    """
+    settings = {"v": 1, "features": config.relevant(), "match": dataclasses.asdict(match_cfg),
+                "data_dir": str(Path(data_dir).resolve())}
+    blob = json.dumps(settings, sort_keys=True, default=list)
+    return json.loads(blob), hashlib.sha1(blob.encode()).hexdigest()
+
+
+def _parts_dir(out: Path, fingerprint: str) -> Path:
+    return out.parent / f".{out.name}.parts-{fingerprint[:10]}"
+
+
+def table_settings(path: str | os.PathLike) -> dict | None:
+    """The settings record `verify` stored in an inliers table's metadata (None: none, or unreadable)."""
+    import pyarrow.parquet as pq
+
+    try:
+        raw = (pq.read_schema(path).metadata or {}).get(META_KEY)
+        return json.loads(raw) if raw else None
+    except Exception:  # not Parquet, truncated, not ours: treated as "no reusable table"
+        return None
+
+
+def _reusable_rows(out: Path, fingerprint: str) -> pd.DataFrame | None:
+    """Rows of an existing `out` written by `verify` with the same settings, else None."""
+    from submissions.tables import read_inliers
+
+    if not out.is_file():
+        return None
+    info = table_settings(out)
+    if not info or info.get("fingerprint") != fingerprint:
+        return None  # other settings (or not written by verify): its counts do not apply
+    try:
+        return read_inliers(out)
+    except UserError as e:
+        warnings.warn(f"{out}: existing table not reused ({e}); its pairs are recomputed", stacklevel=3)
+        return None
+
+
+def _write_table(table: pd.DataFrame, out: Path, record: dict) -> None:
+    """Write the inliers table atomically with `record` (settings, fingerprint, counts) in its metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from submissions.files import atomic_path
+    from submissions.tables import validate_inliers
+
+    t = pa.Table.from_pandas(validate_inliers(table), preserve_index=False)
+    t = t.replace_schema_metadata({**(t.schema.metadata or {}), META_KEY: json.dumps(record, sort_keys=True).encode()})
+    with atomic_path(out, suffix=".parquet") as tmp:
+        pq.write_table(t, tmp)
 
 
 def _read_parts(parts: Path) -> pd.DataFrame:
@@ -383,15 +441,21 @@ def verify(preds: str | os.PathLike | pd.DataFrame, data_dir: str | os.PathLike,
     Queries are the ids of `preds` (test split), restricted to `shard` ('i/n' by crc32 of the id).
     Features come from the cache (default `<data_dir>/.glr-features/`), extracted once per image.
     Finished chunks of pairs are kept in `.<out>.parts-<hash>/` next to `out`, so re-running after
-    an interruption only computes the missing pairs. A query or reference whose image is missing
-    or unreadable gets 0 inliers and a warning naming its id. Returns the table written to `out`.
+    an interruption only computes the missing pairs. An existing `out` written with the same
+    settings (`settings_fingerprint`: extractor config, matching/RANSAC config, data folder) lends
+    its counts for the pairs of this run's plan, so a re-run, or one with more candidates / queries,
+    computes only the pairs not yet counted; with other settings every pair is recomputed. The
+    table written holds exactly this run's planned pairs. A query or reference whose image is
+    missing or unreadable gets 0 inliers and a warning naming its id (that 0 is reused too: delete
+    `out` after fixing images). Returns the table written to `out`, with
+    `attrs["computed_pairs"]` and `attrs["reused_pairs"]` (also stored in the table's metadata).
     """
     from pipeline.competition import Competition
     from pipeline.embeddings import read_embeddings
     from pipeline.featcache import FeatureCache, default_cache_dir, extract_many
     from pipeline.progress import progress
     from submissions.files import atomic_path
-    from submissions.tables import read_predictions, validate_inliers, validate_predictions, write_inliers
+    from submissions.tables import read_predictions, validate_inliers, validate_predictions
 
     out = Path(out)
     preds = validate_predictions(preds) if isinstance(preds, pd.DataFrame) else read_predictions(preds)
@@ -407,8 +471,13 @@ def verify(preds: str | os.PathLike | pd.DataFrame, data_dir: str | os.PathLike,
     plan = plan_pairs(preds, comp.train, candidates=candidates, k=k, refs=refs, seed=seed, embeddings=emb,
                       ref_embeddings=remb)
 
-    parts = _parts_dir(out, config, mcfg)
+    settings, fingerprint = settings_fingerprint(comp.root, config, mcfg)
+    parts = _parts_dir(out, fingerprint)
     done = _read_parts(parts)
+    previous = _reusable_rows(out, fingerprint)
+    if previous is not None and len(previous):  # a finished run with the same settings: keep its counts
+        done = pd.concat([previous, done], ignore_index=True).drop_duplicates(["id", "landmark_id", "ref_id"],
+                                                                               keep="last")
     done_keys = set(zip(done["id"], done["landmark_id"], done["ref_id"]))
     todo = plan[np.array([t not in done_keys for t in zip(plan["id"], plan["landmark_id"], plan["ref_id"])], bool)]
 
@@ -463,15 +532,19 @@ def verify(preds: str | os.PathLike | pd.DataFrame, data_dir: str | os.PathLike,
             if pool is not None:
                 pool.terminate()
                 pool.join()
-        done = _read_parts(parts)
+        fresh = _read_parts(parts)
+        done = pd.concat([done, fresh], ignore_index=True).drop_duplicates(["id", "landmark_id", "ref_id"],
+                                                                            keep="last")
 
     result = plan.merge(done, on=["id", "landmark_id", "ref_id"], how="left", validate="one_to_one")
     if result["inliers"].isna().any():  # cannot happen: every planned pair was computed above
         raise RuntimeError("internal error: some planned pairs have no inlier count")
     result = validate_inliers(result)
-    write_inliers(result, out)
+    stats = {"computed_pairs": int(len(todo)), "reused_pairs": int(len(plan) - len(todo))}
+    _write_table(result, out, {"fingerprint": fingerprint, "settings": settings, **stats})
     if parts.exists():
         shutil.rmtree(parts, ignore_errors=True)
+    result.attrs.update(stats)
     return result
 
 

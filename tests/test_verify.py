@@ -198,10 +198,10 @@ def test_verify_separates_same_landmark_from_others(verified, synth_comp):
 def test_rerun_is_identical_and_resumes_from_parts(verified, synth_comp):
     tmp, preds, cache, table = verified
     # simulate an interrupted run: a parts folder holding a finished chunk with a marked count
-    from pipeline.verify import _parts_dir, match_config
+    from pipeline.verify import _parts_dir, match_config, settings_fingerprint
 
     out = tmp / "resume.parquet"
-    parts = _parts_dir(out, make_config("sift"), match_config(seed=0))
+    parts = _parts_dir(out, settings_fingerprint(synth_comp, make_config("sift"), match_config(seed=0))[1])
     parts.mkdir()
     marked = table.iloc[:4].assign(inliers=np.int32(12345))
     marked.to_parquet(parts / "chunk-old.parquet", index=False)
@@ -209,6 +209,77 @@ def test_rerun_is_identical_and_resumes_from_parts(verified, synth_comp):
     assert (again.iloc[:4]["inliers"] == 12345).all()  # done pairs were skipped, not recomputed
     pd.testing.assert_frame_equal(again.iloc[4:].reset_index(drop=True), table.iloc[4:].reset_index(drop=True))
     assert not parts.exists()
+    assert again.attrs == {"computed_pairs": len(table) - 4, "reused_pairs": 4}
+
+
+def _mark(path: Path, n: int) -> None:
+    """Overwrite the first n counts of a verify output with 12345, keeping its metadata (a count
+    that survives a re-run was reused, not recomputed)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path)
+    col = t.column("inliers").to_numpy().copy()
+    col[:n] = 12345
+    t = t.set_column(t.schema.get_field_index("inliers"), "inliers", pa.array(col, pa.int32()))
+    pq.write_table(t, path)
+
+
+def test_finished_run_rerun_computes_no_pair(verified, synth_comp):
+    from pipeline.verify import table_settings
+
+    tmp, preds, cache, table = verified
+    info = table_settings(tmp / "inliers.parquet")
+    assert info["computed_pairs"] == len(table) and info["reused_pairs"] == 0
+    assert info["settings"]["features"]["name"] == "sift" and info["settings"]["match"]["ratio"] == 0.85
+    out = tmp / "rerun.parquet"
+    shutil.copy(tmp / "inliers.parquet", out)
+    _mark(out, 5)
+    again = verify(tmp / "preds.parquet", synth_comp, out, candidates=3, k=2, cache_dir=cache)
+    assert again.attrs == {"computed_pairs": 0, "reused_pairs": len(table)}
+    assert (again["inliers"].iloc[:5] == 12345).all()  # reused from the table, not recomputed
+    pd.testing.assert_frame_equal(again.iloc[5:].reset_index(drop=True), table.iloc[5:].reset_index(drop=True))
+    assert table_settings(out)["computed_pairs"] == 0
+    assert read_inliers(out)["inliers"].iloc[:5].eq(12345).all()
+
+
+def test_changed_settings_recompute_every_pair(verified, synth_comp):
+    tmp, preds, cache, table = verified
+    out = tmp / "changed.parquet"
+    for options in ({"ratio": 0.7}, {"threshold": 6.0}, {"model": "homography"}, {"max_side": 48}):
+        shutil.copy(tmp / "inliers.parquet", out)
+        _mark(out, 5)
+        again = verify(preds, synth_comp, out, candidates=3, k=2, cache_dir=cache, **options)
+        assert again.attrs == {"computed_pairs": len(table), "reused_pairs": 0}, options
+        assert not (again["inliers"] == 12345).any(), options
+    # a table without verify's metadata (hand-made, or by merge) is never trusted
+    plain = tmp / "plain.parquet"
+    table.assign(inliers=np.int32(12345)).to_parquet(plain, index=False)
+    again = verify(preds, synth_comp, plain, candidates=3, k=2, cache_dir=cache)
+    assert again.attrs["computed_pairs"] == len(table)
+    pd.testing.assert_frame_equal(again, table)
+    # the same settings again after a change: the changed table is not reused for the default run
+    assert verify(preds, synth_comp, out, candidates=3, k=2, cache_dir=cache).attrs["computed_pairs"] == len(table)
+
+
+def test_pairs_added_to_the_plan_are_the_only_ones_computed(verified, synth_comp):
+    tmp, preds, cache, table = verified  # table: candidates=3, k=2
+    out = tmp / "grow.parquet"
+    small = verify(preds, synth_comp, out, candidates=2, k=2, cache_dir=cache)
+    assert small.attrs == {"computed_pairs": len(small), "reused_pairs": 0}
+    _mark(out, 3)
+    grown = verify(preds, synth_comp, out, candidates=3, k=2, cache_dir=cache)
+    assert grown.attrs == {"computed_pairs": len(table) - len(small), "reused_pairs": len(small)}
+    key = ["id", "landmark_id", "ref_id"]
+    marked = small.iloc[:3][key].merge(grown, on=key)
+    assert len(marked) == 3 and (marked["inliers"] == 12345).all()  # old pairs kept their (marked) counts
+    unmarked = grown[grown["inliers"] != 12345].reset_index(drop=True)
+    want = table.merge(unmarked[key], on=key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(unmarked, want)
+    assert len(grown) == len(table)
+    # shrinking the plan reuses everything and writes only the planned pairs
+    shrunk = verify(preds, synth_comp, out, candidates=1, k=2, cache_dir=cache)
+    assert shrunk.attrs["computed_pairs"] == 0 and len(read_inliers(out)) == len(shrunk) < len(small)
 
 
 def test_shards_merge_to_the_full_table(verified, synth_comp):
