@@ -44,6 +44,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "min_per_class": 1,
         "val_frac": 0.1,
         "seed": 0,
+        "final_fit": "all",  # run-level, not a `glr train` option: see RUN_LEVEL_TRAIN_KEYS
     },
     "predict": {"top_k": 5, "batch_size": 64},
     "ensemble": {"weights": [], "top_k": 5},
@@ -79,7 +80,11 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("verify", "refs"): ("first", "random", "nearest"),
     ("tune", "policy"): ("auto", "bands", "blend", "seed-rules", "identity"),
     ("train", "precision"): ("auto", "bf16", "fp16", "fp32"),
+    ("train", "final_fit"): ("all", "split"),
 }
+# [train] keys about the run, not about one model: never merged into [[models]] (so they do not
+# change a model's fingerprint) and never passed to `glr train`
+RUN_LEVEL_TRAIN_KEYS = ("final_fit",)
 BACKBONES = ("vgg16", "vgg19", "resnet50")
 # sections whose unknown keys go to a stage function (checked against its signature later)
 PASS_THROUGH = ("train", "predict", "ensemble", "verify", "tune")
@@ -162,10 +167,12 @@ def _models(raw: Any, train: dict) -> list[dict]:
         if name in names:
             raise UserError(f"{where} name: {name!r} is used twice; give each model a distinct name")
         names.add(name)
-        merged = dict(train)
+        merged = {k: v for k, v in train.items() if k not in RUN_LEVEL_TRAIN_KEYS}
         for k, v in m.items():
             if k in ("backbone", "name"):
                 continue
+            if k in RUN_LEVEL_TRAIN_KEYS:
+                raise UserError(f"{where} {k}: set it once in [train]; it applies to every model")
             merged[k] = _check_value(where, k, v, DEFAULTS["train"].get(k))
         if merged.get("precision") not in CHOICES[("train", "precision")]:
             raise UserError(f"{where} precision: {merged.get('precision')!r} is not one of "
@@ -290,6 +297,10 @@ max_per_class = 3000
 min_per_class = 1
 val_frac = 0.1
 seed = 0
+final_fit = "all"            # models that predict the real test set: all = each model retrained with these
+                             # settings on the FULL training set (stages train_all:<model>), so the classes and
+                             # images held out for local validation can be predicted too; split = the
+                             # local-validation models (faster: no second training). Tuning always uses split.
 # fine_tune_layers = 4       # other `glr train` options, with their defaults:
 # lr = 0.001
 # fine_tune_lr = 0.0001

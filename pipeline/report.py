@@ -108,7 +108,7 @@ def max_inliers_top1(top: pd.DataFrame, inliers: pd.DataFrame) -> pd.Series:
 # -- sections ---------------------------------------------------------------------------------
 
 def _summary_section(run_dir: Path, manifest: dict) -> str:
-    from pipeline.runner import summary_rows, tune_parts
+    from pipeline.runner import predicting_models, summary_rows, tune_parts
 
     stages = manifest.get("stages", {})
     rows = summary_rows(manifest)
@@ -118,6 +118,9 @@ def _summary_section(run_dir: Path, manifest: dict) -> str:
         out.append(f"<tr><td>{html.escape(what)}</td><td>{_fmt(val)}</td>"
                    + (f"<td>{_fmt(test)}</td>" if has_test else "") + "</tr>")
     out.append("</table>")
+    which = predicting_models(manifest)
+    if which:
+        out.append(_note(which[0].upper() + which[1:] + "."))
     parts = tune_parts(stages.get("tune", {}).get("metrics", {}) or {})
     if parts:
         out.append("<h3>Rescoring on the validation queries</h3><table><tr><th>part</th><th>before</th>"
@@ -147,10 +150,11 @@ def _summary_section(run_dir: Path, manifest: dict) -> str:
 def _training_section(run_dir: Path, manifest: dict) -> str:
     figs = []
     for name in manifest.get("plan", []):
-        if not name.startswith("train:"):
+        if not name.startswith(("train:", "train_all:")):
             continue
-        model = name.split(":", 1)[1]
-        mdir = run_dir / "models" / model
+        full = name.startswith("train_all:")
+        mdir = run_dir / ("models_all" if full else "models") / name.split(":", 1)[1]
+        model = name.split(":", 1)[1] + (" (full training set)" if full else "")
         pngs = sorted(mdir.glob("*.png")) if mdir.is_dir() else []
         if pngs:
             figs += [_img_file(p, f"{model}: {p.stem}") for p in pngs]

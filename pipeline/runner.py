@@ -352,6 +352,7 @@ IMPLEMENTATIONS = {
     "data": [("pipeline.competition", "Competition")],
     "localval": [("pipeline.localval", "make_local_validation")],
     "train": [("pipeline.train", "train")],
+    "train_all": [("pipeline.train", "train")],
     "predict": [("pipeline.predict", "predict")],
     "ensemble": [("pipeline.ensemble", "ensemble")],
     "verify": [("pipeline.verify", "verify")],
@@ -456,37 +457,46 @@ def plan(cfg: dict) -> list[Stage]:
     stages.append(Stage("localval", localval, deps=["data"], config=cfg["localval"], outputs=["localval"],
                         digest=["localval/train.csv", "localval/solution.csv", "localval/localval.json"]))
 
-    for m in models:
-        name = m["name"]
+    # train:<model> learns the local-validation split's training part (the models tuning is honest
+    # about); with [train] final_fit = "all", train_all:<model> retrains the same settings on the
+    # whole competition training set, and those models predict the real test set
+    final_all = cfg["train"]["final_fit"] == "all"
+    sources = [("train", "localval", "models")] + ([("train_all", "data", "models_all")] if final_all else [])
+    for kind, source, folder in sources:
+        for m in models:
+            name = m["name"]
 
-        def train_stage(ctx: Context, m=m, name=name) -> dict:
-            import shutil
+            def train_stage(ctx: Context, m=m, name=name, kind=kind, source=source, folder=folder) -> dict:
+                import shutil
 
-            train = _fn("pipeline.train", "train", f"train:{name}")
-            out = ctx.path(f"models/{name}")
-            if out.exists() and not ctx.resume:
-                shutil.rmtree(out)  # stale run of another config: start afresh
-            options = {k: v for k, v in m.items() if k not in ("name", "backbone")}
-            manifest = _call(train, "train", {"data_dir": str(ctx.path("localval")), "backbone": m["backbone"],
-                                              "out": str(out), "resume": ctx.resume}, options)
-            m_ = manifest if isinstance(manifest, dict) else {}
-            return _jsonable({"final": m_.get("final"), "best": m_.get("best"), "timings": m_.get("timings"),
-                              "n_classes": m_.get("n_classes"), "resumed": m_.get("resumed")})
+                train = _fn("pipeline.train", "train", f"{kind}:{name}")
+                out = ctx.path(f"{folder}/{name}")
+                if out.exists() and not ctx.resume:
+                    shutil.rmtree(out)  # stale run of another config: start afresh
+                options = {k: v for k, v in m.items() if k not in ("name", "backbone")}
+                ddir = ctx.path("localval") if source == "localval" else Path(data_dir)
+                manifest = _call(train, "train", {"data_dir": str(ddir), "backbone": m["backbone"],
+                                                  "out": str(out), "resume": ctx.resume}, options)
+                m_ = manifest if isinstance(manifest, dict) else {}
+                return _jsonable({"final": m_.get("final"), "best": m_.get("best"), "timings": m_.get("timings"),
+                                  "n_classes": m_.get("n_classes"), "resumed": m_.get("resumed")})
 
-        stages.append(Stage(f"train:{name}", train_stage, deps=["localval"], config=m,
-                            outputs=[f"models/{name}/model.keras", f"models/{name}/manifest.json"],
-                            digest=[f"models/{name}/model.keras", f"models/{name}/labels.json"]))
+            stages.append(Stage(f"{kind}:{name}", train_stage, deps=[source], config=m,
+                                outputs=[f"{folder}/{name}/model.keras", f"{folder}/{name}/manifest.json"],
+                                digest=[f"{folder}/{name}/model.keras", f"{folder}/{name}/labels.json"]))
 
     for i, m in enumerate(models):
         name = m["name"]
         emb = refs_nearest and i == 0
+        # which models predict which part: tuning data always from the split models
+        folders = {"val": f"models/{name}", "test": f"models_all/{name}" if final_all else f"models/{name}"}
 
-        def predict_stage(ctx: Context, name=name, emb=emb) -> dict:
+        def predict_stage(ctx: Context, name=name, emb=emb, folders=folders) -> dict:
             predict = _fn("pipeline.predict", "predict", f"predict:{name}")
-            run = str(ctx.path(f"models/{name}"))
             p = ctx.cfg["predict"]
-            out: dict = {}
+            out: dict = {"models": dict(folders)}
             for part, ddir in (("val", ctx.path("localval")), ("test", Path(data_dir))):
+                run = str(ctx.path(folders[part]))
                 target = ctx.path(f"preds/{name}.{part}.parquet")
                 fixed = {"run_dir": run, "data_dir": str(ddir), "split": "test", "out": str(target)}
                 if emb:
@@ -502,8 +512,11 @@ def plan(cfg: dict) -> list[Stage]:
         outputs = [f"preds/{name}.val.parquet", f"preds/{name}.test.parquet"]
         if emb:
             outputs += [f"preds/{name}.{part}{t}.emb.npy" for part in ("val", "test") for t in ("", ".train")]
-        stages.append(Stage(f"predict:{name}", predict_stage, deps=["data", "localval", f"train:{name}"],
-                            config={"predict": cfg["predict"], "embeddings": emb}, outputs=outputs))
+        deps = ["data", "localval", f"train:{name}"] + ([f"train_all:{name}"] if final_all else [])
+        stages.append(Stage(f"predict:{name}", predict_stage, deps=deps,
+                            config={"predict": cfg["predict"], "embeddings": emb,
+                                    **({"test_models": "models_all"} if final_all else {})},
+                            outputs=outputs))
 
     def ensemble_stage(ctx: Context) -> dict:
         ensemble = _fn("pipeline.ensemble", "ensemble", "ensemble")
@@ -706,6 +719,32 @@ def summary_rows(manifest: dict) -> list[tuple[str, float | None, float | None]]
     return rows
 
 
+def predicting_models(manifest: dict) -> str | None:
+    """One line saying which models produced the test predictions (None before any predict stage ran).
+
+    Read from what the predict stages recorded, so a run folder says what really happened.
+    """
+    stages = manifest.get("stages", {})
+    folders = {}
+    for name in manifest.get("plan", []):
+        rec = stages.get(name, {})
+        if name.startswith("predict:") and rec.get("status") == "done":
+            model = name.split(":", 1)[1]
+            folders[model] = ((rec.get("metrics") or {}).get("models") or {}).get("test", f"models/{model}")
+    if not folders:
+        return None
+    full = [m for m, f in folders.items() if f.startswith("models_all/")]
+    split = [m for m in folders if m not in full]
+    if not split:
+        return (f"test predictions: models retrained on the full training set ({', '.join(folders.values())}); "
+                "local val: the split models (models/)")
+    line = (f"test predictions: the local-validation models ({', '.join(folders[m] for m in split)}), which never "
+            "saw the left-out classes nor the held-out images; [train] final_fit = \"all\" retrains on everything")
+    if full:
+        line += f"; retrained on the full training set: {', '.join(folders[m] for m in full)}"
+    return line
+
+
 def summary_table(manifest: dict) -> str:
     """The final table `glr run` / `glr demo` print: GAPs, time per stage, submission and report paths."""
     stages = manifest.get("stages", {})
@@ -718,6 +757,9 @@ def summary_table(manifest: dict) -> str:
     lines = ["", f"{'GAP':<24} {'local val':>10}" + (f" {'test':>8}" if has_test else "")]
     for what, val, test in rows:
         lines.append(f"{what:<24} {f(val):>10}" + (f" {f(test):>8}" if has_test else ""))
+    which = predicting_models(manifest)
+    if which:
+        lines.append(which)
     parts = tune_parts(stages.get("tune", {}).get("metrics", {}) or {})
     if parts:
         lines += ["", f"{'rescoring (local val)':<24} {'before':>10} {'after':>8}"]

@@ -384,6 +384,9 @@ def test_kaggle_workflow_fetch_run_submit_through_the_real_client(tmp_path):
     assert stages["ensemble"]["metrics"]["val"]["gap"] >= 0  # but the local validation split has it
     header = next(l for l in res.stdout.splitlines() if l.startswith("GAP"))
     assert "local val" in header and "test" not in header
+    # the default final_fit = "all": the submission comes from models retrained on all training images
+    assert stages["train_all:vgg16"]["status"] == "done"
+    assert "test predictions: models retrained on the full training set (models_all/vgg16)" in res.stdout
 
 
 def test_example_config_mentions_every_option_of_every_stage_function():
@@ -410,3 +413,65 @@ def test_example_config_mentions_every_option_of_every_stage_function():
     from pipeline.runner import check_options
 
     check_options(cfg)  # and each is a keyword of its stage function
+
+
+@pytest.mark.slow
+def test_final_fit_all_predicts_the_test_set_with_models_retrained_on_everything(tmp_path):
+    """final_fit = "all": train_all:<model> learns the whole training set and predicts the real test set
+    (so a class left out for local validation can be predicted there), while the validation queries
+    that tuning reads stay predicted by the split model; a re-run skips every stage."""
+    import re
+
+    from pipeline.runner import run, summary_table
+    from pipeline.synth import make_competition
+    from pipeline.train import read_labels
+    from submissions.tables import read_predictions
+
+    make_competition(tmp_path / "comp", landmarks=4, per_landmark=8, test=12, size=32, seed=0)
+    config = (TINY.format(epochs=1, trials=3).replace("image_size = 64", "image_size = 32")
+              .replace("batch_size = 16", 'batch_size = 16\nfinal_fit = "all"')
+              .replace("unseen_class_frac = 0.2", "unseen_class_frac = 0.25").replace("examples = 2", "examples = 1"))
+    (tmp_path / "glr.toml").write_text(config)
+    lines: list[str] = []
+    manifest = run(tmp_path / "glr.toml", echo=lines.append)
+    rd = tmp_path / "run"
+    assert manifest["plan"].index("train_all:vgg16") < manifest["plan"].index("predict:vgg16")
+    stages = manifest["stages"]
+    assert all(r["status"] == "done" for r in stages.values())
+    assert stages["train_all:vgg16"]["inputs"].keys() == {"data"}  # the whole competition, not localval
+    assert stages["predict:vgg16"]["metrics"]["models"] == {"val": "models/vgg16", "test": "models_all/vgg16"}
+
+    (left_out,) = json.loads((rd / "localval" / "localval.json").read_text())["unseen_classes"]
+    split_labels, full_labels = (set(read_labels(rd / f).tolist()) for f in ("models/vgg16", "models_all/vgg16"))
+    assert left_out not in split_labels and left_out in full_labels and len(full_labels) == 4
+    # top-5 of 4 classes ranks every class the model knows: the left-out one only in the test predictions
+    test_classes = set(read_predictions(rd / "preds/vgg16.test.parquet")["landmark_id"].astype(int))
+    val_classes = set(read_predictions(rd / "preds/vgg16.val.parquet")["landmark_id"].astype(int))
+    assert left_out in test_classes and left_out not in val_classes
+    assert left_out in set(read_predictions(rd / "ens.test.parquet")["landmark_id"].astype(int))
+    table = summary_table(manifest)
+    assert "test predictions: models retrained on the full training set (models_all/vgg16)" in table
+    html = (rd / "report.html").read_text()
+    assert "Test predictions: models retrained on the full training set" in html
+
+    lines.clear()
+    again = run(tmp_path / "glr.toml", echo=lines.append)
+    assert not any(l.startswith("[run ]") for l in lines), lines
+    assert "[skip] train_all:vgg16: unchanged" in lines
+    assert all(again["stages"][s]["runs"] == 1 for s in again["stages"])
+
+    lines.clear()
+    run(tmp_path / "glr.toml", only="train_all", dry_run=True, echo=lines.append)
+    plan = "\n".join(lines)
+    assert re.search(r"train_all:vgg16\s+run\s+forced by --only", plan) and re.search(r"train:vgg16\s+keep", plan)
+    lines.clear()
+    run(tmp_path / "glr.toml", from_stage="train_all", dry_run=True, echo=lines.append)
+    plan = "\n".join(lines)
+    assert re.search(r"train:vgg16\s+keep", plan) and re.search(r"predict:vgg16\s+run", plan), plan
+    # back to the split models for the test set: the split training is kept, the predictions are redone
+    (tmp_path / "glr.toml").write_text(config.replace('final_fit = "all"', 'final_fit = "split"'))
+    lines.clear()
+    run(tmp_path / "glr.toml", dry_run=True, echo=lines.append)
+    plan = "\n".join(lines)
+    assert "train_all" not in plan and re.search(r"train:vgg16\s+skip\s+unchanged", plan), plan
+    assert re.search(r"predict:vgg16\s+run\s+config changed", plan), plan
