@@ -39,6 +39,9 @@ batch_size = 32
 lr = 0.003                   # any `glr train` option can be set here
 patience = 10
 seed = {seed}
+final_fit = "split"          # the test set is predicted by the local-validation models: retraining every
+                             # model on all training images ("all", the default of `glr run`) would about
+                             # double the demo's training time
 
 [[models]]
 backbone = "vgg16"
