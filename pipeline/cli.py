@@ -682,7 +682,9 @@ def tune_command(preds: str, inliers: str, solution: str, out: str, policy: str,
     on the held-out part unless --force. Interrupted? Re-run the same command: the study resumes
     from its storage. Several processes or machines share one study through --storage (a journal
     file on a shared disk, or PostgreSQL) and the same --study name; trials of dead workers are
-    retried.
+    retried. Reproducible: with --jobs 1 and no --timeout, the same inputs and --seed on a fresh
+    study give the same policy and GAPs every time; --jobs > 1, --timeout, a shared --storage or
+    a resumed study depend on timing and may choose a (slightly) different policy.
 
     \b
     Example:

@@ -195,6 +195,44 @@ def test_two_processes_share_one_journal_study(tmp_path):
     assert len(set(numbers)) == len(numbers)
 
 
+def _tune_json(tmp_path, name, preds, inliers, solution, hash_seed):
+    """`glr tune --json` in its own process and fresh storage; the result and the written policy
+    with this run's folder taken out of the paths."""
+    d = tmp_path / name
+    d.mkdir()
+    env = {**os.environ, "PYTHONHASHSEED": str(hash_seed), "GLR_QUIET": "1"}
+    r = subprocess.run([str(GLR), "tune", str(preds), str(inliers), "--solution", str(solution), "--out",
+                        str(d / "p.json"), "--trials", "40", "--seed", "3", "--no-plots", "--force", "--json"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (d / "p.optuna.journal").exists()  # its own storage
+    return r.stdout.replace(str(d), "RUN"), (d / "p.json").read_text().replace(str(d), "RUN")
+
+
+def test_fresh_sequential_runs_with_one_seed_give_identical_results(tmp_path):
+    preds, inliers, solution = write_tables(tmp_path, n=500, seed=4)
+    a = _tune_json(tmp_path, "a", preds, inliers, solution, hash_seed=1)
+    b = _tune_json(tmp_path, "b", preds, inliers, solution, hash_seed=2)  # other str hash order too
+    res = json.loads(a[0])
+    assert res["trials"] == 40 and res["best_trial"] >= 2 and "delta_ci" in res["holdout"]  # TPE chose it
+    assert a == b  # every GAP, interval, p-value, trial number and the policy JSON, to the last digit
+
+
+def test_split_does_not_depend_on_the_solution_row_order(tmp_path):
+    preds, inliers, solution = write_tables(tmp_path, n=300, seed=5)
+    shuffled = tmp_path / "shuffled.csv"
+    pd.read_csv(solution, dtype=str, keep_default_na=False).sample(frac=1, random_state=7).to_csv(shuffled, index=False)
+    parts = [split_parts(preds, inliers, sol, holdout=0.3, seed=2) for sol in (solution, shuffled)]
+    for mine, theirs in zip(parts[0], parts[1]):
+        assert list(mine.data.ids) == list(theirs.data.ids)
+        assert mine.n_landmark_queries == theirs.n_landmark_queries
+        assert mine.gap(seed_rules()) == theirs.gap(seed_rules())
+    res = [tune(preds, inliers, sol, tmp_path / f"{i}.json", trials=6, bootstrap=30, plots=False, force=True, seed=2)
+           for i, sol in enumerate((solution, shuffled))]
+    for key in ("study", "tune", "holdout", "best_trial"):
+        assert res[0][key] == res[1][key], key
+
+
 def test_jobs_two_processes_and_rdb_storage(tmp_path):
     preds, inliers, solution = write_tables(tmp_path, n=300)
     res = tune(preds, inliers, solution, tmp_path / "j.json", trials=40, jobs=2, bootstrap=20, plots=False, force=True)

@@ -13,6 +13,18 @@ when the next `glr tune` on this machine opens the study. Any Optuna RDB URL (`p
 `mysql://…`, `sqlite:///x.db`) lets `glr tune` processes on several machines share one study; those
 run with heartbeats, and a trial whose worker died is retried (RetryFailedTrialCallback).
 `--trials N` is the study's total of finished trials, so re-running continues to N.
+
+Determinism: with `--jobs 1` and no `--timeout`, the same input tables (same content, any row order
+of the solution), `--seed` and `--holdout` on a fresh study give the same trials, chosen policy and
+printed GAPs / intervals on every run and machine: the split and both bootstraps are seeded, TPE is
+seeded and sequential (its parameter order is sorted, not hash order), ties of the best trial go to
+the earliest. Not reproducible run-to-run: `--jobs N>1` (workers sample concurrently with
+constant_liar, each seeing whatever trials have finished by then, and the total can overshoot
+`--trials` by up to N-1), `--timeout` (how many trials fit depends on the machine and its load),
+several processes or machines sharing one `--storage`, and a study interrupted and resumed (the
+sampler restarts from its seed; the killed trial is re-run under a new number). Each of these still
+reports honestly the policy it chose; for a reproducible figure use `--jobs 1 --trials N`. The inliers
+table's row order is part of its meaning (K = the first K references per class), not noise.
 """
 from __future__ import annotations
 
@@ -130,13 +142,16 @@ def _correct(data: Prepared, sol: pd.DataFrame) -> np.ndarray:
 
 def split_parts(preds, inliers, solution, holdout: float = 0.3, seed: int = 0) -> tuple[Part, Part | None]:
     """The tuning and held-out parts of the validation queries (seeded, stratified by whether
-    the query has a landmark). `Ignored` rows of the solution are left out of both."""
+    the query has a landmark). `Ignored` rows of the solution are left out of both. The draw is
+    over the scored ids in id order, so the split depends on the solution's content and `seed`,
+    not on the order of its rows."""
     if not 0.0 <= holdout < 1.0:
         raise UserError(f"--holdout {holdout}: must be at least 0 and below 1")
     data = prepare(preds, inliers)
     src = "the solution" if isinstance(solution, pd.DataFrame) else str(solution)
     sol_all = _solution(solution)
-    sol = sol_all[sol_all["usage"] != "Ignored"].reset_index(drop=True)
+    sol = sol_all[sol_all["usage"] != "Ignored"]
+    sol = sol.iloc[np.argsort(sol["id"].astype(str).to_numpy(), kind="stable")].reset_index(drop=True)
     scored = pd.Index(sol["id"].astype(str))
     where = scored.get_indexer(pd.Index(data.ids, dtype="str"))
     unknown = where < 0
