@@ -739,7 +739,7 @@ def predicting_models(manifest: dict) -> str | None:
         return (f"test predictions: models retrained on the full training set ({', '.join(folders.values())}); "
                 "local val: the split models (models/)")
     line = (f"test predictions: the local-validation models ({', '.join(folders[m] for m in split)}), which never "
-            "saw the left-out classes nor the held-out images; [train] final_fit = \"all\" retrains on everything")
+            "saw the left-out classes nor the held-out images ([train] final_fit = \"all\" retrains on everything)")
     if full:
         line += f"; retrained on the full training set: {', '.join(folders[m] for m in full)}"
     return line
@@ -759,7 +759,9 @@ def summary_table(manifest: dict) -> str:
         lines.append(f"{what:<24} {f(val):>10}" + (f" {f(test):>8}" if has_test else ""))
     which = predicting_models(manifest)
     if which:
-        lines.append(which)
+        import textwrap
+
+        lines += textwrap.wrap(which, 100, subsequent_indent="  ", break_on_hyphens=False)
     parts = tune_parts(stages.get("tune", {}).get("metrics", {}) or {})
     if parts:
         lines += ["", f"{'rescoring (local val)':<24} {'before':>10} {'after':>8}"]
