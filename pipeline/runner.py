@@ -8,8 +8,7 @@ when its fingerprint matches and its artefacts are still there, unchanged. So a 
 any stage, re-run, redoes only the unfinished stage and what depends on it, and changing
 only the tuning budget redoes only tuning and what follows.
 
-The engine (`execute`) knows nothing about landmarks; `plan` builds the real stage graph
-(pipeline/stages.py style actions live below in `_actions`).
+The engine (`execute`) knows nothing about landmarks; `plan` builds the real stage graph.
 """
 from __future__ import annotations
 
@@ -306,20 +305,9 @@ class MissingStage(UserError):
     """A stage's implementation is not importable in this checkout."""
 
 
-TUNE_MODULES = ("tuning.search", "tuning.tune", "tuning.study", "tuning.optimize")
-
-
 def _fn(module: str, name: str, stage: str):
     """Import `module.name` lazily (TensorFlow stays unloaded until a stage needs it)."""
     import importlib
-
-    if (module, name) == ("tuning.search", "tune"):  # tuning's study lives in one of these
-        for alt in TUNE_MODULES:
-            try:
-                return getattr(importlib.import_module(alt), name)
-            except (ModuleNotFoundError, AttributeError):
-                continue
-        raise MissingStage(f"stage {stage} needs tuning's tune(), but none of {', '.join(TUNE_MODULES)} defines it")
 
     try:
         mod = importlib.import_module(module)
@@ -356,7 +344,7 @@ IMPLEMENTATIONS = {
     "predict": [("pipeline.predict", "predict")],
     "ensemble": [("pipeline.ensemble", "ensemble")],
     "verify": [("pipeline.verify", "verify")],
-    "tune": [("tuning.search", "tune")],  # see TUNE_MODULES
+    "tune": [("tuning.search", "tune")],
     "rescore": [("tuning.policy", "rescore")],
     "submission": [("submissions.format", "submission_from_predictions"),
                    ("submissions.format", "write_submission"), ("submissions.format", "check_submission")],
@@ -589,7 +577,7 @@ def plan(cfg: dict) -> list[Stage]:
             preds = read_predictions(ctx.path(f"ens.{part}.parquet"))
             inliers = read_inliers(ctx.path(f"inliers.{part}.parquet"))
             target = ctx.path(f"rescored.{part}.parquet")
-            write_predictions(_rescore(rescore, preds, inliers, ctx.path("tune/policy.json")), target)
+            write_predictions(rescore(preds, inliers, str(ctx.path("tune/policy.json"))), target)
             out[part] = _evaluate(target, _solution(ctx.path("localval") if part == "val" else data_dir))
         return out
 
@@ -640,11 +628,6 @@ def plan(cfg: dict) -> list[Stage]:
     stages.append(Stage("report", report_stage, deps=[s.name for s in stages], config=cfg["report"],
                         outputs=["report.html"]))
     return stages
-
-
-def _rescore(rescore, preds, inliers, policy_path: Path):
-    """Apply the tuned policy (file path or loaded) with whichever form `rescore` takes."""
-    return rescore(preds, inliers, str(policy_path))
 
 
 def _jsonable(obj: Any) -> Any:
