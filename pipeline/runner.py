@@ -672,15 +672,13 @@ def run(config: str | os.PathLike | dict, *, from_stage: str | None = None, only
 def tune_parts(metrics: dict) -> dict:
     """{'tuning': (before, after), 'held-out': (before, after)} GAPs from `tune`'s result, when present."""
     out = {}
-    for part, keys in (("tuning", ("tune", "tuning", "train")), ("held-out", ("holdout", "held_out", "heldout"))):
-        for k in keys:
-            d = metrics.get(k)
-            if isinstance(d, dict) and "before" in d and "after" in d:
-                b, a = d["before"], d["after"]
-                b = b.get("gap") if isinstance(b, dict) else b
-                a = a.get("gap") if isinstance(a, dict) else a
-                out[part] = (b, a)
-                break
+    for part, key in (("tuning", "tune"), ("held-out", "holdout")):
+        d = metrics.get(key)
+        if isinstance(d, dict) and "before" in d and "after" in d:
+            b, a = d["before"], d["after"]
+            b = b.get("gap") if isinstance(b, dict) else b
+            a = a.get("gap") if isinstance(a, dict) else a
+            out[part] = (b, a)
     return out
 
 
