@@ -119,12 +119,18 @@ class Scored:
         return self.query[self.order], self.correct[self.order]
 
 
-def _usage_mask(usage_col: pd.Series, usage: str) -> np.ndarray:
-    import pyarrow.compute as pc
-
+def _usage_key(usage: str) -> str:
+    """"Public", "Private" or "all" for a --usage value in any case, else UserError."""
     key = _USAGE_CHOICES.get(str(usage).lower())
     if key is None:
         raise UserError(f"--usage {usage!r}: expected Public, Private or all")
+    return key
+
+
+def _usage_mask(usage_col: pd.Series, usage: str) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    key = _usage_key(usage)
     values = _strings(usage_col)
     if key == "all":
         mask = pc.not_equal(values, "Ignored")
@@ -320,7 +326,7 @@ def evaluate(
     s = score(submission, solution, usage)
     m = s.n_landmark_queries
     out = {
-        "usage": _USAGE_CHOICES.get(str(usage).lower(), usage),
+        "usage": _usage_key(usage),
         "gap": s.gap(),
         "accuracy": float(s.correct.sum() / m) if m else 0.0,
         "n_queries": s.n_queries,
@@ -395,8 +401,7 @@ def gap_report(
 
     if bootstrap < 0:
         raise UserError(f"--bootstrap {bootstrap}: must be >= 0")
-    if str(usage).lower() not in _USAGE_CHOICES:
-        raise UserError(f"--usage {usage!r}: expected Public, Private or all")
+    _usage_key(usage)  # before reading the files
     sol = read_solution(solution)
     sub = read_submission(submission)
     out = {"submission": str(submission), "solution": str(solution)}
