@@ -29,8 +29,9 @@ _USAGE_CHOICES = {"public": "Public", "private": "Private", "all": "all"}
 # ------------------------------------------------------------------------------ the core
 
 
-def _sorted_gap(rel_sorted: np.ndarray, n_landmark_queries: int) -> float:
-    """GAP of predictions already in rank order: Σ_k k / (position of the k-th correct) / M."""
+def sorted_gap(rel_sorted: np.ndarray, n_landmark_queries: int) -> float:
+    """GAP of predictions already in rank order (`rel_sorted`: correct or not, best first):
+    Σ_k k / (position of the k-th correct) / M. For callers that rank the predictions themselves."""
     if n_landmark_queries <= 0:
         return 0.0
     pos = np.flatnonzero(rel_sorted)
@@ -58,7 +59,7 @@ def gap_score(
     else:
         key = np.asarray(tie_key)
         order = _rank_order(confidence, lambda rows: key[rows])
-    return _sorted_gap(correct[order], n_landmark_queries)
+    return sorted_gap(correct[order], n_landmark_queries)
 
 
 def _rank_order(confidence: np.ndarray, tie_key_of) -> np.ndarray:
@@ -111,7 +112,7 @@ class Scored:
         return int(self.is_landmark.sum())
 
     def gap(self) -> float:
-        return _sorted_gap(self.correct[self.order], self.n_landmark_queries)
+        return sorted_gap(self.correct[self.order], self.n_landmark_queries)
 
     @functools.cached_property
     def ranked(self) -> tuple[np.ndarray, np.ndarray]:
