@@ -165,7 +165,8 @@ def split_parts(preds, inliers, solution, holdout: float = 0.3, seed: int = 0) -
         if stray.any():
             raise UserError(f"predictions: {int(stray.sum())} query id(s) are not in {src} "
                             f"(e.g. {data.ids[stray][0]!r}): tune on the validation predictions of that solution")
-        data = data.subset(np.flatnonzero(~unknown))
+        known = np.flatnonzero(~unknown)
+        data, where = data.subset(known), where[known]
     has_landmark = np.array([len(t) > 0 for t in sol["landmarks"]], dtype=bool)
     rng = np.random.default_rng(seed)
     is_holdout = np.zeros(len(sol), dtype=bool)
@@ -174,7 +175,6 @@ def split_parts(preds, inliers, solution, holdout: float = 0.3, seed: int = 0) -
         if k:
             is_holdout[rng.choice(group, size=k, replace=False)] = True
     correct = _correct(data, sol)
-    where = scored.get_indexer(pd.Index(data.ids, dtype="str"))
 
     def part(mask: np.ndarray) -> Part:
         rows = np.flatnonzero(mask[where])
