@@ -454,8 +454,7 @@ def verify(preds: str | os.PathLike | pd.DataFrame, data_dir: str | os.PathLike,
     from pipeline.embeddings import read_embeddings
     from pipeline.featcache import FeatureCache, default_cache_dir, extract_many
     from pipeline.progress import progress
-    from submissions.files import atomic_path
-    from submissions.tables import read_predictions, validate_inliers, validate_predictions
+    from submissions.tables import read_predictions, validate_inliers, validate_predictions, write_inliers
 
     out = Path(out)
     preds = validate_predictions(preds) if isinstance(preds, pd.DataFrame) else read_predictions(preds)
@@ -523,9 +522,8 @@ def verify(preds: str | os.PathLike | pd.DataFrame, data_dir: str | os.PathLike,
         bar = progress(range(len(tuples)), total=len(tuples), desc="verify", unit="pair")
         try:
             for rows in results:
-                df = pd.DataFrame(rows, columns=["id", "landmark_id", "ref_id", "inliers"])
-                with atomic_path(parts / f"chunk-{uuid.uuid4().hex}.parquet", suffix=".parquet") as tmp:
-                    validate_inliers(df).to_parquet(tmp, index=False)
+                write_inliers(pd.DataFrame(rows, columns=["id", "landmark_id", "ref_id", "inliers"]),
+                              parts / f"chunk-{uuid.uuid4().hex}.parquet")
                 for _ in rows:
                     next(bar, None)
         finally:
