@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.features import Features, make_config, make_extractor, parse_shard, stable_shard
+from pipeline.features import Features, in_shard, make_config, make_extractor, parse_shard
 from submissions.errors import UserError
 
 MODELS = ("affine", "homography", "fundamental")
@@ -464,7 +464,7 @@ def verify(preds: str | os.PathLike | pd.DataFrame, data_dir: str | os.PathLike,
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(data_dir)
     shard_t = parse_shard(shard)
     if shard_t is not None:
-        preds = preds[np.array([stable_shard(x, shard_t[1]) == shard_t[0] for x in preds["id"]], bool)]
+        preds = preds[preds["id"].isin(in_shard(preds["id"].unique(), shard_t))]
     emb = read_embeddings(embeddings) if embeddings else None
     remb = read_embeddings(ref_embeddings) if ref_embeddings else None
     plan = plan_pairs(preds, comp.train, candidates=candidates, k=k, refs=refs, seed=seed, embeddings=emb,
