@@ -418,15 +418,13 @@ def _objective(trial) -> float:
     return part.gap(policy)
 
 
-def _optimize(storage_spec: str | None, out: str, name: str, seed: int, trials: int, timeout: float | None,
-              callbacks=()) -> None:
+def _optimize(storage, name: str, seed: int, trials: int, timeout: float | None, callbacks=()) -> None:
     import optuna
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    storage = open_storage(storage_spec, out)
     study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(seed))
     cbs = list(callbacks)
     if trials:
@@ -455,7 +453,7 @@ def make_sampler(seed: int):
 
 def _child(storage_spec, out, name, seed, trials, timeout) -> None:
     try:
-        _optimize(storage_spec, out, name, seed, trials, timeout)
+        _optimize(open_storage(storage_spec, out), name, seed, trials, timeout)
     except KeyboardInterrupt:
         pass
 
@@ -567,13 +565,13 @@ def tune(
     if policy in SEARCHED:
         space = Space.of(tune_part.data)
         name = study or study_name(policy, (tune_part, hold_part), holdout, seed)
-        st = open_storage(storage, out)
+        st, label = open_storage(storage, out), storage_label(storage, out)
         try:
             s = optuna.create_study(study_name=name, storage=st, direction="maximize", load_if_exists=True)
         except Exception as e:
-            raise UserError(f"--storage {storage_label(storage, out)}: cannot create study {name!r} ({e})") from None
+            raise UserError(f"--storage {label}: cannot create study {name!r} ({e})") from None
         if s.direction != optuna.study.StudyDirection.MAXIMIZE:
-            raise UserError(f"study {name!r} in {storage_label(storage, out)} does not maximise: use another --study")
+            raise UserError(f"study {name!r} in {label} does not maximise: use another --study")
         if not s.get_trials(deepcopy=False):
             s.enqueue_trial(identity_params(policy, space), user_attrs={"start": "identity"})
             if policy in ("bands", "auto"):
@@ -591,22 +589,22 @@ def tune(
                     p = ctx.Process(target=_child, args=(storage, str(out), name, seed + i, trials, timeout), daemon=True)
                     p.start()
                     children.append(p)
-            _optimize(storage, str(out), name, seed, trials or 0, timeout, callbacks=[bar.callback] if bar else [])
+            _optimize(st, name, seed, trials or 0, timeout, callbacks=[bar.callback] if bar else [])
             for p in children:
                 p.join()
         finally:
             if bar:
                 bar.close()
-        s = optuna.load_study(study_name=name, storage=open_storage(storage, out))
+        s = optuna.load_study(study_name=name, storage=st)
         complete = s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete:
             raise UserError(f"study {name!r}: no trial finished (raise --timeout or --trials)")
         best = s.best_trial
         chosen = load_policy(best.user_attrs["policy"])
-        chosen["study"] = {"name": name, "storage": storage_label(storage, out), "best_trial": best.number,
+        chosen["study"] = {"name": name, "storage": label, "best_trial": best.number,
                            "trials": len(complete), "gap_tuning": best.value, "seed": seed, "holdout": holdout,
                            "searched": policy}
-        result.update(study=name, storage=storage_label(storage, out), trials=len(complete), best_trial=best.number,
+        result.update(study=name, storage=label, trials=len(complete), best_trial=best.number,
                       requeued=requeued)
     else:
         chosen = load_policy(policy)
