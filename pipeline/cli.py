@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from pipeline.models import BACKBONES, PRECISIONS  # light: models imports TensorFlow lazily
 from submissions.errors import UserError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -335,7 +336,7 @@ def _warnings_to_stderr() -> None:
 
 @cli.command("train")
 @click.argument("data_dir", type=click.Path(file_okay=False))
-@click.option("--backbone", type=click.Choice(["vgg16", "vgg19", "resnet50"]), required=True,
+@click.option("--backbone", type=click.Choice(BACKBONES), required=True,
               help="ImageNet backbone (keras.applications) with its conventional head.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory, e.g. runs/vgg16.")
 @click.option("--weights", default="imagenet", show_default=True,
@@ -351,7 +352,7 @@ def _warnings_to_stderr() -> None:
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of the head phase.")
 @click.option("--fine-tune-lr", type=float, default=1e-4, show_default=True, help="Adam learning rate when fine-tuning.")
 @click.option("--decay", type=float, default=0.0, show_default=True, help="Learning-rate decay: lr / (1 + decay·step).")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="Mixed precision; auto = fp16 on GPU, bf16 on CPUs with AMX/AVX512-BF16, else fp32.")
 @click.option("--max-per-class", type=click.IntRange(min=1), default=3000, show_default=True,
               help="Cap on images per class (random, seeded).")
@@ -410,7 +411,7 @@ def train_command(data_dir: str, as_json: bool, **options) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--embeddings", type=click.Path(dir_okay=False), default=None,
               help="Also save the penultimate-layer descriptors here (.npy, ids in .ids.txt beside it).")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=None,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="Run inference under this precision instead of the one the model was trained with.")
 @quiet_option
 @json_option

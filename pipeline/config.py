@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from pipeline.models import BACKBONES, PRECISIONS
 from submissions.errors import UserError
 
 # section -> key -> default. `None` means "not set" (the stage function's own default applies).
@@ -79,13 +80,12 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("verify", "extractor"): ("sift", "orb", "delf"),
     ("verify", "refs"): ("first", "random", "nearest"),
     ("tune", "policy"): ("auto", "bands", "blend", "seed-rules", "identity"),
-    ("train", "precision"): ("auto", "bf16", "fp16", "fp32"),
+    ("train", "precision"): PRECISIONS,
     ("train", "final_fit"): ("all", "split"),
 }
 # [train] keys about the run, not about one model: never merged into [[models]] (so they do not
 # change a model's fingerprint) and never passed to `glr train`
 RUN_LEVEL_TRAIN_KEYS = ("final_fit",)
-BACKBONES = ("vgg16", "vgg19", "resnet50")
 # sections whose unknown keys go to a stage function (checked against its signature later)
 PASS_THROUGH = ("train", "predict", "ensemble", "verify", "tune")
 PATH_KEYS = {("run", "root"), ("data", "data_dir"), ("verify", "cache_dir")}
