@@ -283,10 +283,11 @@ def check_policy(policy: dict, where: str = "policy") -> dict:
     if kind not in KINDS:
         raise UserError(f"{where}: kind {kind!r} is not one of {', '.join(KINDS)}")
     num = (int, float)
-    if kind == "bands":
+    if kind in ("bands", "blend"):
         agg = _need(policy, "aggregator", where, str)
         if agg not in AGGREGATORS:
             raise UserError(f"{where}: aggregator {agg!r} is not one of {', '.join(AGGREGATORS)}")
+    if kind == "bands":
         edges = _need(policy, "edges", where, list)
         if any(not isinstance(e, num) for e in edges) or list(edges) != sorted(edges):
             raise UserError(f"{where}: edges {edges!r} must be ascending numbers")
@@ -308,9 +309,6 @@ def check_policy(policy: dict, where: str = "policy") -> dict:
                 _need(b, "promote_at", w, num)
             _need(b, "promote_to", w, num)
     elif kind == "blend":
-        agg = _need(policy, "aggregator", where, str)
-        if agg not in AGGREGATORS:
-            raise UserError(f"{where}: aggregator {agg!r} is not one of {', '.join(AGGREGATORS)}")
         if _need(policy, "k", where, int) < 1:
             raise UserError(f"{where}: k must be >= 1")
         for key in ("a", "b", "floor"):
