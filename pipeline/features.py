@@ -239,7 +239,9 @@ class DelfExtractor(Extractor):
 
     def __init__(self, config: ExtractorConfig):
         super().__init__(config)
-        import tensorflow as tf  # lazily: only DELF needs TensorFlow
+        from pipeline.models import quiet_tf
+
+        tf = quiet_tf()  # lazily: only DELF needs TensorFlow
         import tensorflow_hub as hub
 
         self._tf = tf
