@@ -55,7 +55,8 @@ def all_pairs(labels: list[str], negatives: int | None = None, seed: int = 0) ->
     if negatives is None:
         return pairs
     pos = [p for p in pairs if labels[p[0]] and labels[p[0]] == labels[p[1]]]
-    neg = [p for p in pairs if p not in set(pos)]
+    pos_set = set(pos)
+    neg = [p for p in pairs if p not in pos_set]
     pick = np.random.default_rng(seed).choice(len(neg), size=min(negatives, len(neg)), replace=False)
     return pos + [neg[i] for i in sorted(pick)]
 
