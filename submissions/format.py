@@ -122,6 +122,14 @@ def _read_csv(path: str | os.PathLike, header: list[str]) -> _Csv:
     return _Csv(path, header, columns, lines[:n], problems)
 
 
+def _read_id_csv(path: Path) -> _Csv:
+    """A CSV that must have an `id` column (a sample submission), read as strings."""
+    header = _read_header(path)
+    if "id" not in header:
+        raise UserError(f"{path}: line 1: no 'id' column (header is {','.join(header)!r})")
+    return _read_csv(path, header)
+
+
 def _array(values):
     """One contiguous pyarrow array (some kernels refuse ChunkedArrays)."""
     return values.combine_chunks() if hasattr(values, "combine_chunks") else values
@@ -412,10 +420,7 @@ def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike 
     if sample_path is None:
         return messages
     sample_path = Path(sample_path)
-    sample_header = _read_header(sample_path)
-    if "id" not in sample_header:
-        raise UserError(f"{sample_path}: line 1: no 'id' column (header is {','.join(sample_header)!r})")
-    sample = _read_csv(sample_path, sample_header)
+    sample = _read_id_csv(sample_path)
     sample_ids = _array(sample.columns["id"])
     sub_ids = pa.array(frame["id"].to_numpy(dtype=object), type=pa.string())
     extra = np.flatnonzero(~pc.is_in(sub_ids, value_set=sample_ids).to_numpy(zero_copy_only=False))
@@ -528,10 +533,7 @@ def align_submission(submission: pd.DataFrame, ids) -> pd.DataFrame:
 def read_sample_ids(path: str | os.PathLike) -> pd.Series:
     """The ids of a sample submission (or any CSV with an `id` column), in file order."""
     path = Path(path)
-    header = _read_header(path)
-    if "id" not in header:
-        raise UserError(f"{path}: line 1: no 'id' column (header is {','.join(header)!r})")
-    csv = _read_csv(path, header)
+    csv = _read_id_csv(path)
     if csv.problems:
         raise UserError(_summary(path, _format_problems(csv.problems)))
     return pd.Series(csv.columns["id"].to_pandas(), dtype="str", name="id")
