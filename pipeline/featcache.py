@@ -63,7 +63,6 @@ class FeatureCache:
         self.memory_items = int(memory_items)
         self._lru: OrderedDict[str, Features] = OrderedDict()
         self._extractor: Extractor | None = None
-        self.hits = self.misses = 0
 
     def path(self, image_id: str) -> Path:
         stem = _file_stem(image_id)
@@ -80,7 +79,6 @@ class FeatureCache:
         image_id = str(image_id)
         if image_id in self._lru:
             self._lru.move_to_end(image_id)
-            self.hits += 1
             return self._lru[image_id]
         path = self.path(image_id)
         try:
@@ -90,13 +88,8 @@ class FeatureCache:
                     z["locations"].astype(np.float32), _from_disk(desc),
                     z["scales"].astype(np.float32), z["scores"].astype(np.float32), float(z["work_scale"]),
                 )
-        except FileNotFoundError:
-            self.misses += 1
-            return None
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
-            self.misses += 1
-            return None  # damaged: recompute and overwrite
-        self.hits += 1
+            return None  # not cached (FileNotFoundError is an OSError), or damaged: recompute and overwrite
         self._remember(image_id, feats)
         return feats
 
@@ -121,23 +114,11 @@ class FeatureCache:
         """What `get` will return for `feats` (descriptors round-tripped through float16)."""
         return feats._replace(descriptors=_from_disk(_to_disk(feats.descriptors)))
 
-    def contains(self, image_id: str) -> bool:
-        return str(image_id) in self._lru or self.path(image_id).exists()
-
     @property
     def extractor(self) -> Extractor:
         if self._extractor is None:
             self._extractor = make_extractor(self.config)
         return self._extractor
-
-    def get_or_extract(self, image_id: str, path: str | os.PathLike) -> Features:
-        """Cached features, else extract from `path`, store and return (ImageReadError if unreadable)."""
-        feats = self.get(image_id)
-        if feats is None:
-            feats = self.extractor.extract_path(path)
-            self.put(image_id, feats)
-            feats = self.get_stored_form(feats)  # identical to what a later `get` returns
-        return feats
 
 
 # -- filling the cache (used by `glr features` and by `glr verify` before matching) -------------
