@@ -257,8 +257,12 @@ def _unwrap(wrapper: Path, final: Path, staging: Path) -> None:
     if len(members) != 1:
         raise UserError(f"{wrapper}: expected one file inside a server-zipped download, found {len(members)}")
     tmp = staging / "unwrap.part"
-    with zipfile.ZipFile(wrapper) as zf, zf.open(members[0]) as src, open(tmp, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
+    try:
+        with zipfile.ZipFile(wrapper) as zf, zf.open(members[0]) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except zipfile.BadZipFile as e:  # CRC mismatch, truncated data: as safe_extract reports it
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{wrapper}: member {members[0].filename!r} is corrupt ({e}); delete it and re-run") from None
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, final)
     wrapper.unlink()

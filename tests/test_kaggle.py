@@ -196,6 +196,23 @@ def test_fetch_single_files_and_server_zipped(tmp_path, comp_dir):
         assert proc.returncode == 0 and "already complete: train.csv" in proc.stdout and len(fake.hits) == n
 
 
+def test_fetch_server_zipped_file_with_corrupt_data_is_one_line(tmp_path, comp_dir):
+    train = (comp_dir / "train.csv").read_bytes()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("train.csv", train)
+    raw = bytearray(buf.getvalue())
+    at = raw.index(train[:20])
+    raw[at] ^= 0xFF  # the stored bytes no longer match the CRC in the header
+    with FakeKaggle(files={(COMP, "train.csv.zip"): bytes(raw)}) as fake:
+        data = tmp_path / "d"
+        proc = glr(["fetch", COMP, "--data-dir", str(data), "--files", "train.csv"], _env(fake, _home(tmp_path)))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "train.csv.zip" in proc.stderr and "is corrupt" in proc.stderr
+    assert not (data / "train.csv").exists()
+    assert not list(data.rglob("*.part"))
+
+
 @pytest.mark.slow
 def test_fetch_kill9_then_rerun_resumes_without_duplicate_work(tmp_path, comp_dir, bundle):
     data = tmp_path / "d"
