@@ -106,7 +106,8 @@ class FeatureCache:
                 np.savez(f, locations=feats.locations.astype(np.float32), descriptors=desc,
                          scales=feats.scales.astype(np.float32), scores=feats.scores.astype(np.float32),
                          work_scale=np.float32(feats.work_scale))
-        self._remember(image_id, self.get_stored_form(feats))
+        if self.memory_items > 0:  # workers keep nothing in memory: skip the float16 round trip
+            self._remember(image_id, self.get_stored_form(feats))
         return path
 
     @staticmethod
