@@ -61,7 +61,7 @@ def main() -> None:
     from pipeline.models import cpu_flags
     from pipeline.predict import predict
     from pipeline.synth import make_competition
-    from pipeline.train import train
+    from pipeline.train import read_split, train
     from submissions.format import read_solution
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="glr-bench-models-"))
@@ -90,7 +90,7 @@ def main() -> None:
         print(f"{b}: accuracy {r['accuracy']:.3f} GAP {r['gap']:.3f}; train {t_train:.0f} s; {tm}", flush=True)
 
     # ensemble: equal weights, and weights picked on the validation split (shared by the runs)
-    split = pd.read_csv(work / "vgg16" / "split.csv", dtype={"id": str})
+    split = read_split(work / "vgg16")
     val = split[split["split"] == "val"]
     val_sol = pd.DataFrame({"id": val["id"].astype(str), "landmarks": [(int(v),) for v in val["landmark_id"]],
                             "usage": "All"}).reset_index(drop=True)

@@ -25,10 +25,9 @@ def split_ids(run_dir: Path, comp, split: str) -> tuple[list[str], str]:
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
     if split == "val":
-        path = run_dir / "split.csv"
-        if not path.exists():
-            raise UserError(f"{path}: no stored split — is {run_dir} a `glr train` run directory?")
-        rows = pd.read_csv(path, dtype={"id": str})
+        from pipeline.train import read_split
+
+        rows = read_split(run_dir)
         return rows.loc[rows["split"] == "val", "id"].tolist(), "train"
     return comp.ids(split), split
 

@@ -77,6 +77,14 @@ def read_labels(run_dir: str | os.PathLike) -> np.ndarray:
     return np.array([int(m[str(i)]) for i in range(len(m))], dtype=np.int64)
 
 
+def read_split(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """The run's stratified split (split.csv): id, landmark_id, split (train/val)."""
+    path = Path(run_dir) / "split.csv"
+    if not path.exists():
+        raise UserError(f"{path}: no stored split — is {run_dir} a `glr train` run directory?")
+    return pd.read_csv(path, dtype={"id": str})
+
+
 def plot_history(history: list[dict], path: Path) -> None:
     """Accuracy and loss, train vs validation, over both phases (a line marks fine-tuning)."""
     import matplotlib
@@ -268,7 +276,7 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
         state = {"config": config, "phase": "head", "epoch": 0, "best": {"value": float("inf")}, "wait": 0,
                  "history": [], "timings": {}, "resumed": [], "stopped_early": False}
     else:
-        rows = pd.read_csv(split_path, dtype={"id": str})
+        rows = read_split(out)
         classes = read_labels(out)
     cfg = state["config"]
     class_index = {int(c): i for i, c in enumerate(classes)}
