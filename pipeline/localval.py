@@ -21,7 +21,7 @@ import pandas as pd
 
 from pipeline.competition import Competition, hashed_relpath
 from submissions.errors import UserError
-from submissions.files import atomic_write_text
+from submissions.files import atomic_dir, atomic_write_text
 
 MANIFEST = "localval.json"
 
@@ -107,42 +107,29 @@ def make_local_validation(data_dir: str | os.PathLike, out: str | os.PathLike, *
     subset, queries = split_ids(train, holdout_frac=holdout_frac, unseen_class_frac=unseen_class_frac,
                                 min_train_per_class=min_train_per_class, max_queries=max_queries, seed=seed)
 
-    tmp = out.with_name(f".{out.name}.building")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    ways: dict[str, int] = {}
-    for split, ids in (("train", subset["id"]), ("test", queries["id"])):
-        for image_id in ids:
-            way = _link(comp.image_path(image_id, "train"), tmp / split / _relpath(image_id))
-            ways[way] = ways.get(way, 0) + 1
-    subset.to_csv(tmp / "train.csv", index=False)
-    usage = np.where(np.random.default_rng(seed + 1).random(len(queries)) < 0.3, "Public", "Private")
-    queries.assign(Usage=usage).to_csv(tmp / "solution.csv", index=False)
-    queries[["id"]].assign(landmarks="").to_csv(tmp / "sample_submission.csv", index=False)
-    summary = {
-        "source": str(comp.root),
-        "source_train_sha256": hashlib.sha256((comp.root / "train.csv").read_bytes()).hexdigest(),
-        "params": {"holdout_frac": holdout_frac, "unseen_class_frac": unseen_class_frac,
-                   "min_train_per_class": min_train_per_class, "max_queries": max_queries, "seed": seed},
-        "train_images": int(len(subset)),
-        "train_classes": int(subset["landmark_id"].nunique()),
-        "queries": int(len(queries)),
-        "landmark_queries": int((queries["landmarks"] != "").sum()),
-        "non_landmark_queries": int((queries["landmarks"] == "").sum()),
-        "unseen_classes": sorted(int(c) for c in set(train["landmark_id"]) - set(subset["landmark_id"])),
-        "missing_source_images": missing,
-        "links": ways,
-    }
-    atomic_write_text(tmp / MANIFEST, json.dumps(summary, indent=2) + "\n")
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+    with atomic_dir(out) as tmp:  # an existing OUT is only replaced once the new one is complete
+        ways: dict[str, int] = {}
+        for split, ids in (("train", subset["id"]), ("test", queries["id"])):
+            for image_id in ids:
+                way = _link(comp.image_path(image_id, "train"), tmp / split / _relpath(image_id))
+                ways[way] = ways.get(way, 0) + 1
+        subset.to_csv(tmp / "train.csv", index=False)
+        usage = np.where(np.random.default_rng(seed + 1).random(len(queries)) < 0.3, "Public", "Private")
+        queries.assign(Usage=usage).to_csv(tmp / "solution.csv", index=False)
+        queries[["id"]].assign(landmarks="").to_csv(tmp / "sample_submission.csv", index=False)
+        summary = {
+            "source": str(comp.root),
+            "source_train_sha256": hashlib.sha256((comp.root / "train.csv").read_bytes()).hexdigest(),
+            "params": {"holdout_frac": holdout_frac, "unseen_class_frac": unseen_class_frac,
+                       "min_train_per_class": min_train_per_class, "max_queries": max_queries, "seed": seed},
+            "train_images": int(len(subset)),
+            "train_classes": int(subset["landmark_id"].nunique()),
+            "queries": int(len(queries)),
+            "landmark_queries": int((queries["landmarks"] != "").sum()),
+            "non_landmark_queries": int((queries["landmarks"] == "").sum()),
+            "unseen_classes": sorted(int(c) for c in set(train["landmark_id"]) - set(subset["landmark_id"])),
+            "missing_source_images": missing,
+            "links": ways,
+        }
+        atomic_write_text(tmp / MANIFEST, json.dumps(summary, indent=2) + "\n")
     return {**summary, "out": str(out)}

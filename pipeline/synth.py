@@ -23,14 +23,13 @@ from __future__ import annotations
 import colorsys
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from submissions.errors import UserError
+from submissions.files import atomic_dir
 
 __all__ = ["make_competition"]
 
@@ -528,10 +527,7 @@ def make_competition(
     test_label = np.concatenate([query_lm, np.full(n_dist, -1)])[rng.permutation(test)]
     usage = np.where(rng.permutation(test) < int(round(test * public_frac)), "Public", "Private")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.synth-", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would survive the rename
-    try:
+    with atomic_dir(out) as tmp:  # an existing OUT is only replaced once the new one is complete
         made: set[Path] = set()
 
         def write(split: str, image_id: str, rgb: np.ndarray) -> None:
@@ -597,15 +593,4 @@ def make_competition(
             "confusable_groups": [sorted(int(lids[i]) for i in g) for g in groups if len(g) > 1],
         }
         (tmp / "synth.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-        # swap into place: an existing OUT is only removed once the new one is complete
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"path": str(out), **summary}

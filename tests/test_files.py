@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from submissions.files import atomic_path, atomic_write_text
+from submissions.files import atomic_dir, atomic_path, atomic_write_text
 
 
 def test_atomic_write_gives_ordinary_permissions(tmp_path):
@@ -26,3 +26,26 @@ def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
             raise RuntimeError("interrupted")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+
+
+def test_atomic_dir_replaces_only_when_complete(tmp_path):
+    target = tmp_path / "comp"
+    with atomic_dir(target) as tmp:
+        (tmp / "train.csv").write_text("v1")
+    assert (target / "train.csv").read_text() == "v1"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~_umask()
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "train.csv").write_text("half")
+            raise RuntimeError("interrupted")
+    assert (target / "train.csv").read_text() == "v1"  # the old folder survives a failed rebuild
+    with atomic_dir(target) as tmp:
+        (tmp / "train.csv").write_text("v2")
+    assert (target / "train.csv").read_text() == "v2"
+    assert [p.name for p in tmp_path.iterdir()] == ["comp"]  # no temporary or old folder left
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

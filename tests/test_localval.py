@@ -88,4 +88,4 @@ def test_overwrite_and_errors(tmp_path):
     with pytest.raises(UserError, match="already exists"):
         make_local_validation(src, tmp_path / "lv", seed=0)
     s = make_local_validation(src, tmp_path / "lv", seed=1, overwrite=True)
-    assert s["params"]["seed"] == 1 and not (tmp_path / ".lv.old").exists()
+    assert s["params"]["seed"] == 1 and not list(tmp_path.glob(".lv*"))  # no temporary or old folder left
