@@ -9,12 +9,21 @@ from pathlib import Path
 from typing import Iterator
 
 
-def _default_mode(folder: bool = False) -> int:
-    """What `open()` / `mkdir()` would give: 0o666 / 0o777 less the process umask (mkstemp and
-    mkdtemp use 0o600 / 0o700, which would survive the rename)."""
+def _read_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return (0o777 if folder else 0o666) & ~umask
+    return umask
+
+
+# Read once, at import (single-threaded): setting and restoring the umask around every write would
+# let a file created meanwhile by another thread (download and decode pools) get mode 0o666.
+_UMASK = _read_umask()
+
+
+def _default_mode(folder: bool = False) -> int:
+    """What `open()` / `mkdir()` would give: 0o666 / 0o777 less the umask (mkstemp and mkdtemp use
+    0o600 / 0o700, which would survive the rename)."""
+    return (0o777 if folder else 0o666) & ~_UMASK
 
 
 @contextlib.contextmanager

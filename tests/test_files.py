@@ -7,14 +7,12 @@ from submissions.files import atomic_dir, atomic_path, atomic_write_text
 
 
 def test_atomic_write_gives_ordinary_permissions(tmp_path):
-    old = os.umask(0o022)
-    try:
-        path = atomic_write_text(tmp_path / "sub" / "submission.csv", "id,landmarks\n")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # readable by others, like any file the user writes
+    path = atomic_write_text(tmp_path / "sub" / "submission.csv", "id,landmarks\n")
+    plain = tmp_path / "sub" / "plain.csv"
+    plain.write_text("x")  # what any file the user writes gets (mkstemp alone would give 0o600)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~_umask()
     assert path.read_text() == "id,landmarks\n"
-    assert [p.name for p in path.parent.iterdir()] == ["submission.csv"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["plain.csv", "submission.csv"]
 
 
 def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
