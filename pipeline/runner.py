@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.progress import enabled as progress_enabled
 from submissions.errors import UserError
 from submissions.files import atomic_write_text
 
@@ -551,7 +552,8 @@ def plan(cfg: dict) -> list[Stage]:
         t["study"] = t.get("study") or f"{ctx.cfg['run']['name']}-{_hash_obj(ctx.records['tune']['inputs'])[:10]}"
         t["timeout"] = t.get("timeout") or None
         fixed = {"preds": str(ctx.path("ens.val.parquet")), "inliers": str(ctx.path("inliers.val.parquet")),
-                 "solution": str(ctx.path("localval/solution.csv")), "out": str(ctx.path("tune/policy.json"))}
+                 "solution": str(ctx.path("localval/solution.csv")), "out": str(ctx.path("tune/policy.json")),
+                 "progress": progress_enabled()}  # honours `glr run --quiet`, like every other stage's bar
         try:
             res = _call(tune, "tune", fixed, t)
         except UserError as e:
