@@ -224,13 +224,12 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
           bottleneck: bool = True, patience: int = 3) -> dict:
     """Train `backbone` on the competition in `data_dir` into the run directory `out`; return
     the manifest. See the module docstring for the phases and the files written."""
+    config = dict(locals())  # the options: taken before any other local name exists
+    t_start = time.perf_counter()
     from pipeline.competition import Competition
     from pipeline.data import decode_cache, stratified_split, select_rows
     from pipeline import models as M
 
-    t_start = time.perf_counter()
-    config = {k: v for k, v in locals().items() if k not in ("t_start", "Competition", "decode_cache",
-                                                             "stratified_split", "select_rows", "M")}
     config["data_dir"], config["out"] = str(data_dir), str(out)
     for key in ("epochs", "fine_tune_epochs", "fine_tune_layers", "patience"):
         if config[key] < 0:
