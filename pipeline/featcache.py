@@ -9,6 +9,7 @@ in-process LRU.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -161,11 +162,22 @@ def _extract_chunk(args) -> list[tuple[str, str | None, int]]:
     return out
 
 
-def _pool(workers: int):
+@contextlib.contextmanager
+def map_chunks(fn, chunks: list, workers: int, initializer=_init_worker, initargs: tuple = ()):
+    """Yield the results of `fn` over `chunks`: in order in this process when `workers` <= 1, else as
+    they finish in `workers` spawned processes (OpenCV's and BLAS's thread pools are not fork-safe),
+    each set up by `initializer(*initargs)`; the pool is terminated on exit, error or interruption."""
+    if workers <= 1:
+        yield map(fn, chunks)
+        return
     import multiprocessing as mp
 
-    # spawn: OpenCV's and BLAS's thread pools are not fork-safe
-    return mp.get_context("spawn").Pool(workers, initializer=_init_worker)
+    pool = mp.get_context("spawn").Pool(workers, initializer=initializer, initargs=initargs)
+    try:
+        yield pool.imap_unordered(fn, chunks)
+    finally:
+        pool.terminate()
+        pool.join()
 
 
 def extract_many(cache_dir: str | os.PathLike, config: ExtractorConfig, split: str,
@@ -179,22 +191,14 @@ def extract_many(cache_dir: str | os.PathLike, config: ExtractorConfig, split: s
     if not chunks:
         return errors
     bar = progress(range(len(items)), total=len(items), desc=desc, unit="img")
-    if workers <= 1:
-        results = map(_extract_chunk, chunks)
-        pool = None
-    else:
-        pool = _pool(workers)
-        results = pool.imap_unordered(_extract_chunk, chunks)
     try:
-        for res in results:
-            for image_id, err, _ in res:
-                next(bar, None)
-                if err:
-                    errors[image_id] = err
+        with map_chunks(_extract_chunk, chunks, workers) as results:
+            for res in results:
+                for image_id, err, _ in res:
+                    next(bar, None)
+                    if err:
+                        errors[image_id] = err
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
         for _ in bar:  # close the bar
             pass
     return errors

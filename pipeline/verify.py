@@ -452,7 +452,7 @@ def verify(preds: str | os.PathLike | pd.DataFrame, data_dir: str | os.PathLike,
     """
     from pipeline.competition import Competition
     from pipeline.embeddings import read_embeddings
-    from pipeline.featcache import FeatureCache, default_cache_dir, extract_many
+    from pipeline.featcache import FeatureCache, default_cache_dir, extract_many, map_chunks
     from pipeline.progress import progress
     from submissions.tables import read_predictions, validate_inliers, validate_predictions, write_inliers
 
@@ -510,26 +510,15 @@ def verify(preds: str | os.PathLike | pd.DataFrame, data_dir: str | os.PathLike,
             chunks.append(cur)
         parts.mkdir(parents=True, exist_ok=True)
         init_args = (str(cache_dir), config, mcfg, list(bad_q), list(bad_r))
-        pool = None
-        if workers > 1:
-            import multiprocessing as mp
-
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_match_worker, initargs=init_args)
-            results = pool.imap_unordered(_match_chunk, chunks)
-        else:
+        if workers <= 1:
             _init_match_worker(*init_args)
-            results = map(_match_chunk, chunks)
-        bar = progress(range(len(tuples)), total=len(tuples), desc="verify", unit="pair")
-        try:
+        with map_chunks(_match_chunk, chunks, workers, _init_match_worker, init_args) as results:
+            bar = progress(range(len(tuples)), total=len(tuples), desc="verify", unit="pair")
             for rows in results:
                 write_inliers(pd.DataFrame(rows, columns=["id", "landmark_id", "ref_id", "inliers"]),
                               parts / f"chunk-{uuid.uuid4().hex}.parquet")
                 for _ in rows:
                     next(bar, None)
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
         fresh = _read_parts(parts)
         done = pd.concat([done, fresh], ignore_index=True).drop_duplicates(["id", "landmark_id", "ref_id"],
                                                                             keep="last")
