@@ -66,10 +66,9 @@ def load_run_model(run_dir: str | os.PathLike, precision: str | None = None):
                         "(finish it with `glr train … --resume`)")
     manifest = json.loads(mpath.read_text())
     labels = read_labels(run_dir)
-    if precision is not None:
-        M.set_precision(precision)
+    policy = M._POLICY[M.set_precision(precision)] if precision is not None else None
     model = M.load_model(run_dir / "model.keras")
-    if precision is not None and _policy(model) != M._POLICY[M.resolve_precision(precision)]:
+    if policy is not None and _policy(model) != policy:
         rebuilt = M.build_model(manifest["backbone"], int(model.output.shape[-1]), manifest["image_size"], "none")
         rebuilt.set_weights(model.get_weights())
         model = rebuilt
