@@ -52,24 +52,12 @@ def view(img: np.ndarray, seed: int) -> np.ndarray:
 
 
 def study_way(ext, img_a, img_b) -> int:
-    """The study's pipeline for one pair: extract both, cKDTree, list comprehensions, skimage RANSAC."""
-    from scipy.spatial import cKDTree
-
-    from pipeline.verify import skimage_inliers
-
-    fa, fb = ext.extract_array(img_a), ext.extract_array(img_b)
-    loc1, loc2 = fa.locations, fb.locations
-    n1, n2 = len(loc1), len(loc2)
-    tree = cKDTree(fa.descriptors)
-    _, indices = tree.query(fb.descriptors, distance_upper_bound=0.8)
-    loc2_use = np.array([loc2[i,] for i in range(n2) if indices[i] != n1])
-    loc1_use = np.array([loc1[indices[i],] for i in range(n2) if indices[i] != n1])
-    if len(loc1_use) < 3:
-        return 0
-    return int(skimage_inliers(loc1_use, loc2_use, threshold=20.0, max_trials=1000, seed=0).sum())
+    """The study's pipeline for one pair: extract both, then `study_match_only`."""
+    return study_match_only(ext.extract_array(img_a), ext.extract_array(img_b))
 
 
 def study_match_only(fa, fb) -> int:
+    """The study's matching of two feature sets: cKDTree, list comprehensions, skimage RANSAC."""
     from scipy.spatial import cKDTree
 
     from pipeline.verify import skimage_inliers
