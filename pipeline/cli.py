@@ -34,13 +34,9 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 
 def echo_json(obj: dict) -> None:
     """Print one JSON object on stdout (numpy scalars and paths allowed)."""
+    from submissions.files import json_default
 
-    def default(o):
-        if hasattr(o, "item"):
-            return o.item()
-        return str(o)
-
-    click.echo(json.dumps(obj, default=default, indent=None))
+    click.echo(json.dumps(obj, default=json_default, indent=None))
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from submissions.errors import UserError
-from submissions.files import atomic_path, atomic_write_text
+from submissions.files import atomic_path, atomic_write_json
 
 # options that may differ on --resume (everything else must match the interrupted run)
 # (data_dir may move: the rows used are fixed by split.csv in the run directory)
@@ -40,10 +40,6 @@ RESUMABLE_CHANGES = {"epochs", "fine_tune_epochs", "patience", "resume", "batch_
 
 
 OWN_FILES = {"split.csv", "labels.json", "cache", "checkpoints", "state.json"}
-
-
-def _dump(obj) -> str:
-    return json.dumps(obj, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n"
 
 
 def _versions() -> dict:
@@ -125,7 +121,7 @@ class _Run:
         return json.loads(self.state_path.read_text()) if self.state_path.exists() else None
 
     def save_state(self, state: dict) -> None:
-        atomic_write_text(self.state_path, _dump(state))
+        atomic_write_json(self.state_path, state)
 
 
 def _save_keras(model, path: Path) -> None:
@@ -271,7 +267,7 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
         classes = np.sort(rows["landmark_id"].unique())
         with atomic_path(split_path, suffix=".csv") as tmp:
             rows.to_csv(tmp, index=False)
-        atomic_write_text(out / "labels.json", _dump({str(i): int(c) for i, c in enumerate(classes)}))
+        atomic_write_json(out / "labels.json", {str(i): int(c) for i, c in enumerate(classes)})
         state = {"config": config, "phase": "head", "epoch": 0, "best": {"value": float("inf")}, "wait": 0,
                  "history": [], "timings": {}, "resumed": [], "stopped_early": False}
     else:
@@ -406,7 +402,7 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
         final = M.load_model(init_path)
     final.set_weights(model.get_weights())
     _save_keras(final, out / "model.keras")
-    atomic_write_text(out / "history.json", _dump(state["history"]))
+    atomic_write_json(out / "history.json", state["history"])
     plot_history(state["history"], out / "training_curve.png")
 
     timings = dict(state["timings"])
@@ -440,7 +436,7 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
         "resumed": state["resumed"],
         "files": ["model.keras", "labels.json", "split.csv", "history.json", "training_curve.png"],
     }
-    atomic_write_text(out / "manifest.json", _dump(manifest))
+    atomic_write_json(out / "manifest.json", manifest)
     state["phase"] = "done"
     run.save_state(state)
     return manifest

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -54,6 +55,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def json_default(o):
+    """`json.dumps` default for what our tables and metrics hold: numpy scalars as numbers, the
+    rest (paths, …) as text."""
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> Path:
+    """Write `obj` as indented JSON (numpy scalars allowed) to `path` atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -348,16 +348,10 @@ def load_policy(policy) -> dict:
 
 def save_policy(policy: dict, path: str | os.PathLike) -> Path:
     """Write a policy as indented JSON, atomically."""
-    from submissions.files import atomic_write_text
+    from submissions.files import atomic_write_json
 
     check_policy(policy, str(path))
-    return atomic_write_text(path, json.dumps(policy, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(o):
-    if hasattr(o, "item"):
-        return o.item()
-    return str(o)
+    return atomic_write_json(path, policy)
 
 
 # ------------------------------------------------------------------------------ application
