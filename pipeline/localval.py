@@ -10,7 +10,6 @@ function runs on it unchanged. Deterministic for a given seed.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ import pandas as pd
 
 from pipeline.competition import Competition, hashed_relpath
 from submissions.errors import UserError
-from submissions.files import atomic_dir, atomic_write_text
+from submissions.files import atomic_dir, atomic_write_text, sha256_file
 
 MANIFEST = "localval.json"
 
@@ -119,7 +118,7 @@ def make_local_validation(data_dir: str | os.PathLike, out: str | os.PathLike, *
         queries[["id"]].assign(landmarks="").to_csv(tmp / "sample_submission.csv", index=False)
         summary = {
             "source": str(comp.root),
-            "source_train_sha256": hashlib.sha256((comp.root / "train.csv").read_bytes()).hexdigest(),
+            "source_train_sha256": sha256_file(comp.root / "train.csv"),
             "params": {"holdout_frac": holdout_frac, "unseen_class_frac": unseen_class_frac,
                        "min_train_per_class": min_train_per_class, "max_queries": max_queries, "seed": seed},
             "train_images": int(len(subset)),

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline import package_versions
 from pipeline.progress import enabled as progress_enabled
 from submissions.errors import UserError
-from submissions.files import atomic_write_text
+from submissions.files import atomic_write_text, sha256_file
 
 MANIFEST = "manifest.json"
 LOCK = ".glr-run.lock"
@@ -99,9 +100,7 @@ def file_digest(*paths: Path) -> dict:
     for p in paths:
         p = Path(p)
         if p.is_file():
-            h = hashlib.sha256()
-            _hash_file(h, p)
-            out[str(p)] = h.hexdigest()
+            out[str(p)] = sha256_file(p)
         else:
             out[str(p)] = None
     return out
@@ -288,16 +287,8 @@ def execute(stages: list[Stage], run_dir: str | os.PathLike, cfg: dict | None = 
 
 
 def _versions() -> dict:
-    import platform
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for pkg in ("glr", "tensorflow", "keras", "numpy", "pandas", "optuna", "opencv-python-headless", "kaggle"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    return package_versions("glr", "tensorflow", "keras", "numpy", "pandas", "optuna", "opencv-python-headless",
+                            "kaggle")
 
 
 # -- the real stage graph ---------------------------------------------------------------------

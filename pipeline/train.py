@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline import package_versions
 from submissions.errors import UserError
-from submissions.files import atomic_path, atomic_write_json
+from submissions.files import atomic_path, atomic_write_json, sha256_file
 
 # options that may differ on --resume (everything else must match the interrupted run)
 # (data_dir may move: the rows used are fixed by split.csv in the run directory)
@@ -43,15 +43,7 @@ OWN_FILES = {"split.csv", "labels.json", "cache", "checkpoints", "state.json"}
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("glr", "tensorflow", "keras", "numpy", "pandas", "pillow"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return package_versions("glr", "tensorflow", "keras", "numpy", "pandas", "pillow")
 
 
 def _fingerprint(comp, rows: pd.DataFrame) -> dict:
@@ -59,7 +51,7 @@ def _fingerprint(comp, rows: pd.DataFrame) -> dict:
     h.update(pd.util.hash_pandas_object(rows[["id", "landmark_id", "split"]], index=False).to_numpy().tobytes())
     return {
         "data_dir": str(comp.root),
-        "train_csv_sha256": hashlib.sha256((comp.root / "train.csv").read_bytes()).hexdigest(),
+        "train_csv_sha256": sha256_file(comp.root / "train.csv"),
         "rows_sha256": h.hexdigest(),
     }
 

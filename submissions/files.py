@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -68,6 +69,15 @@ def json_default(o):
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     """Write `obj` as indented JSON (numpy scalars allowed) to `path` atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, default=json_default) + "\n")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (train.csv of the real competitions is 100+ MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
