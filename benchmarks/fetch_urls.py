@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def run(n: int, workers: int, latency: float) -> dict:
-    from pipeline.fetch_urls import fetch_urls
+    from pipeline.acquire.urls import fetch_urls
     from pipeline.progress import set_quiet
     from tests.fake_kaggle import ImageServer
 

@@ -36,8 +36,8 @@ def naive_predict(run_dir: Path, paths: list[Path]) -> float:
     """The notebook way: load the model for every image, predict it alone. Returns images/s."""
     import numpy as np
 
-    from pipeline.data import load_square
-    from pipeline.models import load_model
+    from pipeline.model.data import load_square
+    from pipeline.model.backbones import load_model
 
     t0 = time.perf_counter()
     for p in paths:
@@ -56,12 +56,12 @@ def main() -> None:
 
     import pandas as pd
 
-    from pipeline.competition import Competition
-    from pipeline.ensemble import ensemble_tables, evaluate_predictions
-    from pipeline.models import cpu_flags
-    from pipeline.predict import predict
-    from pipeline.synth import make_competition
-    from pipeline.train import read_split, train
+    from pipeline.acquire.competition import Competition
+    from pipeline.model.ensemble import ensemble_tables, evaluate_predictions
+    from pipeline.model.backbones import cpu_flags
+    from pipeline.model.predict import predict
+    from pipeline.acquire.synth import make_competition
+    from pipeline.model.train import read_split, train
     from submissions.format import read_solution
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="glr-bench-models-"))

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/real_pairs.py --photos DIR --sweep      # compare settings
 
 `DIR/labels.csv` has `file` (relative to DIR) and `landmark` (empty for a distractor). Every
-unordered pair of photos is matched once with the default settings of `pipeline.verify`
+unordered pair of photos is matched once with the default settings of `pipeline.verify.inliers`
 (features extracted once per photo, as `glr verify` does). The photos are only read here: they
 are never copied into the project or used by tests.
 """
@@ -40,8 +40,8 @@ def load_labels(photos: Path) -> pd.DataFrame:
 
 
 def extract_all(photos: Path, files: list[str], extractor: str = "sift", **opts):
-    from pipeline.featcache import FeatureCache
-    from pipeline.features import make_config, make_extractor
+    from pipeline.verify.cache import FeatureCache
+    from pipeline.verify.features import make_config, make_extractor
 
     ext = make_extractor(make_config(extractor, **opts))
     t0 = time.process_time()
@@ -62,7 +62,7 @@ def all_pairs(labels: list[str], negatives: int | None = None, seed: int = 0) ->
 
 
 def score_pairs(feats, labels: list[str], match_cfg, delf: bool = False, pairs=None):
-    from pipeline.verify import match_features
+    from pipeline.verify.inliers import match_features
 
     pairs = all_pairs(labels) if pairs is None else pairs
     counts = np.zeros(len(pairs))
@@ -86,8 +86,8 @@ def main() -> None:
 
     import cv2
 
-    from pipeline.features import ExtractorConfig
-    from pipeline.verify import MatchConfig
+    from pipeline.verify.features import ExtractorConfig
+    from pipeline.verify.inliers import MatchConfig
 
     cv2.setNumThreads(1)
     lab = load_labels(args.photos)

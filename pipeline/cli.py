@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from pipeline.models import BACKBONES, PRECISIONS  # light: models imports TensorFlow lazily
+from pipeline.model.backbones import BACKBONES, PRECISIONS  # light: models imports TensorFlow lazily
 from submissions.errors import UserError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -168,7 +168,7 @@ def synth_command(out: str, seed: int, landmarks: int, per_landmark: int, test: 
       glr synth data/big --landmarks 100 --per-landmark 40 --test 2000 --size 128 --seed 7
       glr gap data/synth/sample_submission.csv data/synth/solution.csv   # GAP 0
     """
-    from pipeline.synth import make_competition
+    from pipeline.acquire.synth import make_competition
 
     summary = make_competition(out, seed=seed, landmarks=landmarks, per_landmark=per_landmark, test=test,
                                distractor_frac=distractor_frac, size=size, public_frac=public_frac,
@@ -216,7 +216,7 @@ def fetch_cmd(competition: str, data_dir: str, files: str | None, force: bool, a
       glr fetch landmark-recognition-2021 --data-dir data/glr2021
       glr fetch landmark-recognition-2019 --data-dir data/glr2019 --files train.csv,test.csv
     """
-    from pipeline.kaggle import fetch
+    from pipeline.acquire.kaggle import fetch
 
     out = fetch(competition, data_dir, files=files.split(",") if files else None, force=force)
     if as_json:
@@ -250,7 +250,7 @@ def fetch_urls_cmd(csv: str, out: str, size: int, workers: int, timeout: float, 
     Example:
       glr fetch-urls data/glr2019/train.csv --out data/glr2019/train --size 256 --workers 32
     """
-    from pipeline.fetch_urls import fetch_urls
+    from pipeline.acquire.urls import fetch_urls
 
     res = fetch_urls(csv, out, size=size, workers=workers, timeout=timeout, retries=retries)
     if as_json:
@@ -279,7 +279,7 @@ def clean_cmd(data_dir: str, quarantine: str | None, workers: int, as_json: bool
     Example:
       glr clean data/glr2019/train --quarantine data/glr2019/quarantine
     """
-    from pipeline.clean import clean
+    from pipeline.acquire.clean import clean
 
     res = clean(data_dir, quarantine=quarantine, workers=workers)
     if as_json:
@@ -308,7 +308,7 @@ def submit_cmd(submission: str, competition: str, message: str, data_dir: str | 
     Example:
       glr submit submission.csv -c landmark-recognition-2019 -m "vgg16 + rescoring" --data-dir data/glr2019
     """
-    from pipeline.kaggle import submit
+    from pipeline.acquire.kaggle import submit
 
     res = submit(submission, competition, message, data_dir=data_dir)
     if as_json:
@@ -380,7 +380,7 @@ def train_command(data_dir: str, as_json: bool, **options) -> None:
       glr train data --backbone vgg16 --out runs/vgg16 --weights none --epochs 10
       glr train data --backbone vgg16 --out runs/vgg16 --weights none --epochs 10 --resume
     """
-    from pipeline.train import train
+    from pipeline.model.train import train
 
     _warnings_to_stderr()
     m = train(data_dir, **options)
@@ -419,7 +419,7 @@ def predict_command(run_dir: str, as_json: bool, **options) -> None:
       glr predict runs/vgg16 --data-dir data --out preds/vgg16.parquet --top-k 5
       glr predict runs/vgg16 --data-dir data --split val --out val.parquet --embeddings val.npy
     """
-    from pipeline.predict import predict
+    from pipeline.model.predict import predict
 
     _warnings_to_stderr()
     table = predict(run_dir, options.pop("data_dir"), **options)
@@ -447,7 +447,7 @@ def ensemble_command(paths: tuple[str, ...], weights: str | None, out: str, top_
     Example:
       glr ensemble preds/vgg16.parquet preds/vgg19.parquet preds/resnet50.parquet --weights 1,1,2 --out ens.parquet
     """
-    from pipeline.ensemble import ensemble
+    from pipeline.model.ensemble import ensemble
 
     table = ensemble(list(paths), weights=weights, out=out, top_k=top_k)
     click.echo(f"{out}: {table['id'].nunique()} images, top-{top_k}, from {len(paths)} tables")
@@ -466,7 +466,7 @@ def evaluate_command(preds: str, solution: str, usage: str, as_json: bool) -> No
     Example:
       glr evaluate preds/vgg16.parquet --solution data/solution.csv --json
     """
-    from pipeline.ensemble import evaluate_predictions
+    from pipeline.model.ensemble import evaluate_predictions
 
     r = evaluate_predictions(preds, solution, usage=usage)
     if as_json:
@@ -533,7 +533,7 @@ def features_cmd(data_dir: str, split: str, as_json: bool, **options) -> None:
     Example:
       glr features data --split train --extractor sift --shard 0/4 --workers 2
     """
-    from pipeline.featcache import extract_features
+    from pipeline.verify.cache import extract_features
 
     _warnings_to_stderr()
     res = extract_features(data_dir, split, **options)
@@ -582,7 +582,7 @@ def verify_cmd(preds: str, as_json: bool, **options) -> None:
     """
     import time
 
-    from pipeline.verify import verify
+    from pipeline.verify.inliers import verify
 
     _warnings_to_stderr()
     t0 = time.perf_counter()
@@ -609,7 +609,7 @@ def merge_cmd(parts: tuple[str, ...], out: str) -> None:
     Example:
       glr merge part0.parquet part1.parquet --out inliers.parquet
     """
-    from pipeline.verify import merge
+    from pipeline.verify.inliers import merge
 
     table = merge(list(parts), out)
     click.echo(f"{out}: {len(table)} rows from {len(parts)} table(s)")
@@ -631,7 +631,7 @@ def match_cmd(img_a: str, img_b: str, as_json: bool, **options) -> None:
       glr match query.jpg ref.jpg --plot pair.png
       glr match query.jpg ref.jpg --extractor orb --json
     """
-    from pipeline.verify import match_pair
+    from pipeline.verify.inliers import match_pair
 
     res = match_pair(img_a, img_b, **options)
     if as_json:
@@ -786,7 +786,7 @@ def run_cmd(config: str, from_stage: str | None, only: str | None, dry_run: bool
       glr run glr.toml
       glr run glr.toml --from tune
     """
-    from pipeline.runner import run, summary_table
+    from pipeline.run.engine import run, summary_table
 
     manifest = run(config, from_stage=from_stage, only=only, dry_run=dry_run, echo=click.echo)
     if not dry_run:
@@ -801,7 +801,7 @@ def config_example_cmd() -> None:
     Example:
       glr config-example > glr.toml
     """
-    from pipeline.config import EXAMPLE
+    from pipeline.run.config import EXAMPLE
 
     click.echo(EXAMPLE, nl=False)
 
@@ -824,8 +824,8 @@ def demo_cmd(out: str, seed: int) -> None:
       glr demo --out demo
       glr run demo/glr.toml --dry-run     # re-running skips every finished stage
     """
-    from pipeline.demo import demo
-    from pipeline.runner import summary_table
+    from pipeline.run.demo import demo
+    from pipeline.run.engine import summary_table
 
     manifest = demo(out, seed=seed, echo=click.echo)
     click.echo(summary_table(manifest))

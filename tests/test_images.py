@@ -11,7 +11,7 @@ from pipeline.images import ImageReadError, load_rgb, open_rgb
 
 
 def odd_images(d: Path) -> dict[str, Path]:
-    """One small file per odd kind (shared with tests/test_clean.py)."""
+    """One small file per odd kind (shared with tests/acquire/test_clean.py)."""
     d.mkdir(parents=True, exist_ok=True)
     out = {}
     # palette with a transparent index: transparent pixels become white, others keep their colour

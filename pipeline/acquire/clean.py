@@ -1,0 +1,174 @@
+"""`glr clean`: move images that no stage can use into quarantine, with a report of why.
+
+Unusable: zero bytes, not an image, decompression-bomb sized (more pixels than the loader
+accepts), truncated / corrupt data, or a mode the loader cannot turn into RGB. Such files are
+moved (never deleted) to the quarantine folder, keeping their relative path, and a row is
+added to `QUARANTINE/report.csv` (path, reason, detail, moved_to) *before* the move, so an
+interrupted run never loses track of a file. Odd but usable images (palette with transparency,
+CMYK, 16-bit, grayscale, EXIF-rotated) stay where they are and are only counted.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import warnings
+from collections import Counter
+from pathlib import Path
+
+from submissions.errors import UserError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+REPORT_COLUMNS = ["path", "reason", "detail", "moved_to"]
+
+
+def _bomb_pixels() -> int:
+    """What the loader refuses: Pillow's error limit (2 × MAX_IMAGE_PIXELS, about 179 Mpx)."""
+    from PIL import Image
+
+    return 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
+def _oddity(img) -> str | None:
+    if img.mode in ("P", "PA") and ("transparency" in img.info or img.mode == "PA"):
+        return "palette+transparency"
+    if img.mode == "CMYK":
+        return "CMYK"
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        return "16-bit"
+    if img.mode in ("L", "LA", "1"):
+        return "grayscale"
+    try:
+        if img.getexif().get(0x0112, 1) not in (1, None):
+            return "EXIF-rotated"
+    except Exception:  # a broken EXIF block is the loader's business, not a reason to quarantine
+        pass
+    return None
+
+
+def inspect_image(path: str | os.PathLike) -> tuple[str | None, str, str | None]:
+    """(reason it is unusable or None, detail, oddity or None) for one image file."""
+    from PIL import Image, UnidentifiedImageError
+
+    from pipeline.images import ImageReadError, open_rgb
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        return "zero bytes", "", None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as img:
+                w, h = img.size
+                mode, odd = img.mode, _oddity(img)
+        except Image.DecompressionBombError as e:
+            return "decompression bomb", str(e)[:120], None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+            cut = "truncated" in str(e).lower() and not isinstance(e, UnidentifiedImageError)
+            return ("truncated" if cut else "not an image"), str(e)[:120], None
+        if w * h > _bomb_pixels():
+            return "decompression bomb", f"{w}x{h} pixels", None
+        if w == 0 or h == 0:
+            return "not an image", f"{w}x{h} pixels", None
+        try:
+            open_rgb(path)  # exactly what every stage does
+            return None, "", odd
+        except ImageReadError as e:
+            first = str(e)
+        try:  # tell a broken file from a mode the loader cannot convert
+            with Image.open(path) as img:
+                img.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            msg = str(e)
+            return ("truncated" if "truncated" in msg.lower() else "corrupt"), msg[:120], None
+        return "unsupported mode", f"{mode}: {first.split('(', 1)[-1].rstrip(')')[:100]}", None
+
+
+def _images(root: Path, skip: Path | None):
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        dirnames[:] = sorted(
+            n for n in dirnames if not n.startswith(".") and (skip is None or (d / n).resolve() != skip)
+        )
+        for name in sorted(filenames):
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTS:
+                yield d / name
+
+
+def _free_name(dest: Path) -> Path:
+    if not dest.exists():
+        return dest
+    for k in range(1, 10_000):
+        cand = dest.with_name(f"{dest.stem}.{k}{dest.suffix}")
+        if not cand.exists():
+            return cand
+    raise UserError(f"{dest}: too many quarantined files with this name; empty the quarantine folder")
+
+
+def clean(data_dir: str | os.PathLike, *, quarantine: str | os.PathLike | None = None, workers: int = 4) -> dict:
+    """Check every image under `data_dir`; move unusable ones to `quarantine` and report why.
+
+    `quarantine` defaults to `<data_dir>-quarantine` beside `data_dir` (outside it, so no stage
+    ever sees the files). Hidden folders (`.glr-*` work folders) are not scanned. Returns
+    counts: checked, quarantined, reasons, the odd-but-usable kinds, and the report path.
+    """
+    from pipeline.acquire.urls import bounded_map
+    from pipeline.progress import progress
+
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise UserError(f"{root}: not a directory")
+    qdir = Path(quarantine) if quarantine else root.parent / f"{root.resolve().name}-quarantine"
+    if qdir.resolve() == root.resolve():
+        raise UserError(f"--quarantine {qdir}: must not be the folder being cleaned")
+    report = qdir / "report.csv"
+    files = list(_images(root, qdir.resolve()))
+    reasons: Counter = Counter()
+    odd: Counter = Counter()
+    moved = 0
+
+    def check(p: Path):
+        try:
+            return p, inspect_image(p)
+        except OSError as e:  # vanished or unreadable file
+            return p, ("unreadable", str(e)[:120], None)
+
+    fh = None
+    try:
+        for path, (reason, detail, oddity) in progress(bounded_map(check, files, workers), total=len(files),
+                                                       desc="clean", unit="img"):
+            if reason is None:
+                if oddity:
+                    odd[oddity] += 1
+                continue
+            if not path.exists():
+                continue
+            rel = path.relative_to(root)
+            dest = _free_name(qdir / rel)
+            if fh is None:
+                qdir.mkdir(parents=True, exist_ok=True)
+                new = not report.exists() or report.stat().st_size == 0
+                fh = open(report, "a", newline="", encoding="utf-8")
+                writer = csv.writer(fh)
+                if new:
+                    writer.writerow(REPORT_COLUMNS)
+            writer.writerow([rel.as_posix(), reason, detail, dest.relative_to(qdir).as_posix()])
+            fh.flush()
+            os.fsync(fh.fileno())
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(path), str(dest))
+            reasons[reason] += 1
+            moved += 1
+    finally:
+        if fh is not None:
+            fh.close()
+    return {
+        "data_dir": str(root),
+        "quarantine": str(qdir),
+        "checked": len(files),
+        "ok": len(files) - moved,
+        "quarantined": moved,
+        "reasons": dict(reasons),
+        "odd": dict(odd),
+        "report": str(report) if moved else None,
+    }

@@ -1,0 +1,309 @@
+"""Kaggle's side of the road: `glr fetch` (download + safe extraction) and `glr submit` (upload).
+
+Both go through the official `kaggle` client (`KaggleApi`), imported lazily because it
+authenticates at import. Credentials come from where the client looks: `KAGGLE_API_TOKEN`,
+`KAGGLE_USERNAME`/`KAGGLE_KEY`, or `~/.kaggle/kaggle.json`. Every failure a person can fix
+(no or rejected credential, rules not accepted, wrong name, refused submission) becomes one
+`UserError` line that says what to do.
+
+Download state lives in `DATA_DIR/.glr-fetch/`: the archive being downloaded (the client
+resumes it from the bytes on disk after a cut or a kill) and, once extracted, a small JSON
+record so a re-run skips the finished bundle without asking Kaggle again.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+from pathlib import Path, PurePosixPath
+
+from submissions.errors import UserError
+from submissions.files import atomic_write_text
+
+STATE_DIR = ".glr-fetch"
+TOKEN_PAGE = "https://www.kaggle.com/settings/api"
+NOTEBOOK_HINT = (
+    "2020 and 2021 are code competitions: run glr inside a Kaggle notebook attached to the "
+    "competition and submit the notebook's output (see README, 'Submitting')"
+)
+
+
+def _config_path() -> str:
+    base = os.environ.get("KAGGLE_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".kaggle")
+    return os.path.join(base, "kaggle.json")
+
+
+def _credential_source() -> str:
+    if os.environ.get("KAGGLE_API_TOKEN"):
+        return "KAGGLE_API_TOKEN"
+    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
+        return "KAGGLE_USERNAME/KAGGLE_KEY"
+    return _config_path()
+
+
+def _no_credentials() -> UserError:
+    if os.environ.get("KAGGLE_API_TOKEN"):
+        return UserError(
+            "Kaggle did not accept the token in KAGGLE_API_TOKEN (expired or revoked): "
+            f"create a new one at {TOKEN_PAGE} and set KAGGLE_API_TOKEN again"
+        )
+    return UserError(
+        f"no Kaggle credentials: create an API token at {TOKEN_PAGE} and save it as {_config_path()} "
+        "(chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN"
+    )
+
+
+def _api():
+    """An authenticated `KaggleApi`; its chatter on stdout is kept off ours."""
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink):
+            import kaggle  # noqa: F401  (authenticates at import; failures are swallowed there)
+            from kaggle.api.kaggle_api_extended import KaggleApi
+
+            api = KaggleApi()
+            api.authenticate()
+    except SystemExit:  # the client's "Authentication required" path calls exit(1)
+        raise _no_credentials() from None
+    except Exception as e:  # HTTP 401 while checking a token, no connection, …
+        raise _translate(e, None, "authenticate") from None
+    if "readable by other users" in sink.getvalue():
+        print(f"Warning: {_config_path()} is readable by other users; run chmod 600 on it", file=sys.stderr)
+    return api
+
+
+def _translate(e: Exception, competition: str | None, action: str) -> Exception:
+    """One clear UserError for an exception raised by the kaggle client (others pass through)."""
+    import requests
+
+    if isinstance(e, UserError):
+        return e
+    if isinstance(e, requests.HTTPError) and e.response is not None:
+        status = e.response.status_code
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else e.response.reason
+        comp = competition or "?"
+        if status == 401:
+            return UserError(
+                f"Kaggle rejected the credentials from {_credential_source()} (401): check the username and key, "
+                f"or create a new token at {TOKEN_PAGE}"
+            )
+        if status == 403:
+            return UserError(
+                f"Kaggle refused access to competition {comp!r} (403: {detail}): accept its rules at "
+                f"https://www.kaggle.com/competitions/{comp}/rules with the same account, then re-run"
+            )
+        if status == 404:
+            return UserError(
+                f"Kaggle found no competition or file {comp!r} (404: {detail}): check the name "
+                "(e.g. landmark-recognition-2021) and any --files names"
+            )
+        if action == "submit" and 400 <= status < 500:
+            return UserError(f"Kaggle refused the file submission to {comp!r} ({status}: {detail}); {NOTEBOOK_HINT}")
+        return UserError(f"Kaggle API error during {action} of {comp!r} ({status}: {detail}); re-run later")
+    if isinstance(e, (requests.ConnectionError, requests.Timeout)):
+        return UserError(
+            f"cannot reach Kaggle during {action} ({type(e).__name__}); check the network and re-run "
+            "(finished work is kept, downloads resume)"
+        )
+    return e
+
+
+@contextlib.contextmanager
+def _kaggle_errors(competition: str, action: str):
+    """Translate client errors; send its stdout chatter (progress messages) to stderr."""
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    except Exception as e:
+        t = _translate(e, competition, action)
+        if t is e:
+            raise
+        raise t from None
+
+
+def _check_name(name: str, what: str) -> None:
+    parts = PurePosixPath(name).parts
+    if not name or name.startswith("/") or "\\" in name or ".." in parts:
+        raise UserError(f"{what} {name!r}: must be a relative name inside the competition (no '..', no leading '/')")
+
+
+# --------------------------------------------------------------------------------------------
+# fetch
+# --------------------------------------------------------------------------------------------
+def _state_path(root: Path, competition: str) -> Path:
+    return root / STATE_DIR / f"{competition}.done.json"
+
+
+def _bundle_complete(root: Path, competition: str) -> bool:
+    """True when an earlier run extracted the whole bundle and every file is still there."""
+    path = _state_path(root, competition)
+    try:
+        state = json.loads(path.read_text())
+        sizes = state["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    for name, size in sizes.items():
+        try:
+            if (root / name).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _downloaded(staging: Path, stem: str) -> Path | None:
+    """The file the client wrote for `stem` (its extension comes from the download URL)."""
+    cands = [p for p in staging.glob(stem + ".*") if p.is_file() and not p.name.endswith((".kaggle-partial", ".json"))]
+    cands += [p for p in [staging / stem] if p.is_file()]
+    return max(cands, key=lambda p: p.stat().st_mtime) if cands else None
+
+
+def _summary(root: Path) -> dict | None:
+    from pipeline.acquire.competition import Competition
+
+    try:
+        return Competition(root).summary()
+    except UserError:
+        return None
+
+
+def fetch(competition: str, data_dir: str | os.PathLike, *, files: list[str] | None = None, force: bool = False) -> dict:
+    """Download a competition's files with the official client and extract them safely.
+
+    Without `files`, the whole bundle (`<competition>.zip`) is downloaded into
+    `data_dir/.glr-fetch/`, resumed if a previous run was cut, extracted member by member
+    (zip-slip and symlinks refused, each file renamed into place whole), then the archive is
+    deleted and a record kept so a re-run returns at once. With `files`, each named file is
+    fetched on its own (a server-zipped `<file>.zip` is unwrapped). `force` downloads again.
+    Returns counts plus the `Competition` summary when `data_dir` is a competition directory.
+    """
+    from pipeline.acquire.archive import safe_extract
+    from pipeline.progress import enabled
+
+    root = Path(data_dir)
+    if not competition or "/" in competition or competition.startswith("."):
+        raise UserError(f"competition {competition!r}: give Kaggle's short name, e.g. landmark-recognition-2021")
+    staging = root / STATE_DIR
+    staging.mkdir(parents=True, exist_ok=True)
+    quiet = not enabled()
+    out: dict = {"competition": competition, "data_dir": str(root), "downloaded": [], "skipped": [], "extracted": 0}
+
+    if files:
+        names = [f.strip() for f in files if f.strip()]
+        for name in names:
+            _check_name(name, "--files entry")
+        todo = [n for n in names if force or not (root / n).is_file()]
+        out["skipped"] = [n for n in names if n not in todo]
+        api = _api() if todo else None
+        for name in todo:
+            sub = staging / "files"
+            with _kaggle_errors(competition, "download"):
+                api.competition_download_file(competition, name, path=str(sub), force=force, quiet=quiet)
+            parent = sub / PurePosixPath(name).parent
+            got = _downloaded(parent, PurePosixPath(name).name)
+            if got is None:
+                raise UserError(f"{competition}: the download of {name!r} left no file under {parent}; re-run")
+            final = root / name
+            if got.name == PurePosixPath(name).name + ".zip" and got.name != PurePosixPath(name).name:
+                _unwrap(got, final, staging)
+            else:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(got, final)
+            out["downloaded"].append(name)
+    else:
+        if not force and _bundle_complete(root, competition):
+            out["skipped"] = [f"{competition}.zip"]
+            for leftover in staging.glob(f"{competition}.zip*"):
+                leftover.unlink()
+        else:
+            api = _api()
+            with _kaggle_errors(competition, "download"):
+                api.competition_download_files(competition, path=str(staging), force=force, quiet=quiet)
+            archive = _downloaded(staging, competition)
+            if archive is None:
+                raise UserError(f"{competition}: the download left no archive in {staging}; re-run")
+            import zipfile
+
+            if zipfile.is_zipfile(archive):
+                from pipeline.acquire.archive import check_archive
+
+                members = check_archive(archive, root)
+                stats = safe_extract(archive, root, tmp_dir=staging / "extract", desc=f"extract {archive.name}",
+                                     overwrite=force)
+                atomic_write_text(
+                    _state_path(root, competition),
+                    json.dumps({"archive": archive.name, "files": {m.filename: m.file_size for m in members}}),
+                )
+                archive.unlink()  # the files are in place; the archive would double the disk use
+                out["extracted"] = stats["extracted"]
+                out["already_there"] = stats["skipped"]
+            else:
+                os.replace(archive, root / archive.name)
+            out["downloaded"] = [archive.name]
+    out["summary"] = _summary(root)
+    return out
+
+
+def _unwrap(wrapper: Path, final: Path, staging: Path) -> None:
+    """Kaggle zips big single files (`x.csv` arrives as `x.csv.zip`): extract the one member to `final`."""
+    import shutil
+    import zipfile
+
+    from pipeline.acquire.archive import check_archive
+
+    members = check_archive(wrapper, final.parent)
+    if len(members) != 1:
+        raise UserError(f"{wrapper}: expected one file inside a server-zipped download, found {len(members)}")
+    tmp = staging / "unwrap.part"
+    try:
+        with zipfile.ZipFile(wrapper) as zf, zf.open(members[0]) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except zipfile.BadZipFile as e:  # CRC mismatch, truncated data: as safe_extract reports it
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{wrapper}: member {members[0].filename!r} is corrupt ({e}); delete it and re-run") from None
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, final)
+    wrapper.unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# submit
+# --------------------------------------------------------------------------------------------
+def submit(
+    submission: str | os.PathLike, competition: str, message: str, *, data_dir: str | os.PathLike | None = None
+) -> dict:
+    """Validate a submission file, then upload it with the official client.
+
+    Validation (against `data_dir`'s `sample_submission.csv` when given) runs first, so an
+    invalid file is never uploaded. The upload is StartSubmissionUpload → PUT → CreateSubmission.
+    A refused file submission (the 2020/2021 code competitions) is one line pointing to
+    running glr inside a Kaggle notebook. Returns Kaggle's message, the submission ref and a URL.
+    """
+    from submissions.format import check_submission
+
+    path = Path(submission)
+    if not path.is_file():
+        raise UserError(f"{path}: no such submission file (write one with `glr write-submission`)")
+    if not message or not message.strip():
+        raise UserError("-m/--message: give a short description of this submission")
+    sample = None
+    if data_dir is not None:
+        from pipeline.acquire.competition import Competition
+
+        sample = Competition(data_dir).sample_submission_path
+    check_submission(path, sample)
+    api = _api()
+    with _kaggle_errors(competition, "submit"):
+        resp = api.competition_submit(str(path), message, competition, quiet=True)
+    if resp.message == api.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE:
+        raise UserError(f"the upload of {path} to Kaggle did not complete; re-run `glr submit` to try again")
+    return {
+        "competition": competition,
+        "file": str(path),
+        "validated_against": str(sample) if sample else None,
+        "message": resp.message,
+        "ref": resp.ref,
+        "url": f"https://www.kaggle.com/competitions/{competition}/submissions",
+    }

@@ -1,0 +1,265 @@
+"""`glr fetch-urls`: download the 2018/2019 competitions' `id,url` image lists.
+
+Millions of photos from hosts that time out, vanish or answer with an HTML page: downloads
+run in a thread pool, each image is decoded before it is kept (so a page or a truncated body
+is a failure, not a file), written to `OUT/.glr-tmp/` and renamed into the hashed layout
+(`OUT/a/b/c/<id>.jpg`) whole. A re-run skips every image already there, so an interrupted run
+(even `kill -9`) resumes where it stopped. Failures go to `OUT/failed.csv` (id,url,reason).
+
+Google photo URLs (`…googleusercontent.com/…/s1600/…`, `…=s1600`) carry the served size in an
+`s<digits>` segment; asking for `s<size>` lets Google's servers resize (as competitors did) and
+saves most of the bandwidth. Other images are resized here.
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+import shutil
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from submissions.errors import UserError
+
+GOOGLE_HOSTS = ("googleusercontent.com", "ggpht.com", "blogspot.com", "blogger.com")
+RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+MAX_BYTES = 40 << 20  # a landmark photo is far smaller; anything bigger is not what we want
+BACKOFF_S = 0.25  # first retry waits about this long, doubling after each failure
+MAX_BACKOFF_S = 10.0
+_ID = re.compile(r"^[A-Za-z0-9_-]{3,}$")
+_SEG = re.compile(r"^s\d+(-[A-Za-z0-9-]*)?$")
+_SUFFIX = re.compile(r"=s\d+(-[A-Za-z0-9-]*)?$")
+TMP = ".glr-tmp"
+
+
+def resized_url(url: str, size: int) -> str:
+    """The URL asking Google's photo servers for a `size`-pixel version (else `url` unchanged).
+
+    `…/s1600/photo.jpg` → `…/s96/photo.jpg`, `…=s1600` → `…=s96`; other hosts are left alone.
+    """
+    if size <= 0:
+        return url
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if not any(host == h or host.endswith("." + h) for h in GOOGLE_HOSTS):
+        return url
+    segs = parts.path.split("/")
+    for k in range(len(segs) - 1, -1, -1):
+        if _SEG.match(segs[k]):
+            segs[k] = f"s{size}"
+            return urlunsplit(parts._replace(path="/".join(segs)))
+    if _SUFFIX.search(parts.path):
+        return urlunsplit(parts._replace(path=_SUFFIX.sub(f"=s{size}", parts.path)))
+    return url
+
+
+class _Fail(Exception):
+    def __init__(self, reason: str, retry: bool):
+        super().__init__(reason)
+        self.reason, self.retry = reason, retry
+
+
+def _get(session, url: str, timeout: float) -> bytes:
+    import requests
+
+    deadline = time.monotonic() + max(6 * timeout, timeout + 5)  # a server trickling bytes forever
+    try:
+        with session.get(url, timeout=(timeout, timeout), stream=True) as r:
+            if r.status_code != 200:
+                raise _Fail(f"HTTP {r.status_code}", r.status_code in RETRY_STATUS)
+            ctype = r.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if ctype.startswith("text/") or ctype in ("application/json", "application/xhtml+xml"):
+                raise _Fail(f"not an image ({ctype})", False)
+            length = int(r.headers.get("Content-Length") or 0)
+            if length > MAX_BYTES:
+                raise _Fail(f"too large ({length} bytes)", False)
+            buf = bytearray()
+            for chunk in r.iter_content(64 * 1024):
+                buf += chunk
+                if len(buf) > MAX_BYTES:
+                    raise _Fail(f"too large (> {MAX_BYTES} bytes)", False)
+                if time.monotonic() > deadline:
+                    raise _Fail("timeout (body too slow)", True)
+            return bytes(buf)
+    except requests.Timeout:
+        raise _Fail("timeout", True) from None
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+        raise _Fail(f"connection error ({type(e).__name__})", True) from None
+    except requests.RequestException as e:
+        raise _Fail(f"bad request ({type(e).__name__})", False) from None
+
+
+def _encode(data: bytes, size: int) -> bytes:
+    """The bytes to keep: the original JPEG when it fits, else a re-encoded RGB JPEG."""
+    from PIL import Image
+
+    from pipeline.images import ImageReadError, open_rgb
+
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            fmt, dims = probe.format, probe.size
+        img = open_rgb(io.BytesIO(data), max_side=size or None)  # full decode: truncation shows here
+    except (ImageReadError, OSError, Image.DecompressionBombError) as e:
+        raise _Fail(f"not an image ({str(e).split('(', 1)[-1].rstrip(')')[:80]})", False) from None
+    if fmt == "JPEG" and (size <= 0 or max(dims) <= size) and img.size == dims:
+        return data
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def _write(final: Path, data: bytes, tmp_dir: Path) -> None:
+    part = tmp_dir / f"{final.name}.{threading.get_ident()}.part"
+    with open(part, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(part, final)
+
+
+def _download(session, url: str, final: Path, tmp_dir: Path, size: int, timeout: float, retries: int) -> str | None:
+    """Fetch one image into `final`; None on success, else the reason it failed."""
+    urls = [resized_url(url, size)]
+    if urls[0] != url:
+        urls.append(url)  # a host that ignores the size segment: fall back to the original
+    reason = "no attempt"
+    for u in urls:
+        for attempt in range(retries + 1):
+            try:
+                _write(final, _encode(_get(session, u, timeout), size), tmp_dir)
+                return None
+            except _Fail as f:
+                reason = f.reason
+                if not f.retry:
+                    break
+                if attempt < retries:
+                    time.sleep(min(MAX_BACKOFF_S, BACKOFF_S * 2**attempt) * (0.5 + random.random()))
+        if not reason.startswith("HTTP 4"):
+            break  # only a refused resized URL is worth trying in its original size
+    return reason
+
+
+
+def bounded_map(fn, items, workers: int, window: int | None = None):
+    """Yield `fn(item)` for every item, in completion order, from a thread pool.
+
+    At most `window` (default 4×workers, ≥ 64) calls are queued at once, so a million items
+    never become a million futures; pending calls are cancelled if the consumer stops.
+    """
+    window = window or max(4 * workers, 64)
+    it = iter(items)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="glr") as pool:
+        pending: set = set()
+        try:
+            while True:
+                while len(pending) < window:
+                    nxt = next(it, _END)
+                    if nxt is _END:
+                        break
+                    pending.add(pool.submit(fn, nxt))
+                if not pending:
+                    return
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    yield f.result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+_END = object()
+
+
+def fetch_urls(
+    csv: str | os.PathLike, out: str | os.PathLike, *, size: int = 96, workers: int = 16, timeout: float = 10,
+    retries: int = 3,
+) -> dict:
+    """Download every `id,url` row of `csv` into `out/a/b/c/<id>.jpg`; return counts and images/s.
+
+    Images already in `out` are skipped (resume). `size` is the longest side kept (0 = as
+    served), `timeout` applies to connecting and to each read, `retries` to timeouts,
+    connection errors, 429 and 5xx answers, with exponential back-off. Rows that fail are
+    written to `out/failed.csv` (id,url,reason); the file is removed when nothing failed.
+    """
+    import pandas as pd
+    import requests
+
+    from pipeline.acquire.competition import hashed_relpath, read_csv_checked
+    from pipeline.progress import progress
+    from submissions.files import atomic_path
+
+    csv, out = Path(csv), Path(out)
+    if workers < 1:
+        raise UserError(f"--workers {workers}: must be at least 1")
+    df = read_csv_checked(csv, ("id", "url"), dtype={"id": str, "url": str})
+    bad = ~df["id"].str.match(_ID)
+    if bad.any():
+        row = int(bad.to_numpy().nonzero()[0][0])
+        raise UserError(f"{csv}: row {row + 2}: id {df['id'].iloc[row]!r} is not a plain id (letters, digits, _ or -, at least 3)")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp_dir = out / TMP
+    shutil.rmtree(tmp_dir, ignore_errors=True)  # pieces of an interrupted run are never complete
+    tmp_dir.mkdir()
+
+    failures: list[tuple[str, str, str]] = []
+    todo: list[tuple[str, str, Path]] = []
+    skipped = 0
+    for i, u in zip(df["id"].tolist(), df["url"].tolist()):
+        final = out / hashed_relpath(i)
+        if final.exists():
+            skipped += 1
+        elif not isinstance(u, str) or not u.strip():
+            failures.append((i, "", "no url"))
+        else:
+            todo.append((i, u.strip(), final))
+
+    local = threading.local()
+
+    def session():
+        if not hasattr(local, "s"):
+            s = requests.Session()
+            s.mount("http://", requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0))
+            s.mount("https://", requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0))
+            s.headers["User-Agent"] = "glr-fetch-urls"
+            local.s = s
+        return local.s
+
+    def job(item):
+        i, u, final = item
+        return i, u, _download(session(), u, final, tmp_dir, size, timeout, retries)
+
+    def results():
+        return bounded_map(job, todo, workers)
+
+    t0 = time.monotonic()
+    downloaded = 0
+    for i, u, reason in progress(results(), total=len(todo), desc="fetch-urls", unit="img"):
+        if reason is None:
+            downloaded += 1
+        else:
+            failures.append((i, u, reason))
+    seconds = time.monotonic() - t0
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    failed_csv = out / "failed.csv"
+    if failures:
+        with atomic_path(failed_csv) as tmp:
+            pd.DataFrame(failures, columns=["id", "url", "reason"]).to_csv(tmp, index=False)
+    elif failed_csv.exists():
+        failed_csv.unlink()
+    return {
+        "csv": str(csv),
+        "out": str(out),
+        "rows": int(len(df)),
+        "downloaded": downloaded,
+        "skipped": skipped,
+        "failed": len(failures),
+        "failed_csv": str(failed_csv) if failures else None,
+        "seconds": round(seconds, 3),
+        "images_per_s": downloaded / seconds if seconds > 0 else 0.0,
+    }

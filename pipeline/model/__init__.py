@@ -1,0 +1,1 @@
+"""Global models: image datasets, backbones, training, prediction, ensembling, embeddings."""

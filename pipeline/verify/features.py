@@ -1,0 +1,282 @@
+"""Local-feature extractors behind one interface: SIFT/RootSIFT (default, offline), ORB, DELF.
+
+Every extractor returns `Features`: keypoint locations (x, y) in ORIGINAL-image pixels, one
+descriptor per keypoint, its scale and a score (response / attention). Images are read with
+`pipeline.images.load_rgb(path, max_side)`; the factor between the working size and the
+original size is kept (`work_scale`) so that RANSAC thresholds stay in working pixels.
+
+An `ExtractorConfig` names everything that changes the output; its `key()` (a short hash) keys
+the on-disk cache (`pipeline.verify.cache`), so changing a setting never reads stale features.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from submissions.errors import UserError
+
+EXTRACTORS = ("sift", "orb", "delf")
+DELF_HANDLE = "https://tfhub.dev/google/delf/1"
+DELF_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
+
+
+class Features(NamedTuple):
+    """One image's local features; `locations` are (x, y) in original-image pixels."""
+
+    locations: np.ndarray  # N×2 float32
+    descriptors: np.ndarray  # N×D float32 (sift: RootSIFT, delf) or uint8 (orb: binary)
+    scales: np.ndarray  # N float32 (keypoint size in original pixels, or DELF pyramid scale)
+    scores: np.ndarray  # N float32 (detector response, or DELF attention)
+    work_scale: float = 1.0  # working-image pixels per original pixel (≤ 1)
+
+    @property
+    def n(self) -> int:
+        """Number of keypoints (len() would count the tuple's fields)."""
+        return int(self.locations.shape[0])
+
+    @property
+    def work_locations(self) -> np.ndarray:
+        """Locations in the working image's pixels (what RANSAC thresholds are measured in)."""
+        return self.locations * np.float32(self.work_scale)
+
+
+def empty_features(dim: int = 128, dtype=np.float32) -> Features:
+    return Features(np.zeros((0, 2), np.float32), np.zeros((0, dim), dtype), np.zeros(0, np.float32),
+                    np.zeros(0, np.float32), 1.0)
+
+
+@dataclass(frozen=True)
+class ExtractorConfig:
+    """Everything that changes an extractor's output (and so the cache key).
+
+    Defaults were chosen on real landmark photos (benchmarks/real_pairs.py, RESULTS.md).
+    """
+
+    name: str = "sift"
+    max_side: int = 512  # working image size (longest side)
+    n_features: int = 1000  # sift/orb: at most this many keypoints (strongest first)
+    rootsift: bool = True  # sift: Hellinger-normalised descriptors (RootSIFT)
+    # DELF (TF-Hub) options, used only when name == "delf"
+    handle: str = DELF_HANDLE
+    score_threshold: float = 100.0
+    image_scales: tuple[float, ...] = DELF_SCALES
+    max_feature_num: int = 1000
+
+    def __post_init__(self):
+        if self.name not in EXTRACTORS:
+            raise UserError(f"unknown extractor {self.name!r} (--extractor); choose one of: {', '.join(EXTRACTORS)}")
+        if self.max_side is not None and int(self.max_side) < 16:
+            raise UserError(f"--max-side must be at least 16 pixels, got {self.max_side}")
+        if int(self.n_features) < 1:
+            raise UserError(f"--n-features must be positive, got {self.n_features}")
+        object.__setattr__(self, "image_scales", tuple(float(s) for s in self.image_scales))
+
+    def relevant(self) -> dict:
+        """Only the settings this extractor uses (so the key ignores the others)."""
+        d = dataclasses.asdict(self)
+        if self.name == "delf":
+            keep = ("name", "max_side", "handle", "score_threshold", "image_scales", "max_feature_num")
+        elif self.name == "sift":
+            keep = ("name", "max_side", "n_features", "rootsift")
+        else:
+            keep = ("name", "max_side", "n_features")
+        return {k: d[k] for k in keep}
+
+    def key(self) -> str:
+        """Short stable hash of the relevant settings (the cache folder name)."""
+        blob = json.dumps({"v": 1, **self.relevant()}, sort_keys=True, default=list)
+        return f"{self.name}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+
+def make_config(extractor: str = "sift", **overrides) -> ExtractorConfig:
+    """Config for `extractor` with `overrides` (None values mean "the default")."""
+    kw = {k: v for k, v in overrides.items() if v is not None}
+    if extractor == "delf" and "max_side" not in kw:
+        kw["max_side"] = 512  # DELF's pyramid reaches 2x: keep its largest scale affordable
+    return ExtractorConfig(name=extractor, **kw)
+
+
+def stable_shard(image_id: str, n: int) -> int:
+    """Shard of an id: crc32 (stable across runs and machines, unlike Python's hash())."""
+    return zlib.crc32(str(image_id).encode("utf-8")) % n
+
+
+def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """'i/n' → (i, n) with 0 ≤ i < n, naming the option on error."""
+    if shard is None or isinstance(shard, tuple):
+        return shard
+    try:
+        i, n = (int(x) for x in str(shard).split("/"))
+    except ValueError:
+        raise UserError(f"--shard {shard!r}: expected i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise UserError(f"--shard {shard!r}: need 0 <= i < n")
+    return i, n
+
+
+def in_shard(ids: list[str], shard: tuple[int, int] | None) -> list[str]:
+    if shard is None:
+        return list(ids)
+    i, n = shard
+    return [x for x in ids if stable_shard(x, n) == i]
+
+
+def original_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) after EXIF rotation, from the header only (no decoding)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        w, h = img.size
+        try:
+            orientation = img.getexif().get(0x0112, 1)
+        except Exception:  # a broken EXIF block: load_rgb ignores it too
+            orientation = 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+# -- extractors ---------------------------------------------------------------------------------
+
+
+class Extractor:
+    """Turns an RGB uint8 image into `Features`; subclasses implement `_extract`."""
+
+    def __init__(self, config: ExtractorConfig):
+        self.config = config
+
+    def extract_array(self, rgb: np.ndarray, work_scale: float = 1.0) -> Features:
+        """Features of an already-loaded working image; locations divided by `work_scale`."""
+        feats = self._extract(np.ascontiguousarray(rgb))
+        if work_scale != 1.0:
+            feats = feats._replace(locations=(feats.locations / np.float32(work_scale)).astype(np.float32),
+                                   work_scale=float(work_scale))
+        return feats
+
+    def extract_path(self, path: str | os.PathLike) -> Features:
+        """Read `path` at the configured working size and extract (ImageReadError if unreadable)."""
+        from pipeline.images import ImageReadError, load_rgb
+
+        if not Path(path).exists():
+            raise ImageReadError(f"{path}: no such image file")
+        rgb = load_rgb(path, self.config.max_side)
+        try:
+            w0, h0 = original_size(path)
+            scale = max(rgb.shape[:2]) / max(w0, h0)
+        except Exception:
+            scale = 1.0
+        return self.extract_array(rgb, scale)
+
+    def _extract(self, rgb: np.ndarray) -> Features:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _gray(rgb: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
+class SiftExtractor(Extractor):
+    """OpenCV SIFT; RootSIFT descriptors (L1-normalise, square root) unless rootsift=False."""
+
+    def __init__(self, config: ExtractorConfig):
+        super().__init__(config)
+        import cv2
+
+        self._sift = cv2.SIFT_create(nfeatures=int(config.n_features))
+
+    def _extract(self, rgb: np.ndarray) -> Features:
+        kps, desc = self._sift.detectAndCompute(_gray(rgb), None)
+        if desc is None or not kps:
+            return empty_features(128)
+        kps, desc = kps[: self.config.n_features], desc[: self.config.n_features]
+        desc = desc.astype(np.float32)
+        if self.config.rootsift:
+            desc /= np.maximum(desc.sum(axis=1, keepdims=True), 1e-7)
+            np.sqrt(desc, out=desc)  # unit L2 norm: dot product = Hellinger kernel
+        else:
+            desc /= np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-7)
+        return _from_keypoints(kps, desc)
+
+
+class OrbExtractor(Extractor):
+    """OpenCV ORB (binary 32-byte descriptors, Hamming distance): fast, less robust."""
+
+    def __init__(self, config: ExtractorConfig):
+        super().__init__(config)
+        import cv2
+
+        self._orb = cv2.ORB_create(nfeatures=int(config.n_features))
+
+    def _extract(self, rgb: np.ndarray) -> Features:
+        kps, desc = self._orb.detectAndCompute(_gray(rgb), None)
+        if desc is None or not kps:
+            return empty_features(32, np.uint8)
+        return _from_keypoints(kps, desc.astype(np.uint8))
+
+
+def _from_keypoints(kps, desc: np.ndarray) -> Features:
+    loc = np.array([k.pt for k in kps], dtype=np.float32).reshape(-1, 2)
+    size = np.array([k.size for k in kps], dtype=np.float32)
+    resp = np.array([k.response for k in kps], dtype=np.float32)
+    return Features(loc, desc, size, resp, 1.0)
+
+
+class DelfExtractor(Extractor):
+    """DELF through TF-Hub: `hub.load(handle).signatures['default']` (handle: URL or folder).
+
+    Called as the module expects: image float32 in [0, 1] (H×W×3), score_threshold,
+    image_scales, max_feature_num. DELF returns locations as (y, x) in the input image;
+    they are flipped to (x, y) here.
+    """
+
+    def __init__(self, config: ExtractorConfig):
+        super().__init__(config)
+        from pipeline.model.backbones import quiet_tf
+
+        tf = quiet_tf()  # lazily: only DELF needs TensorFlow
+        import tensorflow_hub as hub
+
+        self._tf = tf
+        try:
+            module = hub.load(config.handle)
+        except Exception as e:
+            raise UserError(
+                f"cannot load the DELF module from {config.handle!r} ({e.__class__.__name__}: {e}); "
+                "pass a local SavedModel folder with --delf-handle, or use --extractor sift offline"
+            ) from None
+        self._module = module  # keep the object alive: the signature refers to its variables
+        self._fn = module.signatures["default"]
+
+    def _extract(self, rgb: np.ndarray) -> Features:
+        tf = self._tf
+        out = self._fn(
+            image=tf.constant(rgb.astype(np.float32) / 255.0),
+            score_threshold=tf.constant(float(self.config.score_threshold), tf.float32),
+            image_scales=tf.constant(self.config.image_scales, tf.float32),
+            max_feature_num=tf.constant(int(self.config.max_feature_num), tf.int32),
+        )
+        loc = np.asarray(out["locations"], dtype=np.float32).reshape(-1, 2)[:, ::-1]
+        desc = np.asarray(out["descriptors"], dtype=np.float32)
+        desc = desc.reshape(len(loc), -1) if len(loc) else np.zeros((0, desc.shape[-1] if desc.ndim == 2 else 40), np.float32)
+        n = len(loc)
+        scales = np.asarray(out["scales"], np.float32).reshape(-1) if "scales" in out else np.ones(n, np.float32)
+        scores = np.asarray(out["attention"], np.float32).reshape(-1) if "attention" in out else np.ones(n, np.float32)
+        return Features(np.ascontiguousarray(loc), desc, scales, scores, 1.0)
+
+
+_CLASSES = {"sift": SiftExtractor, "orb": OrbExtractor, "delf": DelfExtractor}
+
+
+def make_extractor(config: ExtractorConfig | str = "sift", **overrides) -> Extractor:
+    """An extractor for a config (or an extractor name plus overrides)."""
+    if isinstance(config, str):
+        config = make_config(config, **overrides)
+    return _CLASSES[config.name](config)

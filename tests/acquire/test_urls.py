@@ -1,0 +1,126 @@
+"""`glr fetch-urls` against a loopback image host with dead, hanging, flaky and HTML answers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.acquire.competition import hashed_relpath
+from pipeline.acquire.urls import fetch_urls, resized_url
+from pipeline.images import load_rgb
+from tests.fake_kaggle import ImageServer
+
+ROOT = Path(__file__).resolve().parents[1]
+GLR = str(Path(sys.executable).with_name("glr"))
+
+
+def test_resized_url_rewrites_only_google_size_segments():
+    g = "https://lh3.googleusercontent.com/-LOW4n/WEmsb9/AAAAAAAAHWs/5ekjK5j/s1600/photo.jpg"
+    assert resized_url(g, 96) == "https://lh3.googleusercontent.com/-LOW4n/WEmsb9/AAAAAAAAHWs/5ekjK5j/s96/photo.jpg"
+    assert resized_url("http://lh4.ggpht.com/-ebOx/SM9n3Y/AAAAAAAAA3s/lvd8lZ/s1600/", 256).endswith("/s256/")
+    assert resized_url("https://lh5.googleusercontent.com/p/AF1QipN=s1600-k-no", 128).endswith("=s128")
+    assert resized_url("https://example.com/s1600/photo.jpg", 96) == "https://example.com/s1600/photo.jpg"
+    assert resized_url(g, 0) == g
+
+
+def _ids(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return ["".join(rng.choice(list("0123456789abcdef"), 16)) for _ in range(n)]
+
+
+def test_fetch_urls_mixed_failures_resize_and_resume(tmp_path, monkeypatch):
+    with ImageServer(hang=3.0) as srv:
+        # Google hosts are reached through the proxy, i.e. this same loopback server
+        for k in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+            monkeypatch.setenv(k, srv.proxy)
+        monkeypatch.setenv("no_proxy", "")
+        monkeypatch.setenv("NO_PROXY", "")
+        ids = _ids(13, 0)
+        urls = [srv.url(f"/img/{k}.jpg") for k in range(6)] + [
+            srv.url("/big/p.png"), srv.url("/flaky/f.jpg"),
+            "http://lh3.googleusercontent.com/-abc/XYZ/AAAA/s1600/g1.jpg",
+            "http://lh4.ggpht.com/-def/UVW/BBBB/s1600/",
+            srv.url("/missing/a.jpg"), srv.url("/html/b.jpg"), srv.url("/hang/c.jpg"),
+        ]
+        csv = tmp_path / "train.csv"
+        csv.write_text("id,url,landmark_id\n" + "".join(f"{i},{u},{k % 3}\n" for k, (i, u) in enumerate(zip(ids, urls))))
+        out = tmp_path / "train"
+        t0 = time.monotonic()
+        res = fetch_urls(csv, out, size=48, workers=4, timeout=0.5, retries=1)
+        assert time.monotonic() - t0 < 20
+        assert (res["downloaded"], res["skipped"], res["failed"]) == (10, 0, 3)
+        for i in ids[:10]:
+            img = load_rgb(out / hashed_relpath(i))
+            assert img.ndim == 3 and max(img.shape[:2]) <= 48
+        failed = (out / "failed.csv").read_text().splitlines()
+        assert failed[0] == "id,url,reason"
+        reasons = {line.split(",")[0]: line.split(",", 2)[2] for line in failed[1:]}
+        assert reasons == {ids[10]: "HTTP 404", ids[11]: "not an image (text/html)", ids[12]: "timeout"}
+        for i in ids[10:]:
+            assert not (out / hashed_relpath(i)).exists()
+        c = dict(srv.counts)
+        assert c[f"127.0.0.1:{srv.port}/flaky/f.jpg"] == 2          # 503 retried once
+        assert c[f"127.0.0.1:{srv.port}/hang/c.jpg"] == 2           # timed out, retried, gave up
+        assert c[f"127.0.0.1:{srv.port}/missing/a.jpg"] == 1        # 404 is not retried
+        assert c["lh3.googleusercontent.com/-abc/XYZ/AAAA/s48/g1.jpg"] == 1  # resized by the server
+        assert c["lh4.ggpht.com/-def/UVW/BBBB/s48/"] == 1
+        assert not (out / ".glr-tmp").exists()
+
+        # a re-run touches only what failed
+        res2 = fetch_urls(csv, out, size=48, workers=4, timeout=0.5, retries=0)
+        assert (res2["downloaded"], res2["skipped"], res2["failed"]) == (0, 10, 3)
+        c2 = dict(srv.counts)
+        changed = {k for k in c2 if c2[k] != c.get(k)}
+        assert changed == {f"127.0.0.1:{srv.port}{p}" for p in ("/missing/a.jpg", "/html/b.jpg", "/hang/c.jpg")}
+
+
+def test_fetch_urls_rejects_unsafe_ids(tmp_path):
+    from submissions.errors import UserError
+
+    csv = tmp_path / "t.csv"
+    csv.write_text("id,url\nabc123,http://127.0.0.1:9/x.jpg\n../../etc,http://127.0.0.1:9/y.jpg\n")
+    with pytest.raises(UserError, match=r"row 3: id '\.\./\.\./etc'"):
+        fetch_urls(csv, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_fetch_urls_kill9_then_rerun_completes_without_duplicate_work(tmp_path):
+    n, workers = 120, 4
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(no_proxy="127.0.0.1,localhost", PYTHONPATH=str(ROOT))
+    with ImageServer(delay=0.05) as srv:
+        ids = _ids(n, 1)
+        csv = tmp_path / "train.csv"
+        csv.write_text("id,url\n" + "".join(f"{i},{srv.url(f'/img/{i}.jpg')}\n" for i in ids))
+        out = tmp_path / "train"
+        args = [GLR, "fetch-urls", str(csv), "--out", str(out), "--workers", str(workers), "--size", "0", "--timeout", "5"]
+        proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        have = lambda: sum((out / hashed_relpath(i)).exists() for i in ids)  # noqa: E731
+        while time.monotonic() < deadline and have() < 20:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        before = have()
+        assert 20 <= before < n
+        first = sum(srv.counts.values())
+
+        srv.delay = 0.0
+        done = subprocess.run(args + ["--json"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        res = json.loads(done.stdout)
+        assert res["skipped"] == before and res["downloaded"] == n - before and res["failed"] == 0
+        for i in ids:  # complete and uncorrupted
+            assert (out / hashed_relpath(i)).read_bytes() == srv._image((f"{i}.jpg",))
+        # only the requests in flight at the kill were repeated
+        assert sum(srv.counts.values()) <= n + workers
+        assert first - before <= workers
+        assert max(srv.counts.values()) <= 2
+        assert not (out / ".glr-tmp").exists() and not list(out.rglob("*.part"))
