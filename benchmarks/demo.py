@@ -47,7 +47,8 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="update the 'demo' section of benchmarks/RESULTS.md")
     args = ap.parse_args()
 
-    from pipeline.run.engine import read_manifest, summary_rows, tune_parts
+    from pipeline.run.engine import read_manifest
+    from pipeline.run.summary import summary_rows, tune_parts
 
     tmp = None
     if args.out:

@@ -11,7 +11,8 @@ import sys
 
 import click
 
-from pipeline.model.backbones import BACKBONES, PRECISIONS  # light: models imports TensorFlow lazily
+from pipeline.options import (BACKBONES, ENSEMBLE, EXTRACTOR_KEYS, MATCH_KEYS, PREDICT, TRAIN, TUNE, VERIFY,
+                              click_options)
 from submissions.errors import UserError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -335,34 +336,7 @@ def _warnings_to_stderr() -> None:
 @click.option("--backbone", type=click.Choice(BACKBONES), required=True,
               help="ImageNet backbone (keras.applications) with its conventional head.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory, e.g. runs/vgg16.")
-@click.option("--weights", default="imagenet", show_default=True,
-              help="Base weights: imagenet (downloaded by Keras), none (from scratch), or a weights file path.")
-@click.option("--image-size", type=click.IntRange(min=32), default=96, show_default=True, help="Input size in pixels.")
-@click.option("--epochs", type=click.IntRange(min=0), default=10, show_default=True,
-              help="Head epochs on the frozen base.")
-@click.option("--fine-tune-epochs", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Epochs fine-tuning the top layers with augmentation (0 = skip).")
-@click.option("--fine-tune-layers", type=click.IntRange(min=0), default=4, show_default=True,
-              help="Weighted layers at the top of the base made trainable for fine-tuning.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of the head phase.")
-@click.option("--fine-tune-lr", type=float, default=1e-4, show_default=True, help="Adam learning rate when fine-tuning.")
-@click.option("--decay", type=float, default=0.0, show_default=True, help="Learning-rate decay: lr / (1 + decay·step).")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-              help="Mixed precision; auto = fp16 on GPU, bf16 on CPUs with AMX/AVX512-BF16, else fp32.")
-@click.option("--max-per-class", type=click.IntRange(min=1), default=3000, show_default=True,
-              help="Cap on images per class (random, seeded).")
-@click.option("--min-per-class", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Drop classes with fewer images.")
-@click.option("--val-frac", type=float, default=0.1, show_default=True, help="Stratified validation share per class.")
-@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Early stopping: epochs without a lower validation loss.")
-@click.option("--augment/--no-augment", default=True, show_default=True,
-              help="The study's augmentation (rotation 30°, shifts 0.2, zoom 0.5, brightness 0.5–1.5).")
-@click.option("--flip/--no-flip", default=False, show_default=True, help="Also random horizontal flips.")
-@click.option("--bottleneck/--no-bottleneck", default=True, show_default=True,
-              help="Train the head on cached base features (fast) instead of on images.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click_options(TRAIN)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last finished epoch.")
 @quiet_option
 @json_option
@@ -403,12 +377,9 @@ def train_command(data_dir: str, as_json: bool, **options) -> None:
 @click.option("--split", type=click.Choice(["test", "train", "val"]), default="test", show_default=True,
               help="Images to predict; val = the run's stored validation split.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Predictions table (Parquet).")
-@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--embeddings", type=click.Path(dir_okay=False), default=None,
               help="Also save the penultimate-layer descriptors here (.npy, ids in .ids.txt beside it).")
-@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
-              help="Run inference under this precision instead of the one the model was trained with.")
+@click_options(PREDICT)
 @quiet_option
 @json_option
 def predict_command(run_dir: str, as_json: bool, **options) -> None:
@@ -422,9 +393,7 @@ def predict_command(run_dir: str, as_json: bool, **options) -> None:
     from pipeline.model.predict import predict
 
     _warnings_to_stderr()
-    table = predict(run_dir, options.pop("data_dir"), **options)
-    info = {k: v for k, v in table.attrs.items() if k != "skipped"}
-    info["skipped"] = len(table.attrs.get("skipped", []))
+    info = predict(run_dir, options.pop("data_dir"), **options).stats()
     if as_json:
         echo_json(info)
     else:
@@ -434,10 +403,9 @@ def predict_command(run_dir: str, as_json: bool, **options) -> None:
 
 @cli.command("ensemble")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--weights", default=None, help="One weight per table, comma-separated (default: equal).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Ensembled predictions table.")
-@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
-def ensemble_command(paths: tuple[str, ...], weights: str | None, out: str, top_k: int) -> None:
+@click_options(ENSEMBLE)
+def ensemble_command(paths: tuple[str, ...], weights: list[float] | None, out: str, top_k: int) -> None:
     """Weighted average of several models' predictions tables, top-k out.
 
     A class missing from a model's top-k counts as probability 0 for that model; weights are
@@ -466,7 +434,7 @@ def evaluate_command(preds: str, solution: str, usage: str, as_json: bool) -> No
     Example:
       glr evaluate preds/vgg16.parquet --solution data/solution.csv --json
     """
-    from pipeline.model.ensemble import evaluate_predictions
+    from submissions.metric import evaluate_predictions
 
     r = evaluate_predictions(preds, solution, usage=usage)
     if as_json:
@@ -479,39 +447,8 @@ def evaluate_command(preds: str, solution: str, usage: str, as_json: bool) -> No
 
 # --- verification: features, verify, merge, match ------------------------------
 
-def _extractor_options(f):
-    """--extractor and the settings that change features (they key the feature cache)."""
-    for opt in reversed([
-        click.option("--extractor", type=click.Choice(["sift", "orb", "delf"]), default="sift", show_default=True,
-                     help="Local features: sift (RootSIFT, offline), orb (fast), delf (TF-Hub module)."),
-        click.option("--max-side", type=click.IntRange(min=16), default=None,
-                     help="Working image size, longest side in pixels [default: 512]."),
-        click.option("--n-features", type=click.IntRange(min=1), default=None,
-                     help="At most this many keypoints per image (sift/orb) [default: 1000]."),
-        click.option("--delf-handle", default=None,
-                     help="DELF TF-Hub handle: URL or local SavedModel folder [default: https://tfhub.dev/google/delf/1]."),
-    ]):
-        f = opt(f)
-    return f
-
-
-def _match_options(f):
-    """Matching and RANSAC settings (defaults chosen on real photos, see benchmarks/RESULTS.md)."""
-    for opt in reversed([
-        click.option("--ratio", type=click.FloatRange(0, 1, min_open=True), default=None,
-                     help="Lowe's ratio test for sift/orb [default: 0.85]."),
-        click.option("--mutual/--no-mutual", default=None, help="Keep only mutual nearest neighbours [default: on]."),
-        click.option("--model", type=click.Choice(["affine", "homography", "fundamental"]), default=None,
-                     help="Geometric model checked by RANSAC [default: affine]."),
-        click.option("--method", type=click.Choice(["ransac", "magsac"]), default=None,
-                     help="OpenCV RANSAC or USAC_MAGSAC [default: ransac]."),
-        click.option("--threshold", type=click.FloatRange(0, min_open=True), default=None,
-                     help="Reprojection threshold in working-image pixels [default: 12]."),
-        click.option("--seed", type=int, default=0, show_default=True,
-                     help="RANSAC seed (and --refs random): same inputs, same counts."),
-    ]):
-        f = opt(f)
-    return f
+_extractor_options = click_options(VERIFY, EXTRACTOR_KEYS)  # settings that change features (the cache key)
+_match_options = click_options(VERIFY, MATCH_KEYS)  # matching and RANSAC (defaults chosen on real photos)
 
 
 @cli.command("features")
@@ -519,9 +456,7 @@ def _match_options(f):
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @_extractor_options
 @click.option("--shard", default=None, help="Only shard i of n (i/n, by crc32 of the image id).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Feature cache [default: DATA_DIR/.glr-features].")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes.")
+@click_options(VERIFY, ("cache_dir", "workers"))
 @quiet_option
 @json_option
 def features_cmd(data_dir: str, split: str, as_json: bool, **options) -> None:
@@ -533,10 +468,10 @@ def features_cmd(data_dir: str, split: str, as_json: bool, **options) -> None:
     Example:
       glr features data --split train --extractor sift --shard 0/4 --workers 2
     """
-    from pipeline.verify.cache import extract_features
+    from pipeline.verify.cache import extract_split
 
     _warnings_to_stderr()
-    res = extract_features(data_dir, split, **options)
+    res = extract_split(data_dir, split, **options)
     if as_json:
         echo_json(res)
     else:
@@ -548,22 +483,14 @@ def features_cmd(data_dir: str, split: str, as_json: bool, **options) -> None:
 @click.argument("preds", type=click.Path(dir_okay=False))
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="Competition directory.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Inliers table to write (Parquet).")
-@_extractor_options
-@click.option("--candidates", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Verify each query's top-N predicted classes.")
-@click.option("--k", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Reference training images per class.")
-@click.option("--refs", type=click.Choice(["first", "random", "nearest"]), default="random", show_default=True,
-              help="Which references: first in train.csv, seeded random, or nearest by global embeddings.")
+@click_options(VERIFY, ("extractor", "candidates", "k", "refs"))
 @click.option("--embeddings", type=click.Path(dir_okay=False), default=None,
               help="Query embeddings (glr predict --split test --embeddings) for --refs nearest.")
 @click.option("--ref-embeddings", type=click.Path(dir_okay=False), default=None,
               help="Training-image embeddings (glr predict --split train --embeddings) for --refs nearest.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes.")
 @click.option("--shard", default=None, help="Only queries of shard i of n (i/n, crc32 of the id); join with glr merge.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Feature cache [default: DATA_DIR/.glr-features].")
-@_match_options
+@click_options(VERIFY, ("workers", "cache_dir", "max_side", "n_features", "delf_handle", "ratio", "mutual",
+                        "model", "method", "threshold", "seed", "chunk_size"))
 @quiet_option
 @json_option
 def verify_cmd(preds: str, as_json: bool, **options) -> None:
@@ -586,9 +513,10 @@ def verify_cmd(preds: str, as_json: bool, **options) -> None:
 
     _warnings_to_stderr()
     t0 = time.perf_counter()
-    table = verify(preds, options.pop("data_dir"), options.pop("out"), **options)
+    res = verify(preds, options.pop("data_dir"), options.pop("out"), **options)
+    table = res.table
     info = {"pairs": len(table), "queries": int(table["id"].nunique()),
-            "computed_pairs": table.attrs.get("computed_pairs"), "reused_pairs": table.attrs.get("reused_pairs"),
+            "computed_pairs": res.computed_pairs, "reused_pairs": res.reused_pairs,
             "median_inliers": float(table["inliers"].median()) if len(table) else 0.0,
             "seconds": round(time.perf_counter() - t0, 2)}
     if as_json:
@@ -631,7 +559,7 @@ def match_cmd(img_a: str, img_b: str, as_json: bool, **options) -> None:
       glr match query.jpg ref.jpg --plot pair.png
       glr match query.jpg ref.jpg --extractor orb --json
     """
-    from pipeline.verify.inliers import match_pair
+    from pipeline.verify.matching import match_pair
 
     res = match_pair(img_a, img_b, **options)
     if as_json:
@@ -651,26 +579,10 @@ def match_cmd(img_a: str, img_b: str, as_json: bool, **options) -> None:
 @click.option("--solution", required=True, type=click.Path(dir_okay=False),
               help="Ground truth of the validation queries (id,landmarks,Usage).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Policy JSON to write (plots go beside it).")
-@click.option("--policy", type=click.Choice(["auto", "bands", "blend", "seed-rules", "identity"]), default="auto",
-              show_default=True, help="Search bands, blend or both (auto); seed-rules / identity are fixed, for comparison.")
-@click.option("--trials", type=click.IntRange(min=0), default=200, show_default=True,
-              help="Finished trials the study should have in total (a re-run continues to it; 0 = until --timeout).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop searching after S seconds.")
-@click.option("--storage", default=None,
-              help="Optuna storage: a journal file path (default: <out stem>.optuna.journal beside --out) or an RDB URL "
-                   "(sqlite:///x.db, postgresql://user@host/db) that several machines share.")
-@click.option("--study", default=None, help="Study name (default: derived from the inputs, policy, holdout and seed).")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes on this machine.")
-@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.3, show_default=True,
-              help="Share of validation queries the study never sees; the policy is checked on them.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split, TPE and the bootstrap.")
-@click.option("--force", is_flag=True, help="Write the policy even if it loses on the held-out part (with a warning).")
-@click.option("--no-plots", is_flag=True, help="Do not write the PNG plots.")
+@click_options(TUNE)
 @quiet_option
 @json_option
-def tune_command(preds: str, inliers: str, solution: str, out: str, policy: str, trials: int, timeout: float | None,
-                 storage: str | None, study: str | None, jobs: int, holdout: float, seed: int, force: bool,
-                 no_plots: bool, as_json: bool) -> None:
+def tune_command(preds: str, inliers: str, solution: str, out: str, as_json: bool, **options) -> None:
     """Choose a rescoring policy on GAP with Optuna (TPE) and write it as JSON.
 
     The study maximises GAP on the tuning part of the validation queries; the held-out part
@@ -691,11 +603,11 @@ def tune_command(preds: str, inliers: str, solution: str, out: str, policy: str,
       glr tune ... --storage postgresql://glr@db/optuna --study gldv2-run1   (on every machine)
     """
     from pipeline.progress import enabled
-    from tuning.search import summary_lines, tune
+    from tuning.search import PolicyRejected, summary_lines, tune
 
-    result = tune(preds, inliers, solution, out, policy=policy, trials=trials, timeout=timeout, storage=storage,
-                  study=study, jobs=jobs, holdout=holdout, seed=seed, force=force, plots=not no_plots,
-                  progress=enabled())
+    result = tune(preds, inliers, solution, out, **options, progress=enabled())
+    if not result["written"]:  # lost on the held-out part, no --force: one line, exit 1
+        raise PolicyRejected(result["message"])
     if as_json:
         echo_json(result)
         return
@@ -750,9 +662,9 @@ def write_submission_command(preds: str, data_dir: str, out: str, as_json: bool)
     Example:
       glr write-submission rescored.parquet --data-dir data/landmark-recognition-2021 --out submission.csv
     """
-    from tuning.policy import write_submission_from_predictions
+    from submissions.format import write_submission_file
 
-    info = write_submission_from_predictions(preds, data_dir, out)
+    info = write_submission_file(preds, data_dir, out)
     if as_json:
         echo_json(info)
     else:
@@ -786,7 +698,8 @@ def run_cmd(config: str, from_stage: str | None, only: str | None, dry_run: bool
       glr run glr.toml
       glr run glr.toml --from tune
     """
-    from pipeline.run.engine import run, summary_table
+    from pipeline.run.stages import run
+    from pipeline.run.summary import summary_table
 
     manifest = run(config, from_stage=from_stage, only=only, dry_run=dry_run, echo=click.echo)
     if not dry_run:
@@ -801,9 +714,9 @@ def config_example_cmd() -> None:
     Example:
       glr config-example > glr.toml
     """
-    from pipeline.run.config import EXAMPLE
+    from pipeline.options import example_config
 
-    click.echo(EXAMPLE, nl=False)
+    click.echo(example_config(), nl=False)
 
 
 @cli.command("demo")
@@ -825,7 +738,7 @@ def demo_cmd(out: str, seed: int) -> None:
       glr run demo/glr.toml --dry-run     # re-running skips every finished stage
     """
     from pipeline.run.demo import demo
-    from pipeline.run.engine import summary_table
+    from pipeline.run.summary import summary_table
 
     manifest = demo(out, seed=seed, echo=click.echo)
     click.echo(summary_table(manifest))

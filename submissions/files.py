@@ -71,12 +71,18 @@ def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks (train.csv of the real competitions is 100+ MB)."""
-    h = hashlib.sha256()
+def hash_file_into(h, path: str | os.PathLike) -> None:
+    """Feed a file's bytes to the hash object `h`, in 1 MiB blocks (train.csv of the real competitions
+    is 100+ MB; run digests chain many files into one hash)."""
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file."""
+    h = hashlib.sha256()
+    hash_file_into(h, path)
     return h.hexdigest()
 
 

@@ -83,7 +83,7 @@ def demo(out: str | os.PathLike = "demo", *, seed: int = 0, echo: Callable[[str]
 
     Re-running reuses the competition (same seed and sizes) and skips every finished stage.
     """
-    from pipeline.run.engine import run
+    from pipeline.run.stages import run
     from pipeline.acquire.synth import make_competition
 
     out = Path(out)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.run.layout import Layout, solution_of
 from submissions.files import atomic_write_text
 
 SECTIONS = [("summary", "Results"), ("training", "Training curves"), ("gap-confidence", "GAP vs. confidence"),
@@ -76,26 +77,33 @@ def _fmt(x) -> str:
 # -- data helpers -----------------------------------------------------------------------------
 
 def top1_with_truth(preds: pd.DataFrame, solution_path: Path) -> pd.DataFrame:
-    """One row per query: id, landmark_id, score (rank 0), truth ('' = non-landmark), correct."""
+    """One row per query: id, landmarks, usage, landmark_id, score (rank 0), landmark_query, correct
+    (as the metric decides: submissions.metric.is_correct)."""
     from submissions.format import read_solution
+    from submissions.metric import is_correct
 
     sol = read_solution(solution_path)
     top = preds[preds["rank"] == 0][["id", "landmark_id", "score"]]
-    df = sol[["id", "landmarks"]].merge(top, on="id", how="left")
+    df = sol[["id", "landmarks", "usage"]].merge(top, on="id", how="left")
     df["landmark_query"] = df["landmarks"].map(len) > 0
-    df["correct"] = [bool(lid == lid and int(lid) in truth) for lid, truth in zip(df["landmark_id"], df["landmarks"])]
+    df["correct"] = is_correct(df["landmark_id"].to_numpy(dtype=np.float64), df["landmarks"])
     return df
 
 
 def gap_curve(top: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(confidence threshold, GAP when only predictions at or above it are kept), vectorised."""
-    m = int(top["landmark_query"].sum())
-    t = top.dropna(subset=["score"]).sort_values(["score", "id"], ascending=[False, True], kind="stable")
-    rel = t["correct"].to_numpy(dtype=float)
+    """(confidence threshold, GAP when only predictions at or above it are kept), from the metric's own
+    ranking and sum (submissions.metric.gap_curve) over the scored (not Ignored) queries, so that the
+    curve ends at exactly the GAP `glr gap` reports."""
+    from submissions.metric import gap_curve as metric_gap_curve
+
+    scored = top[top["usage"] != "Ignored"] if "usage" in top else top
+    m = int(scored["landmark_query"].sum())
+    t = scored.dropna(subset=["score"])
     if m == 0 or len(t) == 0:
         return np.array([]), np.array([])
-    prec = np.cumsum(rel) / np.arange(1, len(rel) + 1)
-    return t["score"].to_numpy(dtype=float), np.cumsum(prec * rel) / m
+    id_rank = np.unique(t["id"].astype(str).to_numpy(dtype=object), return_inverse=True)[1]  # ties: id ascending
+    return metric_gap_curve(t["score"].to_numpy(dtype=np.float64), t["correct"].to_numpy(dtype=bool), m,
+                            tie_key=id_rank)
 
 
 def max_inliers_top1(top: pd.DataFrame, inliers: pd.DataFrame) -> pd.Series:
@@ -107,8 +115,8 @@ def max_inliers_top1(top: pd.DataFrame, inliers: pd.DataFrame) -> pd.Series:
 
 # -- sections ---------------------------------------------------------------------------------
 
-def _summary_section(run_dir: Path, manifest: dict) -> str:
-    from pipeline.run.engine import predicting_models, summary_rows, tune_parts
+def _summary_section(lay: Layout, manifest: dict) -> str:
+    from pipeline.run.summary import predicting_models, summary_rows, tune_parts
 
     stages = manifest.get("stages", {})
     rows = summary_rows(manifest)
@@ -143,17 +151,17 @@ def _summary_section(run_dir: Path, manifest: dict) -> str:
     out.append("</table>")
     sub = stages.get("submission", {}).get("metrics", {}).get("path")
     out.append(f"<p>Submission: <code>{html.escape(str(sub or '–'))}</code><br>"
-               f"Run folder: <code>{html.escape(str(run_dir))}</code></p>")
+               f"Run folder: <code>{html.escape(str(lay.root))}</code></p>")
     return "\n".join(out)
 
 
-def _training_section(run_dir: Path, manifest: dict) -> str:
+def _training_section(lay: Layout, manifest: dict) -> str:
     figs = []
     for name in manifest.get("plan", []):
         if not name.startswith(("train:", "train_all:")):
             continue
         full = name.startswith("train_all:")
-        mdir = run_dir / ("models_all" if full else "models") / name.split(":", 1)[1]
+        mdir = lay.model_dir(name.split(":", 1)[1], full)
         model = name.split(":", 1)[1] + (" (full training set)" if full else "")
         pngs = sorted(mdir.glob("*.png")) if mdir.is_dir() else []
         if pngs:
@@ -195,7 +203,7 @@ def _plot_history(hist: pd.DataFrame, model: str) -> str:
     return _png(fig)
 
 
-def _curve_section(run_dir: Path, data_dir: Path | None) -> str:
+def _curve_section(lay: Layout, data_dir: Path | None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,11 +212,11 @@ def _curve_section(run_dir: Path, data_dir: Path | None) -> str:
     from submissions.tables import read_predictions
 
     figs = []
-    for part, sol in (("local validation", run_dir / "localval" / "solution.csv"),
-                      ("test", (data_dir / "solution.csv") if data_dir else None)):
+    for part, sol in (("local validation", solution_of(lay.localval)),
+                      ("test", solution_of(data_dir) if data_dir else None)):
         tag = "val" if part == "local validation" else "test"
-        before, after = run_dir / f"ens.{tag}.parquet", run_dir / f"rescored.{tag}.parquet"
-        if sol is None or not sol.exists() or not before.exists():
+        before, after = lay.ensemble(tag), lay.rescored(tag)
+        if sol is None or not before.exists():
             continue
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         for label, path in (("before rescoring", before), ("after rescoring", after)):
@@ -229,7 +237,7 @@ def _curve_section(run_dir: Path, data_dir: Path | None) -> str:
     return f'<div class="figs">{"".join(figs)}</div>'
 
 
-def _inlier_section(run_dir: Path) -> str:
+def _inlier_section(lay: Layout) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,7 +245,7 @@ def _inlier_section(run_dir: Path) -> str:
 
     from submissions.tables import read_inliers, read_predictions
 
-    preds_p, inl_p, sol = run_dir / "ens.val.parquet", run_dir / "inliers.val.parquet", run_dir / "localval" / "solution.csv"
+    preds_p, inl_p, sol = lay.ensemble("val"), lay.inliers("val"), lay.localval_solution
     if not (preds_p.exists() and inl_p.exists() and sol.exists()):
         return _note("no verified validation queries yet")
     top = top1_with_truth(read_predictions(preds_p), sol).dropna(subset=["landmark_id"])
@@ -258,10 +266,9 @@ def _inlier_section(run_dir: Path) -> str:
             + f"<table><tr><th>group</th><th>queries</th><th>median inliers</th></tr>{rows}</table>")
 
 
-def _optuna_section(run_dir: Path, metrics: dict) -> str:
-    tdir = run_dir / "tune"
+def _optuna_section(lay: Layout, metrics: dict) -> str:
+    tdir, policy = lay.tune_dir, lay.policy
     parts = []
-    policy = tdir / "policy.json"
     if policy.exists():
         try:
             text = json.dumps(json.loads(policy.read_text()), indent=2)
@@ -277,18 +284,18 @@ def _optuna_section(run_dir: Path, metrics: dict) -> str:
     return "".join(parts) or _note("tuning has not run yet")
 
 
-def _examples_section(run_dir: Path, cfg: dict, n: int) -> str:
+def _examples_section(lay: Layout, cfg: dict, n: int) -> str:
     from pipeline.acquire.competition import Competition
     from submissions.tables import read_inliers, read_predictions
 
-    lv = run_dir / "localval"
-    preds_p, inl_p = run_dir / "ens.val.parquet", run_dir / "inliers.val.parquet"
-    if n == 0 or not (preds_p.exists() and inl_p.exists() and (lv / "solution.csv").exists()):
+    lv = lay.localval
+    preds_p, inl_p = lay.ensemble("val"), lay.inliers("val")
+    if n == 0 or not (preds_p.exists() and inl_p.exists() and lay.localval_solution.exists()):
         return _note("no verified validation queries yet")
     from pipeline.verify.inliers import match_pair
 
     comp = Competition(lv)
-    top = top1_with_truth(read_predictions(preds_p), lv / "solution.csv").dropna(subset=["landmark_id"])
+    top = top1_with_truth(read_predictions(preds_p), lay.localval_solution).dropna(subset=["landmark_id"])
     inl = read_inliers(inl_p)
     best = inl.sort_values(["inliers", "ref_id"], ascending=[False, True]).drop_duplicates(["id", "landmark_id"])
     top = top.merge(best[["id", "landmark_id", "ref_id", "inliers"]], on=["id", "landmark_id"], how="inner")
@@ -321,15 +328,16 @@ def _examples_section(run_dir: Path, cfg: dict, n: int) -> str:
 def render(run_dir: str | os.PathLike, cfg: dict, manifest: dict) -> str:
     """The report's HTML text for a run folder."""
     run_dir = Path(run_dir)
+    lay = Layout(run_dir)
     data_dir = Path(cfg["data"]["data_dir"]) if cfg.get("data", {}).get("data_dir") else None
     stages = manifest.get("stages", {})
     body = {
-        "summary": _summary_section(run_dir, manifest),
-        "training": _training_section(run_dir, manifest),
-        "gap-confidence": _curve_section(run_dir, data_dir),
-        "inliers": _inlier_section(run_dir),
-        "optuna": _optuna_section(run_dir, stages.get("tune", {}).get("metrics", {}) or {}),
-        "examples": _examples_section(run_dir, cfg, int(cfg.get("report", {}).get("examples", 6))),
+        "summary": _summary_section(lay, manifest),
+        "training": _training_section(lay, manifest),
+        "gap-confidence": _curve_section(lay, data_dir),
+        "inliers": _inlier_section(lay),
+        "optuna": _optuna_section(lay, stages.get("tune", {}).get("metrics", {}) or {}),
+        "examples": _examples_section(lay, cfg, int(cfg.get("report", {}).get("examples", 6))),
         "manifest": "<pre>" + html.escape(json.dumps({k: manifest.get(k) for k in ("versions", "config", "stages")},
                                                      indent=2, default=str)) + "</pre>",
     }
@@ -351,6 +359,6 @@ def write_report(run_dir: str | os.PathLike, cfg: dict, records: dict | None = N
     manifest = read_manifest(run_dir)
     if records is not None:
         manifest["stages"] = records
-    target = run_dir / "report.html"
+    target = Layout(run_dir).report
     atomic_write_text(target, render(run_dir, cfg, manifest))
     return target

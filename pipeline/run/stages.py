@@ -1,0 +1,265 @@
+"""The stages of `glr run`: one top-level function per stage kind, and `plan`, which orders them.
+
+Each stage function calls the same public function as the stage's command (`glr train`,
+`glr predict`, …) with the options of its config section, reads and writes only the paths
+its `Layout` names, and returns the metrics recorded in the manifest. `plan` says which
+stage reads which (its deps) and what it writes (its outputs): the engine does the rest.
+Heavy libraries are imported inside the stages, so planning a run costs nothing.
+"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from pipeline.run.engine import Context, Stage, execute, file_digest, hash_obj
+from pipeline.run.layout import PARTS, data_files, layout_of, solution_of
+from submissions.files import atomic_write_json, json_default
+
+
+def _data_dir(ctx: Context) -> Path:
+    return Path(ctx.cfg["data"]["data_dir"])
+
+
+def _part_dir(ctx: Context, part: str) -> Path:
+    """Where a part's images and labels are: the local validation folder, or the competition."""
+    return ctx.layout.localval if part == "val" else _data_dir(ctx)
+
+
+def _evaluate(preds_path: Path, data_dir: Path) -> dict | None:
+    """GAP and top-1 accuracy of a predictions table against the folder's solution.csv, if it has one."""
+    from submissions.metric import evaluate_predictions
+
+    solution = solution_of(data_dir)
+    if solution is None:
+        return None
+    res = evaluate_predictions(preds_path, solution)
+    return {"gap": float(res["gap"]), "accuracy": float(res["accuracy"])}
+
+
+def jsonable(obj: Any) -> Any:
+    """Metrics as plain JSON for the manifest (numpy scalars as numbers, tables dropped, the rest as text)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items() if not hasattr(v, "to_parquet")}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return json_default(obj)
+
+
+# -- the stages, in run order ---------------------------------------------------------------------
+
+def data_stage(ctx: Context) -> dict:
+    """Fetch when asked, then check the competition opens; its CSV digests feed every later stage."""
+    from pipeline.acquire.competition import Competition
+
+    d, data_dir = ctx.cfg["data"], _data_dir(ctx)
+    if d["fetch"]:
+        from pipeline.acquire.kaggle import fetch
+
+        fetch(d["competition"], data_dir, files=d["files"] or None)
+    summary = Competition(data_dir).summary()
+    files = {Path(k).name: v for k, v in file_digest(*data_files(data_dir)).items()}
+    atomic_write_json(ctx.layout.data_summary, {"summary": summary, "files": files})
+    return summary
+
+
+def localval_stage(ctx: Context) -> dict:
+    from pipeline.run.localval import make_local_validation
+
+    s = make_local_validation(_data_dir(ctx), ctx.layout.localval, overwrite=True, **ctx.cfg["localval"])
+    return {k: s[k] for k in ("train_images", "train_classes", "queries", "landmark_queries",
+                              "non_landmark_queries")}
+
+
+def train_stage(ctx: Context, model: dict, full: bool) -> dict:
+    """`glr train` of one [[models]] entry: on the local-validation split, or (`full`) on all of train."""
+    import shutil
+
+    from pipeline.model.train import train
+
+    out = ctx.layout.model_dir(model["name"], full)
+    if out.exists() and not ctx.resume:
+        shutil.rmtree(out)  # a stale run of another config, written by this stage: start afresh
+    options = {k: v for k, v in model.items() if k not in ("name", "backbone")}
+    source = _data_dir(ctx) if full else ctx.layout.localval
+    m = train(source, backbone=model["backbone"], out=out, resume=ctx.resume, **options)
+    return jsonable({k: m.get(k) for k in ("final", "best", "timings", "n_classes", "resumed")})
+
+
+def predict_stage(ctx: Context, model: str, embeddings: bool) -> dict:
+    """`glr predict` of one model on both parts (val by the split model; test by the model final_fit chose)."""
+    from pipeline.model.predict import predict
+
+    lay, p = ctx.layout, ctx.cfg["predict"]
+    full_test = ctx.cfg["train"]["final_fit"] == "all"
+    folders = {"val": lay.model_dir(model), "test": lay.model_dir(model, full_test)}
+    out: dict = {"models": {part: lay.rel(f) for part, f in folders.items()}}
+    for part in PARTS:
+        ddir, target = _part_dir(ctx, part), lay.predictions(model, part)
+        predict(folders[part], ddir, split="test", out=target,
+                embeddings=lay.embeddings(model, part) if embeddings else None, **p)
+        if embeddings:  # references for refs = nearest: the training images of the same folder
+            predict(folders[part], ddir, split="train", out=lay.train_predictions(model, part),
+                    embeddings=lay.embeddings(model, part, train=True), **p)
+        out[part] = _evaluate(target, ddir)
+    return out
+
+
+def ensemble_stage(ctx: Context) -> dict:
+    from pipeline.model.ensemble import ensemble
+
+    lay, e = ctx.layout, ctx.cfg["ensemble"]
+    out = {}
+    for part in PARTS:
+        paths = [lay.predictions(m["name"], part) for m in ctx.cfg["models"]]
+        ensemble(paths, weights=e["weights"] or None, out=lay.ensemble(part), top_k=e["top_k"])
+        out[part] = _evaluate(lay.ensemble(part), _part_dir(ctx, part))
+    return out
+
+
+def verify_stage(ctx: Context, part: str) -> dict:
+    from pipeline.verify.inliers import verify
+
+    lay, v = ctx.layout, dict(ctx.cfg["verify"])
+    v["cache_dir"] = v.get("cache_dir") or lay.features
+    if v["refs"] == "nearest":  # the first model's global descriptors choose the references
+        first = ctx.cfg["models"][0]["name"]
+        v.update(embeddings=lay.embeddings(first, part), ref_embeddings=lay.embeddings(first, part, train=True))
+    result = verify(lay.ensemble(part), _part_dir(ctx, part), lay.inliers(part), **v)
+    return {"pairs": int(len(result))}
+
+
+def tune_stage(ctx: Context) -> dict:
+    """`glr tune` on the validation part; a policy that loses on the held-out queries gives way to identity."""
+    from pipeline.progress import enabled
+    from tuning.search import tune
+
+    lay, t = ctx.layout, dict(ctx.cfg["tune"])
+    # a study per input: trials of another ensemble / inlier table must not be mixed in
+    t["study"] = t["study"] or f"{ctx.cfg['run']['name']}-{hash_obj(ctx.records['tune']['inputs'])[:10]}"
+    inputs = (lay.ensemble("val"), lay.inliers("val"), lay.localval_solution, lay.policy)
+    res = tune(*inputs, **t, progress=enabled())  # honours `glr run --quiet`, like every other stage's bar
+    if not res["accepted"] and not t["force"]:
+        ctx.echo(f"warning: {res['message']}\nwarning: continuing with the identity policy (no rescoring); "
+                 "set [tune] force = true to use the tuned one anyway")
+        refused = res["message"]
+        res = tune(*inputs, **{**t, "policy": "identity", "force": True, "study": t["study"] + "-identity"},
+                   progress=enabled())
+        res = {**res, "fallback": f"tuned policy refused ({refused}); identity policy used"}
+    return jsonable(res)
+
+
+def rescore_stage(ctx: Context) -> dict:
+    from submissions.tables import read_inliers, read_predictions, write_predictions
+    from tuning.policy import rescore
+
+    lay, out = ctx.layout, {}
+    for part in PARTS:
+        rescored = rescore(read_predictions(lay.ensemble(part)), read_inliers(lay.inliers(part)), str(lay.policy))
+        write_predictions(rescored, lay.rescored(part))
+        out[part] = _evaluate(lay.rescored(part), _part_dir(ctx, part))
+    return out
+
+
+def submission_stage(ctx: Context) -> dict:
+    """`glr write-submission` of the rescored test predictions, scored when the competition has a solution."""
+    from submissions.format import write_submission_file
+
+    lay = ctx.layout
+    info = write_submission_file(lay.rescored("test"), _data_dir(ctx), lay.submission)
+    out = {"path": str(lay.submission), "rows": info["rows"], "predicted": info["predicted"]}
+    test = _evaluate(lay.rescored("test"), _data_dir(ctx))
+    if test is not None:
+        out["test"] = test
+    return out
+
+
+def upload_stage(ctx: Context) -> dict:
+    from pipeline.acquire.kaggle import submit
+
+    k = ctx.cfg["kaggle"]
+    res = jsonable(submit(str(ctx.layout.submission), ctx.cfg["data"]["competition"], k["message"],
+                          data_dir=_data_dir(ctx)))
+    atomic_write_json(ctx.layout.upload, res)
+    return res
+
+
+def report_stage(ctx: Context) -> dict:
+    from pipeline.run.report import write_report
+
+    return {"path": str(write_report(ctx.run_dir, ctx.cfg, ctx.records))}
+
+
+# -- the graph ------------------------------------------------------------------------------------
+
+def plan(cfg: dict) -> list[Stage]:
+    """The stages of a run, in order, from a validated config (see pipeline.run.config).
+
+    train:<model> learns the local-validation split's training part (the models tuning is honest
+    about); with [train] final_fit = "all", train_all:<model> retrains the same settings on the
+    whole competition training set, and those models predict the real test set.
+    """
+    lay, models = layout_of(cfg), cfg["models"]
+    names = [m["name"] for m in models]
+    data_dir = cfg["data"]["data_dir"]
+    final_all = cfg["train"]["final_fit"] == "all"
+    nearest = cfg["verify"]["refs"] == "nearest"
+    rel = lay.rel
+    stages = [
+        Stage("data", data_stage, config=cfg["data"], outputs=[rel(lay.data_summary)],
+              external=lambda: file_digest(*data_files(data_dir))),
+        Stage("localval", localval_stage, deps=["data"], config=cfg["localval"], outputs=[rel(lay.localval)],
+              digest=[rel(p) for p in lay.localval_digest_files]),
+    ]
+    for kind, full, source in [("train", False, "localval")] + ([("train_all", True, "data")] if final_all else []):
+        for m in models:
+            f = lay.model_files(m["name"], full)
+            stages.append(Stage(f"{kind}:{m['name']}", partial(train_stage, model=m, full=full), deps=[source],
+                                config=m, outputs=[rel(f["model"]), rel(f["manifest"])],
+                                digest=[rel(f["model"]), rel(f["labels"])]))
+    for i, name in enumerate(names):
+        emb = nearest and i == 0
+        outputs = [rel(lay.predictions(name, part)) for part in PARTS]
+        if emb:
+            outputs += [rel(lay.embeddings(name, part, train)) for part in PARTS for train in (False, True)]
+        deps = ["data", "localval", f"train:{name}"] + ([f"train_all:{name}"] if final_all else [])
+        stages.append(Stage(f"predict:{name}", partial(predict_stage, model=name, embeddings=emb), deps=deps,
+                            config={"predict": cfg["predict"], "embeddings": emb,
+                                    **({"test_models": "models_all"} if final_all else {})},
+                            outputs=outputs))
+    stages.append(Stage("ensemble", ensemble_stage, deps=[f"predict:{n}" for n in names],
+                        config={"ensemble": cfg["ensemble"], "models": names},
+                        outputs=[rel(lay.ensemble(part)) for part in PARTS]))
+    for part in PARTS:
+        deps = ["ensemble", "localval" if part == "val" else "data"] + ([f"predict:{names[0]}"] if nearest else [])
+        stages.append(Stage(f"verify:{part}", partial(verify_stage, part=part), deps=deps, config=cfg["verify"],
+                            outputs=[rel(lay.inliers(part))]))
+    stages += [
+        Stage("tune", tune_stage, deps=["localval", "ensemble", "verify:val"], config=cfg["tune"],
+              outputs=[rel(lay.policy)], digest=[rel(lay.policy)]),
+        Stage("rescore", rescore_stage, deps=["ensemble", "verify:val", "verify:test", "tune"],
+              outputs=[rel(lay.rescored(part)) for part in PARTS]),
+        Stage("submission", submission_stage, deps=["data", "rescore"], config=cfg["submission"],
+              outputs=[rel(lay.submission)]),
+    ]
+    if cfg["kaggle"]["submit"]:
+        stages.append(Stage("upload", upload_stage, deps=["submission"], config=cfg["kaggle"],
+                            outputs=[rel(lay.upload)]))
+    stages.append(Stage("report", report_stage, deps=[s.name for s in stages], config=cfg["report"],
+                        outputs=[rel(lay.report)]))
+    return stages
+
+
+def run(config: str | Path | dict, *, from_stage: str | None = None, only: str | None = None,
+        dry_run: bool = False, echo=print) -> dict:
+    """Run (or with `dry_run`, plan) the pipeline of a config file or a config dict; return the manifest.
+
+    The whole config is checked against the option schema before any stage runs.
+    """
+    from pipeline.run.config import load_config, validate
+
+    cfg = load_config(config) if not isinstance(config, dict) else validate(config)
+    return execute(plan(cfg), layout_of(cfg).root, cfg, from_stage=from_stage, only=only, dry_run=dry_run,
+                   echo=echo)
