@@ -6,7 +6,7 @@ Pairs are synthetic 640-px textured images (half are a view of the same scene un
 homography, half unrelated), each with ~1000 RootSIFT features. Both ways run on the same
 pairs in the same process on one core (CPU time of the process, medians):
 
-- ours: `pipeline.verify.inliers.match_features` on cached features (one BLAS product, ratio test +
+- ours: `pipeline.verify.matching.match_features` on cached features (one BLAS product, ratio test +
   mutual check, seeded OpenCV `estimateAffine2D`);
 - the study's: features extracted again for every pair, cKDTree nearest neighbour within
   0.8, matched location arrays built with Python list comprehensions, `skimage.measure.ransac`
@@ -60,7 +60,7 @@ def study_match_only(fa, fb) -> int:
     """The study's matching of two feature sets: cKDTree, list comprehensions, skimage RANSAC."""
     from scipy.spatial import cKDTree
 
-    from pipeline.verify.inliers import skimage_inliers
+    from pipeline.verify.matching import skimage_inliers
 
     n1, n2 = len(fa.locations), len(fb.locations)
     _, indices = cKDTree(fa.descriptors).query(fb.descriptors, distance_upper_bound=0.8)
@@ -91,7 +91,7 @@ def main() -> None:
 
     from pipeline.verify.cache import FeatureCache
     from pipeline.verify.features import make_extractor
-    from pipeline.verify.inliers import MatchConfig, match_features
+    from pipeline.verify.matching import MatchConfig, match_features
 
     cv2.setNumThreads(1)
     size = 640

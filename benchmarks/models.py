@@ -57,12 +57,13 @@ def main() -> None:
     import pandas as pd
 
     from pipeline.acquire.competition import Competition
-    from pipeline.model.ensemble import ensemble_tables, evaluate_predictions
+    from pipeline.model.ensemble import ensemble_tables
     from pipeline.model.backbones import cpu_flags
     from pipeline.model.predict import predict
     from pipeline.acquire.synth import make_competition
     from pipeline.model.train import read_split, train
     from submissions.format import read_solution
+    from submissions.metric import evaluate_predictions
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="glr-bench-models-"))
     lm, per = (8, 20) if args.quick else (20, 30)
@@ -80,8 +81,8 @@ def main() -> None:
         m = train(comp_dir, backbone=b, out=out, weights="none", image_size=96, epochs=40, fine_tune_epochs=1,
                   patience=8, batch_size=32, precision="auto", seed=0, resume=True)
         t_train = time.perf_counter() - t0
-        test_preds[b] = predict(out, comp_dir, split="test", out=work / f"{b}.test.parquet", batch_size=64)
-        val_preds[b] = predict(out, comp_dir, split="val", out=work / f"{b}.val.parquet", batch_size=64)
+        test_preds[b] = predict(out, comp_dir, split="test", out=work / f"{b}.test.parquet", batch_size=64).table
+        val_preds[b] = predict(out, comp_dir, split="val", out=work / f"{b}.val.parquet", batch_size=64).table
         r = evaluate_predictions(test_preds[b], sol)
         rows.append((b, r["accuracy"], r["gap"]))
         tm = m["timings"]
@@ -113,8 +114,8 @@ def main() -> None:
     for prec in ("fp32", "bf16", "fp32", "bf16"):  # alternated, best of two: the cores are shared
         t = predict(work / "vgg16", comp_dir, split="train", out=work / f"speed.{prec}.parquet", batch_size=64,
                     precision=prec)
-        speed[prec] = max(speed.get(prec, 0.0), t.attrs["images_per_s"])
-        print(f"predict vgg16 {prec}: {t.attrs['images_per_s']} images/s on {len(ids)} images", flush=True)
+        speed[prec] = max(speed.get(prec, 0.0), t.images_per_s)
+        print(f"predict vgg16 {prec}: {t.images_per_s} images/s on {len(ids)} images", flush=True)
     naive = naive_predict(work / "vgg16", comp.image_paths(ids[:5], "train"))
     print(f"naive per-image loop: {naive:.2f} images/s (5 images)", flush=True)
     total = time.perf_counter() - t_all

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/real_pairs.py --photos DIR --sweep      # compare settings
 
 `DIR/labels.csv` has `file` (relative to DIR) and `landmark` (empty for a distractor). Every
-unordered pair of photos is matched once with the default settings of `pipeline.verify.inliers`
+unordered pair of photos is matched once with the default settings of `pipeline.verify.matching`
 (features extracted once per photo, as `glr verify` does). The photos are only read here: they
 are never copied into the project or used by tests.
 """
@@ -62,7 +62,7 @@ def all_pairs(labels: list[str], negatives: int | None = None, seed: int = 0) ->
 
 
 def score_pairs(feats, labels: list[str], match_cfg, delf: bool = False, pairs=None):
-    from pipeline.verify.inliers import match_features
+    from pipeline.verify.matching import match_features
 
     pairs = all_pairs(labels) if pairs is None else pairs
     counts = np.zeros(len(pairs))
@@ -87,7 +87,7 @@ def main() -> None:
     import cv2
 
     from pipeline.verify.features import ExtractorConfig
-    from pipeline.verify.inliers import MatchConfig
+    from pipeline.verify.matching import MatchConfig
 
     cv2.setNumThreads(1)
     lab = load_labels(args.photos)
@@ -101,7 +101,9 @@ def main() -> None:
 
     sample = all_pairs(labels, negatives=args.sweep_negatives)
 
-    def run(label, ext_opts: dict, match_cfg: MatchConfig, cache={}, pairs=None):
+    cache: dict = {}  # features per extractor setting, shared by every run below
+
+    def run(label, ext_opts: dict, match_cfg: MatchConfig, pairs=None):
         key = tuple(sorted(ext_opts.items()))
         if key not in cache:
             cache[key] = extract_all(args.photos, files, **ext_opts)

@@ -29,15 +29,30 @@ _USAGE_CHOICES = {"public": "Public", "private": "Private", "all": "all"}
 # ------------------------------------------------------------------------------ the core
 
 
+def _gap_sums(rel_sorted: np.ndarray, n_landmark_queries: int) -> np.ndarray:
+    """Running GAP after each correct prediction of a ranked list: Σ_{j ≤ k} j / (position of the
+    j-th correct) / M. The one sum behind `sorted_gap` and `cumulative_gap`, so they agree exactly."""
+    pos = np.flatnonzero(rel_sorted)
+    return np.cumsum(np.arange(1, len(pos) + 1, dtype=np.float64) / (pos + 1.0)) / n_landmark_queries
+
+
 def sorted_gap(rel_sorted: np.ndarray, n_landmark_queries: int) -> float:
     """GAP of predictions already in rank order (`rel_sorted`: correct or not, best first):
     Σ_k k / (position of the k-th correct) / M. For callers that rank the predictions themselves."""
     if n_landmark_queries <= 0:
         return 0.0
-    pos = np.flatnonzero(rel_sorted)
-    if len(pos) == 0:
-        return 0.0
-    return float((np.arange(1, len(pos) + 1, dtype=np.float64) / (pos + 1.0)).sum() / n_landmark_queries)
+    sums = _gap_sums(rel_sorted, n_landmark_queries)
+    return float(sums[-1]) if len(sums) else 0.0
+
+
+def cumulative_gap(rel_sorted: np.ndarray, n_landmark_queries: int) -> np.ndarray:
+    """GAP of the first i+1 ranked predictions, for every i (GAP when only the predictions at or above
+    the (i+1)-th confidence are kept); its last value is exactly `sorted_gap`."""
+    rel = np.asarray(rel_sorted, dtype=bool)
+    if n_landmark_queries <= 0:
+        return np.zeros(len(rel))
+    sums = np.concatenate([[0.0], _gap_sums(rel, n_landmark_queries)])
+    return sums[np.cumsum(rel)]
 
 
 def gap_score(
@@ -50,16 +65,32 @@ def gap_score(
     that has a prediction; `n_landmark_queries` is M. Equal confidences are ranked by `tie_key`
     ascending (the query id or its rank in id order); without it, by the arrays' current order.
     Vectorised: 100k predictions take a few milliseconds, for tuning loops. Returns 0.0 when M == 0."""
+    confidence, correct, order = _ranked(confidence, correct, tie_key)
+    return sorted_gap(correct[order], n_landmark_queries)
+
+
+def gap_curve(
+    confidence: np.ndarray,
+    correct: np.ndarray,
+    n_landmark_queries: int,
+    tie_key: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence thresholds, GAP when only the predictions at or above each are kept), one point per
+    prediction in `gap_score`'s rank order; the last GAP is exactly `gap_score` of the same arguments."""
+    confidence, correct, order = _ranked(confidence, correct, tie_key)
+    return confidence[order], cumulative_gap(correct[order], n_landmark_queries)
+
+
+def _ranked(confidence, correct, tie_key) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(confidence as float64, correct as bool, their rank order) for `gap_score` and `gap_curve`."""
     confidence = np.asarray(confidence, dtype=np.float64)
     correct = np.asarray(correct, dtype=bool)
     if confidence.shape != correct.shape:
         raise ValueError(f"confidence has shape {confidence.shape} but correct has {correct.shape}")
     if tie_key is None:
-        order = _rank_order(confidence, lambda rows: rows)
-    else:
-        key = np.asarray(tie_key)
-        order = _rank_order(confidence, lambda rows: key[rows])
-    return sorted_gap(correct[order], n_landmark_queries)
+        return confidence, correct, _rank_order(confidence, lambda rows: rows)
+    key = np.asarray(tie_key)
+    return confidence, correct, _rank_order(confidence, lambda rows: key[rows])
 
 
 def _rank_order(confidence: np.ndarray, tie_key_of) -> np.ndarray:
@@ -140,13 +171,41 @@ def _usage_mask(usage_col: pd.Series, usage: str) -> np.ndarray:
     return mask.to_numpy(zero_copy_only=False)
 
 
-def _flatten(landmarks: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(count, offset, flat values) of a column of landmark tuples."""
-    col = landmarks.to_numpy(dtype=object)
+def _flatten(landmarks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(count, offset, flat values) of a column (Series or sequence) of landmark tuples."""
+    col = landmarks.to_numpy(dtype=object) if isinstance(landmarks, pd.Series) else list(landmarks)
     lens = np.fromiter(map(len, col), dtype=np.int64, count=len(col))
     flat = np.fromiter(itertools.chain.from_iterable(col), dtype=np.int64, count=int(lens.sum()))
     offsets = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64) if len(lens) else lens
     return lens, offsets, flat
+
+
+def _in_truth(candidates: np.ndarray, lens: np.ndarray, offsets: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """Bool, shaped like `candidates` (int64, first axis = query): is the candidate one of the query's
+    landmarks, those being flat[offsets[q] : offsets[q] + lens[q]]. One pass per landmark slot."""
+    correct = np.zeros(candidates.shape, dtype=bool)
+    for j in range(int(lens.max()) if len(lens) else 0):
+        rows = np.flatnonzero(lens > j)
+        truth = flat[offsets[rows] + j].reshape((-1,) + (1,) * (candidates.ndim - 1))
+        correct[rows] |= candidates[rows] == truth
+    return correct
+
+
+def is_correct(candidates, landmarks) -> np.ndarray:
+    """Whether each predicted landmark id is one of its query's true landmarks: THE definition of a
+    correct prediction, shared by the metric, tuning and the report.
+
+    `candidates`: one id per query (shape [n]) or several ([n, C]); NaN (no prediction) is never
+    correct. `landmarks`: n tuples of true landmark ids (as in `read_solution`; () = non-landmark).
+    """
+    cand = np.asarray(candidates)
+    if len(cand) != len(landmarks):
+        raise ValueError(f"{len(cand)} rows of candidates but {len(landmarks)} of landmarks")
+    predicted = np.ones(cand.shape, dtype=bool)
+    if cand.dtype.kind == "f":  # NaN: a query without prediction
+        predicted = ~np.isnan(cand)
+        cand = np.where(predicted, cand, 0)
+    return _in_truth(cand.astype(np.int64), *_flatten(landmarks)) & predicted
 
 
 def _strings(series: pd.Series):
@@ -211,7 +270,6 @@ def _match_ids(sol_ids, sub_ids) -> np.ndarray:
 
 def score(submission: pd.DataFrame, solution: pd.DataFrame, usage: str = "all") -> Scored:
     """Match a canonical submission to `solution` (as from `read_solution`) on the `usage` rows."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     from submissions.format import UNIQUE_IDS_ATTR, canonical_submission, has_duplicates, ids_token
@@ -245,12 +303,7 @@ def score(submission: pd.DataFrame, solution: pd.DataFrame, usage: str = "all") 
     srow = where[rows]
     lid = sub["landmark_id"].to_numpy(dtype=np.int64, na_value=0)[rows]
     conf = sub["confidence"].to_numpy(dtype=np.float64)[rows]
-    n = lens[srow]
-    correct = np.zeros(len(rows), dtype=bool)
-    if len(flat):
-        for j in range(int(n.max()) if len(n) else 0):
-            has_j = n > j
-            correct[has_j] |= flat[offsets[srow[has_j]] + j] == lid[has_j]
+    correct = _in_truth(lid, lens[srow], offsets[srow], flat)
     order = _rank_order(conf, lambda members: _id_ranks(sub_ids, rows[members]))  # ids only for ties
     return Scored(
         n_queries=int(selected.sum()),
@@ -349,6 +402,18 @@ def evaluate(
             confidence_level=float(confidence_level),
         )
     return out
+
+
+def evaluate_predictions(preds, solution, usage: str = "all") -> dict:
+    """`evaluate` (GAP, top-1 accuracy, counts) of a predictions table, whose rank-0 rows are the
+    predictions, against a solution: each given as a frame or a path. The one scoring of a stage's
+    predictions, for `glr evaluate` and the runner alike."""
+    from submissions.format import read_solution, submission_from_predictions
+    from submissions.tables import read_predictions, validate_predictions
+
+    table = validate_predictions(preds) if isinstance(preds, pd.DataFrame) else read_predictions(preds)
+    sol = solution if isinstance(solution, pd.DataFrame) else read_solution(solution)
+    return evaluate(submission_from_predictions(table), sol, usage=usage)
 
 
 def paired_bootstrap(

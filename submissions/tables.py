@@ -88,10 +88,23 @@ def read_inliers(path: str | os.PathLike) -> pd.DataFrame:
     return validate_inliers(_read(path), str(path))
 
 
-def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a table as Parquet atomically."""
+def empty_inliers() -> pd.DataFrame:
+    """An inliers table without rows (the schema's columns and dtypes): no pair verified."""
+    return validate_inliers(pd.DataFrame({c: pd.Series(dtype=object if t == "str" else t) for c, t in INLIERS.items()}))
+
+
+def write_table(df: pd.DataFrame, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write a table as Parquet atomically; `metadata` (key → text) joins the file's key-value metadata,
+    where a reader finds it without loading the rows (`pyarrow.parquet.read_schema(path).metadata`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    if metadata:
+        extra = {str(k).encode(): str(v).encode() for k, v in metadata.items()}
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **extra})
     with atomic_path(path, suffix=".parquet") as tmp:
-        df.to_parquet(tmp, index=False)
+        pq.write_table(table, tmp)
     return Path(path)
 
 
@@ -101,6 +114,7 @@ def write_predictions(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     return write_table(out.reset_index(drop=True), path)
 
 
-def write_inliers(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Validate and atomically write an inliers table."""
-    return write_table(validate_inliers(df), path)
+def write_inliers(df: pd.DataFrame, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Validate and atomically write an inliers table, with optional key-value `metadata` (e.g. the
+    settings `glr verify` computed it with, so a re-run knows which counts it may reuse)."""
+    return write_table(validate_inliers(df), path, metadata)

@@ -112,7 +112,7 @@ def clean(data_dir: str | os.PathLike, *, quarantine: str | os.PathLike | None =
     ever sees the files). Hidden folders (`.glr-*` work folders) are not scanned. Returns
     counts: checked, quarantined, reasons, the odd-but-usable kinds, and the report path.
     """
-    from pipeline.acquire.urls import bounded_map
+    from pipeline.parallel import bounded_map
     from pipeline.progress import progress
 
     root = Path(data_dir)

@@ -19,7 +19,6 @@ import re
 import shutil
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -144,37 +143,6 @@ def _download(session, url: str, final: Path, tmp_dir: Path, size: int, timeout:
     return reason
 
 
-
-def bounded_map(fn, items, workers: int, window: int | None = None):
-    """Yield `fn(item)` for every item, in completion order, from a thread pool.
-
-    At most `window` (default 4×workers, ≥ 64) calls are queued at once, so a million items
-    never become a million futures; pending calls are cancelled if the consumer stops.
-    """
-    window = window or max(4 * workers, 64)
-    it = iter(items)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="glr") as pool:
-        pending: set = set()
-        try:
-            while True:
-                while len(pending) < window:
-                    nxt = next(it, _END)
-                    if nxt is _END:
-                        break
-                    pending.add(pool.submit(fn, nxt))
-                if not pending:
-                    return
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    yield f.result()
-        finally:
-            for f in pending:
-                f.cancel()
-
-
-_END = object()
-
-
 def fetch_urls(
     csv: str | os.PathLike, out: str | os.PathLike, *, size: int = 96, workers: int = 16, timeout: float = 10,
     retries: int = 3,
@@ -190,6 +158,7 @@ def fetch_urls(
     import requests
 
     from pipeline.acquire.competition import hashed_relpath, read_csv_checked
+    from pipeline.parallel import bounded_map
     from pipeline.progress import progress
     from submissions.files import atomic_path
 

@@ -1,4 +1,4 @@
-"""`glr ensemble` and `glr evaluate`: average several models' predictions tables; score one.
+"""`glr ensemble`: average several models' predictions tables (`glr evaluate` scores one: submissions.metric).
 
 Ensemble rule, per image: over the union of the candidate classes in the models' top-k rows,
 
@@ -83,14 +83,3 @@ def ensemble(paths: list[str | os.PathLike], *, weights: list[float] | str | Non
     write_predictions(table, out)
     return table
 
-
-def evaluate_predictions(preds: pd.DataFrame | str | os.PathLike, solution: pd.DataFrame | str | os.PathLike,
-                         usage: str = "all") -> dict:
-    """GAP and top-1 accuracy of a predictions table (its rank-0 rows are the predictions)."""
-    from submissions.format import read_solution, submission_from_predictions
-    from submissions.metric import evaluate
-    from submissions.tables import read_predictions, validate_predictions
-
-    table = validate_predictions(preds) if isinstance(preds, pd.DataFrame) else read_predictions(preds)
-    sol = solution if isinstance(solution, pd.DataFrame) else read_solution(solution)
-    return evaluate(submission_from_predictions(table), sol, usage=usage)

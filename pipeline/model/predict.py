@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,28 @@ from submissions.errors import UserError
 SPLITS = ("test", "train", "val")
 
 
-def split_ids(run_dir: Path, comp, split: str) -> tuple[list[str], str]:
+@dataclass(frozen=True)
+class PredictResult:
+    """What `predict` wrote (`table`, at `out`) and how it went: images asked for and predicted, the
+    skipped ones ({id, path, reason}), time, throughput and the mixed-precision policy used."""
+
+    table: pd.DataFrame
+    out: str
+    images: int
+    predicted: int
+    seconds: float
+    images_per_s: float
+    precision: str
+    skipped: list[dict] = field(default_factory=list)
+
+    def stats(self) -> dict:
+        """The numbers without the table, as `glr predict --json` prints them (`skipped` counted)."""
+        return {"images": self.images, "predicted": self.predicted, "seconds": self.seconds,
+                "images_per_s": self.images_per_s, "precision": self.precision, "out": self.out,
+                "skipped": len(self.skipped)}
+
+
+def images_of_split(run_dir: Path, comp, split: str) -> tuple[list[str], str]:
     """(ids, image folder split) of `split`; 'val' is the run's own validation split."""
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
@@ -83,9 +105,9 @@ def load_run_model(run_dir: str | os.PathLike, precision: str | None = None):
 
 def predict(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, split: str = "test",
             out: str | os.PathLike, top_k: int = 5, batch_size: int = 64, embeddings: str | None = None,
-            precision: str | None = None) -> pd.DataFrame:
+            precision: str | None = None) -> PredictResult:
     """Predict the top-`top_k` classes of every image of `split`, write the table to `out`
-    (Parquet) and return it; `df.attrs` holds counts, skipped ids and images/s."""
+    (Parquet); return it with counts, skipped ids and images/s."""
     from pipeline.acquire.competition import Competition
     from pipeline.model.data import path_dataset, warn_skipped
     from pipeline.model.backbones import quiet_tf
@@ -98,7 +120,7 @@ def predict(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, split: s
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     run_dir = Path(run_dir)
     comp = Competition(data_dir)
-    ids, folder = split_ids(run_dir, comp, split)
+    ids, folder = images_of_split(run_dir, comp, split)
     model, labels, manifest = load_run_model(run_dir, precision)
     tf = quiet_tf()
     import keras
@@ -142,7 +164,6 @@ def predict(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, split: s
         dim = int(model.get_layer("embedding").output.shape[-1])
         vecs = np.concatenate(embs)[ok] if embs else np.zeros((0, dim), np.float32)
         write_embeddings(embeddings, kept, vecs.reshape(len(kept), -1))
-    table.attrs.update({"images": len(ids), "predicted": len(kept), "skipped": skipped,
-                        "seconds": round(secs, 3), "images_per_s": round(len(ids) / max(secs, 1e-9), 1),
-                        "precision": _policy(model), "out": str(out)})
-    return table
+    return PredictResult(table, out=str(out), images=len(ids), predicted=len(kept), seconds=round(secs, 3),
+                         images_per_s=round(len(ids) / max(secs, 1e-9), 1), precision=_policy(model),
+                         skipped=skipped)

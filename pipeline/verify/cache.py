@@ -9,7 +9,6 @@ in-process LRU.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.verify.features import Extractor, ExtractorConfig, Features, make_extractor
+from pipeline.verify.features import Extractor, ExtractorConfig, Features, make_config, make_extractor
 from submissions.files import atomic_path, atomic_write_text
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,120}$")
@@ -33,7 +32,7 @@ def _to_disk(desc: np.ndarray) -> np.ndarray:
 
 def _from_disk(desc: np.ndarray) -> np.ndarray:
     """float16 → float32; unit-norm descriptors (RootSIFT, DELF) are renormalised to exactly unit norm,
-    which lets matching skip the norm terms (see pipeline.verify.inliers.match_descriptors)."""
+    which lets matching skip the norm terms (see pipeline.verify.matching.match_descriptors)."""
     if desc.dtype != np.float16:
         return desc
     out = desc.astype(np.float32)
@@ -128,13 +127,6 @@ class FeatureCache:
 _worker_caches: dict = {}
 
 
-def _init_worker() -> None:
-    """Each worker process: one OpenCV/BLAS thread (processes are the parallelism)."""
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
 def _extract_chunk(args) -> list[tuple[str, str | None, int]]:
     """Worker: extract and store each (id, path) not cached yet → (id, error or None, n keypoints)."""
     from pipeline.images import ImageReadError
@@ -162,28 +154,11 @@ def _extract_chunk(args) -> list[tuple[str, str | None, int]]:
     return out
 
 
-@contextlib.contextmanager
-def map_chunks(fn, chunks: list, workers: int, initializer=_init_worker, initargs: tuple = ()):
-    """Yield the results of `fn` over `chunks`: in order in this process when `workers` <= 1, else as
-    they finish in `workers` spawned processes (OpenCV's and BLAS's thread pools are not fork-safe),
-    each set up by `initializer(*initargs)`; the pool is terminated on exit, error or interruption."""
-    if workers <= 1:
-        yield map(fn, chunks)
-        return
-    import multiprocessing as mp
-
-    pool = mp.get_context("spawn").Pool(workers, initializer=initializer, initargs=initargs)
-    try:
-        yield pool.imap_unordered(fn, chunks)
-    finally:
-        pool.terminate()
-        pool.join()
-
-
 def extract_many(cache_dir: str | os.PathLike, config: ExtractorConfig, split: str,
                  items: list[tuple[str, Path]], *, workers: int = 1, desc: str = "features",
                  chunk: int = 8) -> dict[str, str]:
     """Extract every (id, path) not cached yet, in parallel; return {id: error} for unreadable images."""
+    from pipeline.parallel import map_chunks
     from pipeline.progress import progress
 
     chunks = [(cache_dir, config, split, items[i:i + chunk]) for i in range(0, len(items), chunk)]
@@ -204,10 +179,10 @@ def extract_many(cache_dir: str | os.PathLike, config: ExtractorConfig, split: s
     return errors
 
 
-def extract_features(data_dir: str | os.PathLike, split: str = "test", *, extractor: str = "sift",
-                     shard: str | tuple[int, int] | None = None, cache_dir: str | os.PathLike | None = None,
-                     workers: int = 1, max_side: int | None = None, n_features: int | None = None,
-                     delf_handle: str | None = None) -> dict:
+def extract_split(data_dir: str | os.PathLike, split: str = "test", *, extractor: str = "sift",
+                  shard: str | tuple[int, int] | None = None, cache_dir: str | os.PathLike | None = None,
+                  workers: int = 1, max_side: int | None = None, n_features: int | None = None,
+                  delf_handle: str | None = None) -> dict:
     """Fill the feature cache for one split (or one shard of it) ahead of `glr verify`.
 
     Already-cached images are skipped, so an interrupted run resumes. Unreadable images are
@@ -216,7 +191,7 @@ def extract_features(data_dir: str | os.PathLike, split: str = "test", *, extrac
     import warnings
 
     from pipeline.acquire.competition import Competition
-    from pipeline.verify.features import in_shard, make_config, parse_shard
+    from pipeline.parallel import in_shard, parse_shard
 
     comp = Competition(data_dir)
     config = make_config(extractor, max_side=max_side, n_features=n_features, handle=delf_handle)

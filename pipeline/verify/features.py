@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -102,31 +101,6 @@ def make_config(extractor: str = "sift", **overrides) -> ExtractorConfig:
     if extractor == "delf" and "max_side" not in kw:
         kw["max_side"] = 512  # DELF's pyramid reaches 2x: keep its largest scale affordable
     return ExtractorConfig(name=extractor, **kw)
-
-
-def stable_shard(image_id: str, n: int) -> int:
-    """Shard of an id: crc32 (stable across runs and machines, unlike Python's hash())."""
-    return zlib.crc32(str(image_id).encode("utf-8")) % n
-
-
-def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
-    """'i/n' → (i, n) with 0 ≤ i < n, naming the option on error."""
-    if shard is None or isinstance(shard, tuple):
-        return shard
-    try:
-        i, n = (int(x) for x in str(shard).split("/"))
-    except ValueError:
-        raise UserError(f"--shard {shard!r}: expected i/n, e.g. 0/4") from None
-    if n < 1 or not 0 <= i < n:
-        raise UserError(f"--shard {shard!r}: need 0 <= i < n")
-    return i, n
-
-
-def in_shard(ids: list[str], shard: tuple[int, int] | None) -> list[str]:
-    if shard is None:
-        return list(ids)
-    i, n = shard
-    return [x for x in ids if stable_shard(x, n) == i]
 
 
 def original_size(path: str | os.PathLike) -> tuple[int, int]:

@@ -7,8 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.model.ensemble import ensemble, ensemble_tables, evaluate_predictions, parse_weights
+from pipeline.model.ensemble import ensemble, ensemble_tables, parse_weights
 from submissions.errors import UserError
+from submissions.metric import evaluate_predictions
 from submissions.tables import read_predictions, write_predictions
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -42,8 +41,8 @@ def test_predict_test_split_with_embeddings(run_and_comp, tmp_path):
 
     run, root, bad = run_and_comp
     with pytest.warns(ImageSkipped, match=bad):
-        table = predict(run, root, out=tmp_path / "p.parquet", top_k=5, batch_size=4,
-                        embeddings=str(tmp_path / "e.npy"))
+        res = predict(run, root, out=tmp_path / "p.parquet", top_k=5, batch_size=4,
+                      embeddings=str(tmp_path / "e.npy"))
     comp = Competition(root)
     back = read_predictions(tmp_path / "p.parquet")
     good = [i for i in comp.test_ids if i != bad]
@@ -54,7 +53,10 @@ def test_predict_test_split_with_embeddings(run_and_comp, tmp_path):
     for _, g in back.groupby("id"):
         assert g["rank"].tolist() == [0, 1, 2, 3] and (np.diff(g["score"].to_numpy()) <= 0).all()
         assert g["score"].sum() == pytest.approx(1.0, abs=1e-4)
-    assert table.attrs["skipped"][0]["id"] == bad and table.attrs["predicted"] == len(good)
+    assert res.skipped[0]["id"] == bad and res.predicted == len(good) and res.images == len(comp.test_ids)
+    assert len(res.table) == len(back) and set(res.table["id"]) == set(back["id"])
+    assert not res.table.attrs  # statistics travel in the result, not on the frame
+    assert res.stats()["skipped"] == 1 and res.stats()["out"] == str(tmp_path / "p.parquet")
 
     # the batched pipeline gives what the model gives on one image read the plain way
     model = load_model(run / "model.keras")

@@ -10,11 +10,16 @@ from submissions.errors import UserError
 from submissions.metric import (
     _gap_from_counts,
     _harmonic,
+    cumulative_gap,
     evaluate,
+    evaluate_predictions,
     gap,
+    gap_curve,
     gap_score,
+    is_correct,
     paired_bootstrap,
     score,
+    sorted_gap,
 )
 
 SETTINGS = settings(max_examples=150, derandomize=True, deadline=None)
@@ -119,6 +124,83 @@ def test_gap_score_equals_reference_with_tie_key(rows, extra_m, rnd):
     # without tie_key the arrays' order is the tie order: pre-sorted by key, same answer
     by_key = np.argsort(keys)
     assert gap_score(conf[by_key], correct[by_key], m) == pytest.approx(expected, rel=1e-12)
+
+
+@SETTINGS
+@given(
+    st.lists(st.tuples(st.sampled_from([0.1, 0.2, 0.3]) | st.floats(-5, 5), st.booleans()), max_size=60),
+    st.integers(0, 80),
+)
+def test_gap_curve_is_the_gap_of_every_prefix_and_ends_at_gap_score_exactly(rows, extra_m):
+    conf = np.array([r[0] for r in rows], dtype=float)
+    correct = np.array([r[1] for r in rows], dtype=bool)
+    m = int(correct.sum()) + extra_m
+    key = np.arange(len(rows))[::-1].copy()
+    thresholds, curve = gap_curve(conf, correct, m, tie_key=key)
+    assert len(thresholds) == len(curve) == len(rows) and (np.diff(thresholds) <= 0).all()
+    if len(rows) and m:
+        assert curve[-1] == gap_score(conf, correct, m, tie_key=key)  # exactly: the same sum
+        order = np.lexsort((key, -conf))
+        for i in range(len(rows)):  # each point: GAP of the predictions ranked at or above it
+            assert curve[i] == pytest.approx(sorted_gap(correct[order][: i + 1], m), rel=1e-12, abs=1e-15)
+    assert (cumulative_gap(correct, 0) == 0).all()
+
+
+@SETTINGS
+@given(st.booleans().flatmap(competitions))
+def test_is_correct_is_membership_in_the_true_landmarks(comp):
+    preds, truth, _, _, _ = comp
+    ids = list(truth)
+    lids = np.array([preds[i][0] if i in preds else np.nan for i in ids], dtype=float)
+    want = [i in preds and preds[i][0] in truth[i] for i in ids]
+    assert is_correct(lids, [truth[i] for i in ids]).tolist() == want  # NaN: no prediction, never correct
+    # several candidates per query ([n, C]): each compared with its own query's landmarks
+    cands = np.array([[k, k + 1, 4 - k] for k in range(len(ids))], dtype=np.int64) % 5
+    got = is_correct(cands, pd.Series([truth[i] for i in ids], dtype=object))
+    assert got.tolist() == [[int(c) in truth[i] for c in row] for i, row in zip(ids, cands)]
+
+
+def test_evaluate_predictions_scores_the_top1_rows_from_frames_or_files(tmp_path):
+    from submissions.format import read_solution, submission_from_predictions
+    from submissions.tables import write_predictions
+
+    preds = pd.DataFrame({"id": ["q1", "q1", "q2", "q3"], "landmark_id": [7, 8, 9, 7],
+                          "score": [0.9, 0.1, 0.8, 0.3], "rank": [0, 1, 0, 0]})
+    (tmp_path / "solution.csv").write_text("id,landmarks,Usage\nq1,7,Public\nq2,8 9,Private\nq3,,Public\n"
+                                           "q4,7,Ignored\n")
+    write_predictions(preds, tmp_path / "p.parquet")
+    sol = read_solution(tmp_path / "solution.csv")
+    want = evaluate(submission_from_predictions(preds), sol)
+    assert want["gap"] == pytest.approx(1.0) and want["accuracy"] == pytest.approx(1.0)
+    assert evaluate_predictions(tmp_path / "p.parquet", tmp_path / "solution.csv") == want
+    assert evaluate_predictions(preds, sol) == want
+    assert evaluate_predictions(preds, sol, usage="Public")["n_queries"] == 2
+    with pytest.raises(UserError, match="no such file"):
+        evaluate_predictions(tmp_path / "nope.parquet", sol)
+
+
+def test_report_gap_curve_ends_at_the_gap_the_metric_reports(tmp_path):
+    """The report's GAP-vs-confidence curve (pipeline.run.report) ranks and sums with the metric's code:
+    its end is exactly `gap()`, ties, several true landmarks, Ignored rows and unpredicted queries included."""
+    from pipeline.run.report import gap_curve as report_gap_curve
+    from pipeline.run.report import top1_with_truth
+    from submissions.format import read_solution, submission_from_predictions
+
+    rng = np.random.default_rng(5)
+    n = 300
+    ids = [f"q{k:04d}" for k in rng.permutation(n)]
+    truth = [" ".join(map(str, rng.choice(6, size=int(rng.integers(0, 3)), replace=False))) for _ in ids]
+    usage = rng.choice(["Public", "Private", "Ignored"], size=n, p=[0.45, 0.45, 0.1])
+    pd.DataFrame({"id": ids, "landmarks": truth, "Usage": usage}).to_csv(tmp_path / "solution.csv", index=False)
+    kept = rng.random(n) < 0.9  # some queries get no prediction
+    preds = pd.DataFrame({"id": np.array(ids)[kept], "landmark_id": rng.integers(0, 6, kept.sum()),
+                          "score": np.round(rng.random(kept.sum()), 1), "rank": 0})  # rounded: many ties
+    top = top1_with_truth(preds.astype({"score": "float32"}), tmp_path / "solution.csv")
+    thresholds, curve = report_gap_curve(top)
+    expected = gap(submission_from_predictions(preds.astype({"score": "float32"})),
+                   read_solution(tmp_path / "solution.csv"))
+    assert 0 < expected < 1 and curve[-1] == expected
+    assert (np.diff(thresholds) <= 0).all()
 
 
 def test_known_values_and_tie_rule():

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.verify.cache import FeatureCache, extract_features
-from pipeline.verify.features import ExtractorConfig, make_config, make_extractor, parse_shard, stable_shard
+from pipeline.parallel import stable_shard
+from pipeline.verify.cache import FeatureCache, extract_split
+from pipeline.verify.features import ExtractorConfig, make_config, make_extractor
 from submissions.errors import UserError
 
 
@@ -74,20 +75,6 @@ def test_config_key_tracks_only_relevant_settings():
     assert a.key() == make_config("sift", score_threshold=5.0).key()
     with pytest.raises(UserError, match="unknown extractor"):
         ExtractorConfig(name="surf")
-
-
-def test_shards_are_stable_and_partition():
-    ids = [f"{i:016x}" for i in range(200)]
-    assert [stable_shard(i, 4) for i in ids[:5]] == [stable_shard(i, 4) for i in ids[:5]]
-    import zlib
-
-    assert stable_shard("abc", 7) == zlib.crc32(b"abc") % 7  # documented: crc32, not hash()
-    counts = np.bincount([stable_shard(i, 4) for i in ids], minlength=4)
-    assert counts.sum() == 200 and counts.min() > 25
-    assert parse_shard("1/4") == (1, 4)
-    for bad in ("4/4", "x", "1-4", "-1/2"):
-        with pytest.raises(UserError, match="--shard"):
-            parse_shard(bad)
 
 
 def test_cache_roundtrip_lru_and_damaged_entry(tmp_path):
@@ -158,7 +145,7 @@ def _nothing():
     return contextlib.nullcontext()
 
 
-def test_extract_features_fills_cache_per_shard_and_skips_bad_images(tmp_path):
+def test_extract_split_fills_cache_per_shard_and_skips_bad_images(tmp_path):
     comp = tmp_path / "comp"
     ids = [f"{i:x}abc{i}" for i in range(6)]
     for i, x in enumerate(ids):
@@ -169,17 +156,17 @@ def test_extract_features_fills_cache_per_shard_and_skips_bad_images(tmp_path):
     cache = tmp_path / "cache"
     shard0 = {x for x in ids if stable_shard(x, 2) == 0}
     with pytest.warns(UserWarning) as rec:
-        r0 = extract_features(comp, "test", extractor="sift", shard="0/2", cache_dir=cache)
-        r1 = extract_features(comp, "test", extractor="sift", shard="1/2", cache_dir=cache)
+        r0 = extract_split(comp, "test", extractor="sift", shard="0/2", cache_dir=cache)
+        r1 = extract_split(comp, "test", extractor="sift", shard="1/2", cache_dir=cache)
     assert r0["images"] == len(shard0) and r0["images"] + r1["images"] == 6
     assert r0["unreadable"] + r1["unreadable"] == 1
     assert any(ids[5] in str(w.message) for w in rec)
     fc = FeatureCache(cache, make_config("sift"), "test")
     assert all(fc.get(x) is not None for x in ids[:5]) and fc.get(ids[5]) is None
     with pytest.warns(UserWarning, match=ids[5]):
-        again = extract_features(comp, "test", extractor="sift", cache_dir=cache)  # resumes: nothing new
+        again = extract_split(comp, "test", extractor="sift", cache_dir=cache)  # resumes: nothing new
     assert again["already_cached"] == 5 and again["extracted"] == 0
     # default cache folder lives in the data dir
     with pytest.warns(UserWarning, match=ids[5]) if stable_shard(ids[5], 2) == 0 else _nothing():
-        extract_features(comp, "test", extractor="orb", shard="0/2")
+        extract_split(comp, "test", extractor="orb", shard="0/2")
     assert (comp / ".glr-features").is_dir()

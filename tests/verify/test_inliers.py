@@ -1,4 +1,5 @@
-"""Matching, seeded RANSAC (vs the skimage reference), `verify`/`merge`/`match` on synthetic data."""
+"""The verify run (`verify`/`merge`: plan, resume, reuse, shards) and the `features`/`verify`/`merge`/`match`
+commands, on synthetic data."""
 from __future__ import annotations
 
 import json
@@ -13,130 +14,11 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.verify.features import make_config, make_extractor, stable_shard
-from pipeline.verify.inliers import (MatchConfig, match_descriptors, match_features, merge, plan_pairs, ransac_inliers,
-                             skimage_inliers, verify)
+from pipeline.parallel import stable_shard
+from pipeline.verify.features import make_config
+from pipeline.verify.inliers import merge, verify
 from submissions.tables import read_inliers, write_predictions
 from tests.verify.test_features import save, textured
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-# -- matching -----------------------------------------------------------------------------------
-
-
-def _brute(da, db, ratio, mutual, max_distance):
-    from scipy.spatial.distance import cdist
-
-    d = cdist(da.astype(float), db.astype(float))
-    out = []
-    for i, row in enumerate(d):
-        o = np.argsort(row)
-        j, d1, d2 = o[0], row[o[0]], row[o[1]]
-        if ratio is not None and not d1 < ratio * d2:
-            continue
-        if max_distance is not None and not d1 < max_distance:
-            continue
-        if mutual and np.argmin(d[:, j]) != i:
-            continue
-        out.append((i, j))
-    return np.array(out, np.int64).reshape(-1, 2)
-
-
-@pytest.mark.parametrize("unit", [True, False])
-@pytest.mark.parametrize("ratio,mutual,max_distance", [(0.8, False, None), (0.9, True, None), (None, False, 0.8)])
-def test_vectorised_matching_equals_brute_force(ratio, mutual, max_distance, unit):
-    rng = np.random.default_rng(1)
-    da = rng.random((150, 40), dtype=np.float32)
-    db = np.concatenate([da[:60] + rng.normal(0, 0.03, (60, 40)).astype(np.float32), rng.random((90, 40), dtype=np.float32)])
-    db = db[rng.permutation(len(db))]
-    da /= np.linalg.norm(da, axis=1, keepdims=True)
-    db /= np.linalg.norm(db, axis=1, keepdims=True)
-    if not unit:  # e.g. plain SIFT-like magnitudes: the general path
-        da *= rng.uniform(0.9, 1.1, (len(da), 1)).astype(np.float32)
-        db *= rng.uniform(0.9, 1.1, (len(db), 1)).astype(np.float32)
-    got = match_descriptors(da, db, ratio=ratio, mutual=mutual, max_distance=max_distance)
-    want = _brute(da, db, ratio, mutual, max_distance)
-    assert len(want) >= 30
-    np.testing.assert_array_equal(got, want)
-
-
-def test_hamming_matching_for_orb():
-    rng = np.random.default_rng(2)
-    da = rng.integers(0, 256, (80, 32), dtype=np.uint8)
-    db = da.copy()
-    db[:, 0] ^= 1  # one bit off: still each other's nearest neighbour
-    got = match_descriptors(da, db, ratio=0.8, mutual=True)
-    np.testing.assert_array_equal(got, np.stack([np.arange(80), np.arange(80)], 1))
-
-
-# -- RANSAC -------------------------------------------------------------------------------------
-
-
-def _affine_pairs(seed, n_in=120, n_out=200, noise=0.7):
-    rng = np.random.default_rng(seed)
-    src = rng.uniform(0, 500, (n_in + n_out, 2))
-    a = np.array([[1.1, 0.2], [-0.15, 0.9]]) * rng.uniform(0.7, 1.3)
-    dst = src @ a.T + rng.uniform(-50, 50, 2)
-    dst[:n_in] += rng.normal(0, noise, (n_in, 2))
-    dst[n_in:] = rng.uniform(0, 500, (n_out, 2))
-    return src.astype(np.float32), dst.astype(np.float32), n_in
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_opencv_counts_agree_with_skimage_reference_on_known_inliers(seed):
-    src, dst, n_in = _affine_pairs(seed)
-    cfg = MatchConfig(threshold=4.0)
-    cv = ransac_inliers(src, dst, cfg)
-    sk = skimage_inliers(src, dst, threshold=4.0, max_trials=2000, seed=seed)
-    assert cv[:n_in].mean() >= 0.97  # finds (nearly) all true inliers: counts are not cut short
-    assert abs(int(cv.sum()) - int(sk.sum())) <= max(3, 0.05 * n_in)
-    assert abs(int(cv.sum()) - n_in) <= 0.05 * n_in + 6  # few outliers fall inside 4 px by chance
-
-
-def test_ransac_is_seeded_and_repeatable_across_processes():
-    src, dst, _ = _affine_pairs(5, n_in=15, n_out=200, noise=2.0)  # hard: few inliers
-    cfg = MatchConfig(threshold=5.0, method="magsac")
-    counts = {int(ransac_inliers(src, dst, cfg).sum()) for _ in range(5)}
-    assert len(counts) == 1
-    code = ("import numpy as np, sys; sys.path.insert(0, %r); from tests.verify.test_inliers import _affine_pairs;"
-            "from pipeline.verify.inliers import ransac_inliers, MatchConfig;"
-            "s, d, _ = _affine_pairs(5, n_in=15, n_out=200, noise=2.0);"
-            "print(int(ransac_inliers(s, d, MatchConfig(threshold=5.0, method='magsac')).sum()))") % str(ROOT)
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert int(other) == counts.pop()
-
-
-@pytest.mark.parametrize("model,method", [("affine", "ransac"), ("affine", "magsac"), ("homography", "ransac"),
-                                          ("homography", "magsac"), ("fundamental", "ransac")])
-def test_models_find_a_homography_pair(model, method):
-    rng = np.random.default_rng(7)
-    src = rng.uniform(0, 400, (150, 2))
-    h = np.array([[1.0, 0.05, 10], [0.02, 0.95, -5], [2e-5, 1e-5, 1]])  # mild: affine fits within 6 px
-    p = np.c_[src, np.ones(150)] @ h.T
-    dst = p[:, :2] / p[:, 2:]
-    dst[100:] = rng.uniform(0, 400, (50, 2))
-    mask = ransac_inliers(src, dst, MatchConfig(model=model, method=method, threshold=6.0))
-    assert mask[:100].mean() > 0.9 and mask[100:].mean() < 0.3
-    assert not ransac_inliers(src[:2], dst[:2], MatchConfig(model=model)).any()  # too few points: 0
-
-
-def test_warped_image_matches_unrelated_does_not():
-    import cv2
-
-    img = textured(256, seed=3)
-    h = np.array([[0.9, 0.1, 12], [-0.08, 0.95, 8], [2e-4, 1e-4, 1]])
-    warped = cv2.warpPerspective(img, h, (256, 256), borderMode=cv2.BORDER_REFLECT)
-    ext = make_extractor("sift", n_features=500)
-    fa, fb, fc = ext.extract_array(img), ext.extract_array(warped), ext.extract_array(textured(256, seed=9))
-    same = match_features(fa, fb)
-    assert same["inliers"] >= 40
-    assert match_features(fa, fc)["inliers"] <= 10
-    # inliers agree with the true warp
-    m = same["matches"][same["inlier_mask"]]
-    p = np.c_[fa.locations[m[:, 0]], np.ones(len(m))] @ h.T
-    err = np.linalg.norm(p[:, :2] / p[:, 2:] - fb.locations[m[:, 1]], axis=1)
-    assert np.median(err) < 2.0
 
 
 # -- verify on synthetic competitions ----------------------------------------------------------
@@ -175,7 +57,7 @@ def verified(synth_comp, tmp_path_factory):
     preds = _preds(synth_comp)
     write_predictions(preds, tmp / "preds.parquet")
     cache = tmp / "cache"
-    table = verify(tmp / "preds.parquet", synth_comp, tmp / "inliers.parquet", candidates=3, k=2, cache_dir=cache)
+    table = verify(tmp / "preds.parquet", synth_comp, tmp / "inliers.parquet", candidates=3, k=2, cache_dir=cache).table
     return tmp, preds, cache, table
 
 
@@ -198,18 +80,21 @@ def test_verify_separates_same_landmark_from_others(verified, synth_comp):
 def test_rerun_is_identical_and_resumes_from_parts(verified, synth_comp):
     tmp, preds, cache, table = verified
     # simulate an interrupted run: a parts folder holding a finished chunk with a marked count
-    from pipeline.verify.inliers import _parts_dir, match_config, settings_fingerprint
+    from pipeline.verify.inliers import _parts_dir, settings_fingerprint
+    from pipeline.verify.matching import match_config
 
     out = tmp / "resume.parquet"
     parts = _parts_dir(out, settings_fingerprint(synth_comp, make_config("sift"), match_config(seed=0))[1])
     parts.mkdir()
     marked = table.iloc[:4].assign(inliers=np.int32(12345))
     marked.to_parquet(parts / "chunk-old.parquet", index=False)
-    again = verify(preds, synth_comp, out, candidates=3, k=2, cache_dir=cache)
+    res = verify(preds, synth_comp, out, candidates=3, k=2, cache_dir=cache)
+    again = res.table
     assert (again.iloc[:4]["inliers"] == 12345).all()  # done pairs were skipped, not recomputed
     pd.testing.assert_frame_equal(again.iloc[4:].reset_index(drop=True), table.iloc[4:].reset_index(drop=True))
     assert not parts.exists()
-    assert again.attrs == {"computed_pairs": len(table) - 4, "reused_pairs": 4}
+    assert (res.computed_pairs, res.reused_pairs) == (len(table) - 4, 4)
+    assert not again.attrs  # statistics travel in the result, not on the frame
 
 
 def _mark(path: Path, n: int) -> None:
@@ -235,8 +120,9 @@ def test_finished_run_rerun_computes_no_pair(verified, synth_comp):
     out = tmp / "rerun.parquet"
     shutil.copy(tmp / "inliers.parquet", out)
     _mark(out, 5)
-    again = verify(tmp / "preds.parquet", synth_comp, out, candidates=3, k=2, cache_dir=cache)
-    assert again.attrs == {"computed_pairs": 0, "reused_pairs": len(table)}
+    res = verify(tmp / "preds.parquet", synth_comp, out, candidates=3, k=2, cache_dir=cache)
+    again = res.table
+    assert (res.computed_pairs, res.reused_pairs) == (0, len(table))
     assert (again["inliers"].iloc[:5] == 12345).all()  # reused from the table, not recomputed
     pd.testing.assert_frame_equal(again.iloc[5:].reset_index(drop=True), table.iloc[5:].reset_index(drop=True))
     assert table_settings(out)["computed_pairs"] == 0
@@ -249,27 +135,30 @@ def test_changed_settings_recompute_every_pair(verified, synth_comp):
     for options in ({"ratio": 0.7}, {"threshold": 6.0}, {"model": "homography"}, {"max_side": 48}):
         shutil.copy(tmp / "inliers.parquet", out)
         _mark(out, 5)
-        again = verify(preds, synth_comp, out, candidates=3, k=2, cache_dir=cache, **options)
-        assert again.attrs == {"computed_pairs": len(table), "reused_pairs": 0}, options
+        res = verify(preds, synth_comp, out, candidates=3, k=2, cache_dir=cache, **options)
+        again = res.table
+        assert (res.computed_pairs, res.reused_pairs) == (len(table), 0), options
         assert not (again["inliers"] == 12345).any(), options
     # a table without verify's metadata (hand-made, or by merge) is never trusted
     plain = tmp / "plain.parquet"
     table.assign(inliers=np.int32(12345)).to_parquet(plain, index=False)
-    again = verify(preds, synth_comp, plain, candidates=3, k=2, cache_dir=cache)
-    assert again.attrs["computed_pairs"] == len(table)
-    pd.testing.assert_frame_equal(again, table)
+    res = verify(preds, synth_comp, plain, candidates=3, k=2, cache_dir=cache)
+    assert res.computed_pairs == len(table)
+    pd.testing.assert_frame_equal(res.table, table)
     # the same settings again after a change: the changed table is not reused for the default run
-    assert verify(preds, synth_comp, out, candidates=3, k=2, cache_dir=cache).attrs["computed_pairs"] == len(table)
+    assert verify(preds, synth_comp, out, candidates=3, k=2, cache_dir=cache).computed_pairs == len(table)
 
 
 def test_pairs_added_to_the_plan_are_the_only_ones_computed(verified, synth_comp):
     tmp, preds, cache, table = verified  # table: candidates=3, k=2
     out = tmp / "grow.parquet"
-    small = verify(preds, synth_comp, out, candidates=2, k=2, cache_dir=cache)
-    assert small.attrs == {"computed_pairs": len(small), "reused_pairs": 0}
+    res = verify(preds, synth_comp, out, candidates=2, k=2, cache_dir=cache)
+    small = res.table
+    assert (res.computed_pairs, res.reused_pairs) == (len(small), 0)
     _mark(out, 3)
-    grown = verify(preds, synth_comp, out, candidates=3, k=2, cache_dir=cache)
-    assert grown.attrs == {"computed_pairs": len(table) - len(small), "reused_pairs": len(small)}
+    res = verify(preds, synth_comp, out, candidates=3, k=2, cache_dir=cache)
+    grown = res.table
+    assert (res.computed_pairs, res.reused_pairs) == (len(table) - len(small), len(small))
     key = ["id", "landmark_id", "ref_id"]
     marked = small.iloc[:3][key].merge(grown, on=key)
     assert len(marked) == 3 and (marked["inliers"] == 12345).all()  # old pairs kept their (marked) counts
@@ -278,8 +167,8 @@ def test_pairs_added_to_the_plan_are_the_only_ones_computed(verified, synth_comp
     pd.testing.assert_frame_equal(unmarked, want)
     assert len(grown) == len(table)
     # shrinking the plan reuses everything and writes only the planned pairs
-    shrunk = verify(preds, synth_comp, out, candidates=1, k=2, cache_dir=cache)
-    assert shrunk.attrs["computed_pairs"] == 0 and len(read_inliers(out)) == len(shrunk) < len(small)
+    res = verify(preds, synth_comp, out, candidates=1, k=2, cache_dir=cache)
+    assert res.computed_pairs == 0 and len(read_inliers(out)) == len(res.table) < len(small)
 
 
 def test_shards_merge_to_the_full_table(verified, synth_comp):
@@ -287,13 +176,13 @@ def test_shards_merge_to_the_full_table(verified, synth_comp):
     outs = []
     for i in range(2):
         out = tmp / f"shard{i}.parquet"
-        part = verify(preds, synth_comp, out, candidates=3, k=2, cache_dir=cache, shard=f"{i}/2")
+        part = verify(preds, synth_comp, out, candidates=3, k=2, cache_dir=cache, shard=f"{i}/2").table
         assert all(stable_shard(q, 2) == i for q in part["id"])
         outs.append(out)
     # a shard with no queries writes an empty table with the schema
     one = preds[preds["id"] == preds["id"].iloc[0]]
     empty_shard = next(f"{i}/5" for i in range(5) if i != stable_shard(one["id"].iloc[0], 5))
-    assert len(verify(one, synth_comp, tmp / "empty.parquet", cache_dir=cache, shard=empty_shard)) == 0
+    assert len(verify(one, synth_comp, tmp / "empty.parquet", cache_dir=cache, shard=empty_shard).table) == 0
     assert list(read_inliers(tmp / "empty.parquet").columns) == ["id", "landmark_id", "ref_id", "inliers"]
     merged = merge(outs, tmp / "merged.parquet")
     full = table.sort_values(["id", "landmark_id", "ref_id"]).reset_index(drop=True)
@@ -313,7 +202,7 @@ def test_missing_or_unreadable_query_gets_zero_and_a_warning(synth_comp, tmp_pat
     c.image_path(broken, "test").write_bytes(b"\xff\xd8 truncated")
     preds = _preds(comp)
     with pytest.warns(UserWarning) as rec:
-        table = verify(preds, comp, tmp_path / "out.parquet", candidates=2, k=2)
+        table = verify(preds, comp, tmp_path / "out.parquet", candidates=2, k=2).table
     msgs = " ".join(str(w.message) for w in rec)
     assert gone in msgs and broken in msgs
     assert (table[table["id"].isin([gone, broken])]["inliers"] == 0).all()
@@ -326,40 +215,8 @@ def test_missing_or_unreadable_query_gets_zero_and_a_warning(synth_comp, tmp_pat
 def test_parallel_workers_match_serial(verified, synth_comp, tmp_path):
     _, preds, _, table = verified
     par = verify(preds, synth_comp, tmp_path / "par.parquet", candidates=3, k=2, workers=2,
-                 cache_dir=tmp_path / "cache2", chunk_size=10)
+                 cache_dir=tmp_path / "cache2", chunk_size=10).table
     pd.testing.assert_frame_equal(par, table)
-
-
-def test_plan_refs_first_random_nearest():
-    train = pd.DataFrame({"id": [f"t{i}" for i in range(12)], "landmark_id": [1] * 6 + [2] * 6})
-    preds = pd.DataFrame({"id": ["q1", "q1", "q2"], "landmark_id": [1, 2, 1], "score": [0.9, 0.5, 0.8],
-                          "rank": [0, 1, 0]})
-    first = plan_pairs(preds, train, candidates=2, k=2, refs="first")
-    assert first["ref_id"].tolist() == ["t0", "t1", "t6", "t7", "t0", "t1"]
-    rnd = plan_pairs(preds, train, candidates=2, k=2, refs="random", seed=3)
-    q1c1 = rnd[(rnd["id"] == "q1") & (rnd["landmark_id"] == 1)]["ref_id"].tolist()
-    q2c1 = rnd[(rnd["id"] == "q2") & (rnd["landmark_id"] == 1)]["ref_id"].tolist()
-    assert q1c1 == q2c1  # same references for every query of a class: features are reused
-    assert rnd.equals(plan_pairs(preds, train, candidates=2, k=2, refs="random", seed=3))
-    assert len({tuple(plan_pairs(preds, train, k=2, refs="random", seed=s)["ref_id"]) for s in range(6)}) > 1
-    # nearest: q1 points at t4/t5 (class 1) and t11 (class 2); q2 at t2
-    r_vec = np.eye(12, dtype=np.float32)
-    q_vec = np.zeros((2, 12), np.float32)
-    q_vec[0, [4, 5, 11]] = [1.0, 0.9, 1.0]
-    q_vec[1, 2] = 1.0
-    near = plan_pairs(preds, train, candidates=2, k=2, refs="nearest", embeddings=(["q1", "q2"], q_vec),
-                      ref_embeddings=([f"t{i}" for i in range(12)], r_vec))
-    got = near.groupby(["id", "landmark_id"])["ref_id"].agg(list).to_dict()
-    assert got[("q1", 1)] == ["t4", "t5"] and got[("q1", 2)][0] == "t11" and got[("q2", 1)][0] == "t2"
-    # a query that is itself a training image never serves as its own reference
-    own = plan_pairs(preds.assign(id=["t0", "t0", "q2"]), train, candidates=1, k=2, refs="first")
-    assert own[own["id"] == "t0"]["ref_id"].tolist() == ["t1", "t2"]
-    with pytest.raises(Exception, match="--embeddings"):
-        plan_pairs(preds, train, refs="nearest")
-    # a class without training images: warned, not verified
-    with pytest.warns(UserWarning, match="no training images"):
-        p = plan_pairs(preds.assign(landmark_id=[1, 99, 1]), train, candidates=2, k=2)
-    assert 99 not in set(p["landmark_id"])
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -404,7 +261,7 @@ def test_kill_9_then_rerun_resumes_to_the_same_table(synth_comp, tmp_path):
     glr = str(Path(sys.executable).with_name("glr"))
     args = [glr, "verify", str(tmp_path / "preds.parquet"), "--data-dir", str(synth_comp), "--candidates", "6",
             "--k", "5", "--cache-dir", str(tmp_path / "cache"), "-q"]
-    clean = verify(preds, synth_comp, tmp_path / "clean.parquet", candidates=6, k=5, cache_dir=tmp_path / "cache")
+    clean = verify(preds, synth_comp, tmp_path / "clean.parquet", candidates=6, k=5, cache_dir=tmp_path / "cache").table
     out = tmp_path / "killed.parquet"
     proc = subprocess.Popen(args + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
@@ -433,7 +290,7 @@ def test_refs_nearest_reads_embedding_files(verified, synth_comp, tmp_path):
     write_embeddings(tmp_path / "q.npy", q_ids, q_vec)
     write_embeddings(tmp_path / "r.npy", train["id"].tolist(), r_vec)
     table = verify(preds, synth_comp, tmp_path / "near.parquet", candidates=1, k=2, refs="nearest",
-                   embeddings=tmp_path / "q.npy", ref_embeddings=tmp_path / "r.npy", cache_dir=cache)
+                   embeddings=tmp_path / "q.npy", ref_embeddings=tmp_path / "r.npy", cache_dir=cache).table
     r_unit = r_vec / np.linalg.norm(r_vec, axis=1, keepdims=True)
     for qid, grp in table.groupby("id"):
         lid = grp["landmark_id"].iloc[0]

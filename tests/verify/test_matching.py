@@ -1,0 +1,131 @@
+"""Matching (vectorised nearest neighbours vs brute force), seeded RANSAC (vs the skimage reference)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.verify.features import make_extractor
+from pipeline.verify.matching import (MatchConfig, match_descriptors, match_features, ransac_inliers,
+                                      skimage_inliers)
+from tests.verify.test_features import textured
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+
+def _brute(da, db, ratio, mutual, max_distance):
+    from scipy.spatial.distance import cdist
+
+    d = cdist(da.astype(float), db.astype(float))
+    out = []
+    for i, row in enumerate(d):
+        o = np.argsort(row)
+        j, d1, d2 = o[0], row[o[0]], row[o[1]]
+        if ratio is not None and not d1 < ratio * d2:
+            continue
+        if max_distance is not None and not d1 < max_distance:
+            continue
+        if mutual and np.argmin(d[:, j]) != i:
+            continue
+        out.append((i, j))
+    return np.array(out, np.int64).reshape(-1, 2)
+
+
+@pytest.mark.parametrize("unit", [True, False])
+@pytest.mark.parametrize("ratio,mutual,max_distance", [(0.8, False, None), (0.9, True, None), (None, False, 0.8)])
+def test_vectorised_matching_equals_brute_force(ratio, mutual, max_distance, unit):
+    rng = np.random.default_rng(1)
+    da = rng.random((150, 40), dtype=np.float32)
+    db = np.concatenate([da[:60] + rng.normal(0, 0.03, (60, 40)).astype(np.float32), rng.random((90, 40), dtype=np.float32)])
+    db = db[rng.permutation(len(db))]
+    da /= np.linalg.norm(da, axis=1, keepdims=True)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    if not unit:  # e.g. plain SIFT-like magnitudes: the general path
+        da *= rng.uniform(0.9, 1.1, (len(da), 1)).astype(np.float32)
+        db *= rng.uniform(0.9, 1.1, (len(db), 1)).astype(np.float32)
+    got = match_descriptors(da, db, ratio=ratio, mutual=mutual, max_distance=max_distance)
+    want = _brute(da, db, ratio, mutual, max_distance)
+    assert len(want) >= 30
+    np.testing.assert_array_equal(got, want)
+
+
+def test_hamming_matching_for_orb():
+    rng = np.random.default_rng(2)
+    da = rng.integers(0, 256, (80, 32), dtype=np.uint8)
+    db = da.copy()
+    db[:, 0] ^= 1  # one bit off: still each other's nearest neighbour
+    got = match_descriptors(da, db, ratio=0.8, mutual=True)
+    np.testing.assert_array_equal(got, np.stack([np.arange(80), np.arange(80)], 1))
+
+
+# -- RANSAC -------------------------------------------------------------------------------------
+
+
+def _affine_pairs(seed, n_in=120, n_out=200, noise=0.7):
+    rng = np.random.default_rng(seed)
+    src = rng.uniform(0, 500, (n_in + n_out, 2))
+    a = np.array([[1.1, 0.2], [-0.15, 0.9]]) * rng.uniform(0.7, 1.3)
+    dst = src @ a.T + rng.uniform(-50, 50, 2)
+    dst[:n_in] += rng.normal(0, noise, (n_in, 2))
+    dst[n_in:] = rng.uniform(0, 500, (n_out, 2))
+    return src.astype(np.float32), dst.astype(np.float32), n_in
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_opencv_counts_agree_with_skimage_reference_on_known_inliers(seed):
+    src, dst, n_in = _affine_pairs(seed)
+    cfg = MatchConfig(threshold=4.0)
+    cv = ransac_inliers(src, dst, cfg)
+    sk = skimage_inliers(src, dst, threshold=4.0, max_trials=2000, seed=seed)
+    assert cv[:n_in].mean() >= 0.97  # finds (nearly) all true inliers: counts are not cut short
+    assert abs(int(cv.sum()) - int(sk.sum())) <= max(3, 0.05 * n_in)
+    assert abs(int(cv.sum()) - n_in) <= 0.05 * n_in + 6  # few outliers fall inside 4 px by chance
+
+
+def test_ransac_is_seeded_and_repeatable_across_processes():
+    src, dst, _ = _affine_pairs(5, n_in=15, n_out=200, noise=2.0)  # hard: few inliers
+    cfg = MatchConfig(threshold=5.0, method="magsac")
+    counts = {int(ransac_inliers(src, dst, cfg).sum()) for _ in range(5)}
+    assert len(counts) == 1
+    code = ("import numpy as np, sys; sys.path.insert(0, %r); from tests.verify.test_matching import _affine_pairs;"
+            "from pipeline.verify.matching import ransac_inliers, MatchConfig;"
+            "s, d, _ = _affine_pairs(5, n_in=15, n_out=200, noise=2.0);"
+            "print(int(ransac_inliers(s, d, MatchConfig(threshold=5.0, method='magsac')).sum()))") % str(ROOT)
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert int(other) == counts.pop()
+
+
+@pytest.mark.parametrize("model,method", [("affine", "ransac"), ("affine", "magsac"), ("homography", "ransac"),
+                                          ("homography", "magsac"), ("fundamental", "ransac")])
+def test_models_find_a_homography_pair(model, method):
+    rng = np.random.default_rng(7)
+    src = rng.uniform(0, 400, (150, 2))
+    h = np.array([[1.0, 0.05, 10], [0.02, 0.95, -5], [2e-5, 1e-5, 1]])  # mild: affine fits within 6 px
+    p = np.c_[src, np.ones(150)] @ h.T
+    dst = p[:, :2] / p[:, 2:]
+    dst[100:] = rng.uniform(0, 400, (50, 2))
+    mask = ransac_inliers(src, dst, MatchConfig(model=model, method=method, threshold=6.0))
+    assert mask[:100].mean() > 0.9 and mask[100:].mean() < 0.3
+    assert not ransac_inliers(src[:2], dst[:2], MatchConfig(model=model)).any()  # too few points: 0
+
+
+def test_warped_image_matches_unrelated_does_not():
+    import cv2
+
+    img = textured(256, seed=3)
+    h = np.array([[0.9, 0.1, 12], [-0.08, 0.95, 8], [2e-4, 1e-4, 1]])
+    warped = cv2.warpPerspective(img, h, (256, 256), borderMode=cv2.BORDER_REFLECT)
+    ext = make_extractor("sift", n_features=500)
+    fa, fb, fc = ext.extract_array(img), ext.extract_array(warped), ext.extract_array(textured(256, seed=9))
+    same = match_features(fa, fb)
+    assert same["inliers"] >= 40
+    assert match_features(fa, fc)["inliers"] <= 10
+    # inliers agree with the true warp
+    m = same["matches"][same["inlier_mask"]]
+    p = np.c_[fa.locations[m[:, 0]], np.ones(len(m))] @ h.T
+    err = np.linalg.norm(p[:, :2] / p[:, 2:] - fb.locations[m[:, 1]], axis=1)
+    assert np.median(err) < 2.0
