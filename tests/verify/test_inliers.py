@@ -298,3 +298,22 @@ def test_refs_nearest_reads_embedding_files(verified, synth_comp, tmp_path):
         sims = r_unit[members] @ q_vec[q_ids.index(qid)]
         want = train["id"].to_numpy()[members[np.argsort(-sims)[:2]]]
         assert grp["ref_id"].tolist() == want.tolist()
+
+
+def test_the_one_inliers_writer_keeps_metadata_and_the_empty_frame_has_the_schema(tmp_path):
+    """submissions.tables.write_inliers validates, writes atomically and stores key-value metadata (verify's
+    settings record); empty_inliers is the frame a run without pairs reads back."""
+    from pipeline.verify.inliers import META_KEY, table_settings
+    from submissions.tables import INLIERS, empty_inliers, write_inliers
+
+    empty = empty_inliers()
+    assert list(empty.columns) == list(INLIERS) and len(empty) == 0
+    write_inliers(empty, tmp_path / "e.parquet", {META_KEY: json.dumps({"fingerprint": "x"})})
+    back = read_inliers(tmp_path / "e.parquet")
+    pd.testing.assert_frame_equal(back, empty)
+    assert table_settings(tmp_path / "e.parquet") == {"fingerprint": "x"}
+    rows = pd.DataFrame({"id": ["q"], "landmark_id": [3], "ref_id": ["r"], "inliers": [7]})
+    write_inliers(rows, tmp_path / "r.parquet")
+    assert table_settings(tmp_path / "r.parquet") is None  # no record: never reused by verify
+    with pytest.raises(Exception, match="negative"):
+        write_inliers(rows.assign(inliers=-1), tmp_path / "bad.parquet")
