@@ -53,8 +53,10 @@ def main() -> None:
 
     import optuna
 
-    from tuning.policy import prepare
-    from tuning.search import Space, identity, split_parts, suggest_policy, tune
+    from tuning.policy import identity, prepare
+    from tuning.search import tune
+    from tuning.space import Space, suggest_policy
+    from tuning.split import split_parts
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     preds, inliers, solution = make_tables(args.queries)

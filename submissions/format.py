@@ -35,6 +35,7 @@ SUBMISSION_HEADER = ("id", "landmarks")
 CANONICAL_COLUMNS = ("id", "landmark_id", "confidence")
 USAGES = ("Public", "Private", "Ignored")
 ALL_USAGE = "All"  # a solution without a Usage column: the row counts as Public and Private
+SAMPLE_SUBMISSION = "sample_submission.csv"  # the competition's file naming the test ids
 
 _FLOAT = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _CANONICAL_PAIR = rf"^\d{{1,18}} {_FLOAT}$"  # what write_submission writes; the fast path
@@ -475,6 +476,13 @@ def write_submission(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     Confidences are written as the shortest decimal that reads back to the same float64, so the
     ranking (and the GAP) of the file is exactly that of the frame; no prediction → empty landmarks.
     """
+    with atomic_path(path, suffix=".csv") as tmp:
+        _write_rows(df, tmp)
+    return Path(path)
+
+
+def _write_rows(df: pd.DataFrame, path: Path) -> None:
+    """`write_submission`'s body, writing `path` in place (the caller makes it atomic)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.csv as pcsv
@@ -486,17 +494,15 @@ def write_submission(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     pair = pc.binary_join_element_wise(lid, conf, " ")
     landmarks = pc.if_else(pa.array(has), pair, pa.scalar("", pa.string()))
     table = pa.table({"id": pa.array(df["id"].to_numpy(dtype=object), type=pa.string()), "landmarks": landmarks})
-    with atomic_path(path, suffix=".csv") as tmp:
-        for quoting in ("none", "needed"):  # Kaggle's own files are unquoted; quote only if an id needs it
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(b"id,landmarks\n")
-                    options = pcsv.WriteOptions(quoting_style=quoting, include_header=False)
-                    pcsv.write_csv(table, f, write_options=options)
-                break
-            except pa.ArrowInvalid:
-                continue
-    return Path(path)
+    for quoting in ("none", "needed"):  # Kaggle's own files are unquoted; quote only if an id needs it
+        try:
+            with open(path, "wb") as f:
+                f.write(b"id,landmarks\n")
+                options = pcsv.WriteOptions(quoting_style=quoting, include_header=False)
+                pcsv.write_csv(table, f, write_options=options)
+            return
+        except pa.ArrowInvalid:
+            continue
 
 
 def submission_from_predictions(preds: pd.DataFrame) -> pd.DataFrame:
@@ -537,6 +543,49 @@ def read_sample_ids(path: str | os.PathLike) -> pd.Series:
     if csv.problems:
         raise UserError(_summary(path, _format_problems(csv.problems)))
     return pd.Series(csv.columns["id"].to_pandas(), dtype="str", name="id")
+
+
+def sample_submission_path(sample: str | os.PathLike) -> Path:
+    """The competition's `sample_submission.csv`: `sample` itself, or the file in the folder `sample`."""
+    path = Path(sample)
+    if path.is_dir():
+        path = path / SAMPLE_SUBMISSION
+    if not path.exists():
+        raise UserError(f"{path}: no such file (need the competition's {SAMPLE_SUBMISSION} for the test ids)")
+    return path
+
+
+def write_submission_file(preds, sample: str | os.PathLike, out: str | os.PathLike) -> dict:
+    """Write the submission `out` (id,landmarks) from a predictions table, checked before it lands.
+
+    `preds`: a predictions table (submissions.tables) or its path; rank 0 of each id is its
+    prediction (e.g. `glr rescore`'s output). `sample`: a competition folder holding
+    sample_submission.csv, or that file. The file has exactly the sample's ids, in its order; ids
+    without a prediction are written empty, predicted ids not in the sample are dropped. It is
+    written to a temporary file, checked against the sample (`check_submission`) and only then
+    renamed over `out`, so a failed check never leaves an invalid file where a good one was.
+
+    Returns {"path", "rows", "predicted", "dropped_ids"}. Raises UserError when no predicted id is a
+    sample id (not the test predictions) or the written file fails the check (`out` untouched).
+    """
+    from submissions.tables import read_predictions
+
+    sample = sample_submission_path(sample)
+    ids = read_sample_ids(sample)
+    name = "predictions" if isinstance(preds, pd.DataFrame) else str(preds)
+    sub = submission_from_predictions(preds if isinstance(preds, pd.DataFrame) else read_predictions(preds))
+    dropped = int((~sub["id"].isin(set(ids))).sum())
+    if len(sub) and dropped == len(sub):
+        raise UserError(f"{name}: none of its {len(sub)} ids is in {sample}: are these the test predictions?")
+    sub = align_submission(sub, ids)
+    with atomic_path(out, suffix=".csv") as tmp:
+        _write_rows(sub, tmp)
+        try:
+            check_submission(tmp, sample)
+        except UserError as e:
+            raise UserError(f"{str(e).replace(str(tmp), str(out))} ({out} not written)") from None
+    return {"path": str(out), "rows": int(len(sub)), "predicted": int(sub["landmark_id"].notna().sum()),
+            "dropped_ids": dropped}
 
 
 # ------------------------------------------------------------------------------ solution

@@ -69,7 +69,7 @@ def write_plots(study, policy: dict, tune_part, hold_part, out: str | os.PathLik
 
 def _threshold_plot(plt, policy: dict, tune_part, hold_part, path: Path) -> Path:
     """GAP on both parts as one threshold of the chosen policy moves (others fixed)."""
-    from tuning.search import Space
+    from tuning.space import Space
 
     hi = Space.of(tune_part.data).hi
     ts = np.unique(np.linspace(0, hi, min(hi + 1, 60)).round().astype(int))

@@ -426,8 +426,8 @@ def rescore(preds, inliers, policy) -> pd.DataFrame:
 
     Returns a predictions-shaped table (id, landmark_id, score float32, rank int16), sorted by id
     then rank: rank 0 is the policy's prediction with its new confidence as score; the other
-    candidates keep their original scores and order after it. `glr write-submission` and
-    `submissions.format.submission_from_predictions` take it as is.
+    candidates keep their original scores and order after it. `glr write-submission`
+    (`submissions.format.write_submission_file`) takes it as is.
     """
     pol = load_policy(policy)
     d = prepare(preds, inliers)
@@ -449,29 +449,3 @@ def rescore(preds, inliers, policy) -> pd.DataFrame:
         "score": sc[present].astype(np.float32),
         "rank": np.tile(np.arange(C, dtype=np.int16), n)[present.ravel()],
     })
-
-
-def write_submission_from_predictions(preds_path, data_dir_or_sample_path, out) -> dict:
-    """Write `out` (id,landmarks) from a predictions table (rank 0 of each id: e.g. `glr rescore`'s
-    output), with exactly the ids of the competition's `sample_submission.csv` (a directory holding
-    it, or its path): ids without prediction are written empty. Validated before returning."""
-    from submissions.format import (align_submission, check_submission, read_sample_ids,
-                                    submission_from_predictions, write_submission)
-    from submissions.tables import read_predictions
-
-    sample = Path(data_dir_or_sample_path)
-    if sample.is_dir():
-        sample = sample / "sample_submission.csv"
-    if not sample.exists():
-        raise UserError(f"{sample}: no such file (need the competition's sample_submission.csv for the test ids)")
-    ids = read_sample_ids(sample)
-    sub = submission_from_predictions(read_predictions(preds_path))
-    n_pred_ids = len(sub)
-    stray = int((~sub["id"].isin(set(ids))).sum())
-    if n_pred_ids and stray == n_pred_ids:
-        raise UserError(f"{preds_path}: none of its {n_pred_ids} ids is in {sample}: are these the test predictions?")
-    sub = align_submission(sub, ids)
-    write_submission(sub, out)
-    check_submission(out, sample)
-    return {"path": str(out), "rows": int(len(sub)), "predicted": int(sub["landmark_id"].notna().sum()),
-            "dropped_ids": stray}

@@ -16,6 +16,7 @@ from submissions.format import (
     submission_from_predictions,
     validate_submission,
     write_submission,
+    write_submission_file,
 )
 from submissions.metric import gap
 
@@ -236,6 +237,38 @@ def test_submission_from_predictions_and_align(tmp_path):
     assert aligned["landmark_id"].tolist()[0] == 5 and pd.isna(aligned["landmark_id"][1])
     path = write_submission(aligned, tmp_path / "sub.csv")
     assert validate_submission(path, sample) == []
+
+
+def test_write_submission_file_aligns_to_the_sample_and_counts(tmp_path):
+    preds = pd.DataFrame({"id": ["q2", "q2", "q1", "stray"], "landmark_id": [7, 8, 5, 3],
+                          "score": np.array([0.9, 0.1, 0.3, 0.4], dtype=np.float32), "rank": [0, 1, 0, 0]})
+    comp = tmp_path / "comp"
+    comp.mkdir()
+    write(comp, "id,landmarks\nq1,\nq4,\nq2,\n", "sample_submission.csv")
+    preds.to_parquet(tmp_path / "preds.parquet")
+    for source, sample in ((preds, comp), (tmp_path / "preds.parquet", comp / "sample_submission.csv")):
+        out = tmp_path / "out" / "sub.csv"
+        info = write_submission_file(source, sample, out)
+        assert info == {"path": str(out), "rows": 3, "predicted": 2, "dropped_ids": 1}
+        conf = [repr(float(np.float32(x))) for x in (0.3, 0.9)]
+        assert out.read_text() == f"id,landmarks\nq1,5 {conf[0]}\nq4,\nq2,7 {conf[1]}\n"
+        assert [p.name for p in out.parent.iterdir()] == ["sub.csv"]  # no temporary file left
+
+
+def test_write_submission_file_refuses_and_keeps_the_previous_file(tmp_path):
+    preds = pd.DataFrame({"id": ["q1", "q2"], "landmark_id": [5, 7], "score": np.float32(0.5), "rank": [0, 0]})
+    out = write(tmp_path, "id,landmarks\nq1,5 0.5\n", "sub.csv")  # a good file from an earlier run
+    with pytest.raises(UserError, match="no such file .*sample_submission.csv"):
+        write_submission_file(preds, tmp_path / "nowhere", out)
+    with pytest.raises(UserError, match="none of its 2 ids is in"):
+        write_submission_file(preds, write(tmp_path, "id,landmarks\na,\nb,\n", "other.csv"), out)
+    # a sample that repeats an id: the written file fails the check, so it never replaces `out`
+    dup = write(tmp_path, "id,landmarks\nq1,\nq2,\nq1,\n", "dup.csv")
+    with pytest.raises(UserError, match=r"sub\.csv: .*duplicate id 'q1'.*not written") as e:
+        write_submission_file(preds, dup, out)
+    assert ".sub.csv." not in str(e.value)  # the message names the target, not the temporary file
+    assert out.read_text() == "id,landmarks\nq1,5 0.5\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dup.csv", "other.csv", "sub.csv"]
 
 
 CELLS = ["1 0.5", "2 0.25", "", "7 1e-5", "8 3", "+5 0.5", "-0 0.5", "5 +0.5", "5 -0.0", "5 nan", "5 inf",

@@ -13,8 +13,9 @@ from submissions.errors import UserError
 from submissions.format import check_submission, read_solution, read_submission
 from submissions.metric import evaluate
 from submissions.tables import read_predictions
-from test_tune import write_tables
-from tuning.search import split_parts, tune
+from tests.tuning.test_tune import write_tables
+from tuning.search import tune
+from tuning.split import split_parts
 
 
 def sample_submission(path, ids):

@@ -19,7 +19,9 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 from submissions.errors import UserError
 from tuning.policy import identity, seed_rules
-from tuning.search import split_parts, tune
+from tuning.search import PolicyRejected, tune
+from tuning.split import split_parts
+from tuning.storage import open_storage, recover_dead_trials
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 GLR = Path(sys.executable).with_name("glr")
@@ -61,8 +63,6 @@ def write_tables(tmp_path, **kw):
 
 
 def complete_trials(storage: str, study: str):
-    from tuning.search import open_storage
-
     s = optuna.load_study(study_name=study, storage=open_storage(storage, "unused.json"))
     return s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), s
 
@@ -95,7 +95,7 @@ def test_no_signal_gives_no_held_out_gain_and_says_so(tmp_path):
     if r.exit_code == 0:  # written: the gain must be reported as noise
         assert "within noise" in r.output, r.output
     else:  # refused: it lost on the held-out part, and nothing was written
-        assert isinstance(r.exception, UserError), r.output
+        assert isinstance(r.exception, PolicyRejected), r.output
         assert "loses on the held-out part" in str(r.exception)
         assert not (tmp_path / "p.json").exists()
         r = CliRunner().invoke(cli, args + ["--force", "--json"])
@@ -243,8 +243,6 @@ def test_jobs_two_processes_and_rdb_storage(tmp_path):
     assert res["storage"] == url and res["trials"] == 5
     res = tune(preds, inliers, solution, tmp_path / "r.json", trials=7, storage=url, bootstrap=20, plots=False, force=True)
     assert res["trials"] == 7
-    from tuning.search import open_storage
-
     assert open_storage(url, "unused.json").get_heartbeat_interval() == 30  # dead workers' trials are retried
     trials, _ = complete_trials(url, res["study"])
     assert len(trials) == 7
@@ -273,10 +271,50 @@ def test_bad_input_is_a_clear_error(tmp_path):
         tune(preds, inliers, solution, tmp_path / "p.json", storage="redis://localhost/0")
 
 
+def losing_tables(tmp_path, n=400):
+    """Tables where the inliers help on the tuning part but mislead on the held-out part (correct
+    candidates get few inliers, wrong ones many), so a rule trusting them loses there."""
+    preds, inliers, solution = write_tables(tmp_path, n=n)
+    _, hold = split_parts(preds, inliers, solution, holdout=0.3, seed=0)
+    table = pd.read_parquet(inliers)
+    held = table["id"].isin(set(hold.data.ids))
+    table.loc[held, "inliers"] = np.maximum(0, 27 - table.loc[held, "inliers"])
+    table.to_parquet(inliers)
+    return preds, inliers, solution
+
+
+def test_a_losing_policy_is_a_verdict_not_an_error(tmp_path):
+    preds, inliers, solution = losing_tables(tmp_path)
+    out = tmp_path / "p.json"
+    res = tune(preds, inliers, solution, out, policy="seed-rules", bootstrap=50)
+    assert res["verdict"] == "loss" and res["accepted"] is False and res["written"] == []
+    assert "loses on the held-out part" in res["message"] and "not written" in res["message"]
+    assert not out.exists() and not list(tmp_path.glob("p.*.png"))
+    res = tune(preds, inliers, solution, out, policy="seed-rules", bootstrap=50, force=True, plots=False)
+    assert res["accepted"] is False and res["written"] == [str(out)] and out.exists()
+    assert res["message"].startswith("WARNING: the policy loses on the held-out part")
+
+
+def test_glr_tune_refuses_a_losing_policy_with_one_line_and_exit_1(tmp_path):
+    preds, inliers, solution = losing_tables(tmp_path)
+    r = subprocess.run([str(GLR), "tune", str(preds), str(inliers), "--solution", str(solution), "--out",
+                        str(tmp_path / "p.json"), "--policy", "seed-rules", "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: the tuned bands policy loses on the held-out part")
+    assert "p.json not written" in r.stderr and not (tmp_path / "p.json").exists()
+
+
+def test_a_misspelt_storage_url_is_an_error_not_a_verdict(tmp_path):
+    preds, inliers, solution = write_tables(tmp_path, n=100)
+    with pytest.raises(UserError, match="unknown scheme 'postgresq'") as e:
+        tune(preds, inliers, solution, tmp_path / "p.json", storage="postgresq://x", trials=5, bootstrap=10)
+    assert not isinstance(e.value, PolicyRejected)
+    assert not (tmp_path / "p.json").exists()
+
+
 def test_trial_of_a_dead_process_is_failed_and_requeued(tmp_path):
     import socket
-
-    from tuning.search import open_storage, recover_dead_trials
 
     storage = open_storage(None, tmp_path / "p.json")
     study = optuna.create_study(study_name="d", storage=storage, direction="maximize")
@@ -286,14 +324,16 @@ def test_trial_of_a_dead_process_is_failed_and_requeued(tmp_path):
     alive.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     dead.set_user_attr("worker", f"{socket.gethostname()}:{dead_pid.pid}")
-    assert recover_dead_trials(study) == 1
+    assert recover_dead_trials(study, storage) == 1
     states = {t.number: t.state for t in study.get_trials()}
     assert states[alive.number] == optuna.trial.TrialState.RUNNING  # its process (this one) still runs
     assert states[dead.number] == optuna.trial.TrialState.FAIL
     (queued,) = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
     assert queued.user_attrs["retry_of"] == dead.number
     assert queued.system_attrs["fixed_params"] == {"x": dead.params["x"]}  # re-run with the same parameters
-    assert recover_dead_trials(study) == 0  # idempotent
+    assert recover_dead_trials(study, storage) == 0  # idempotent
+    rdb = open_storage(f"sqlite:///{tmp_path / 'o.db'}", "unused.json")  # heartbeats retry there: left alone
+    assert recover_dead_trials(optuna.create_study(study_name="d", storage=rdb), rdb) == 0
 
 
 @pytest.mark.parametrize("kind", ["bands", "blend"])
