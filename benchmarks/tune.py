@@ -69,7 +69,6 @@ def main() -> None:
     part, _ = split_parts(preds, inliers, solution, holdout=0.0)
     t_split = time.perf_counter() - t0
     space = Space.of(part.data)
-    lines = []
     trial_ms = {}
     for kind in ("bands", "blend"):
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 

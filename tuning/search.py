@@ -35,14 +35,14 @@ from pathlib import Path
 import numpy as np
 
 from submissions.errors import UserError
+from tuning.options import POLICIES, TUNE
 from tuning.policy import AGGREGATORS, VERSION, identity, load_policy, save_policy
 from tuning.space import N_BANDS, Space, identity_params, seed_rule_params, suggest_policy
 from tuning.split import Part, split_parts
 from tuning.storage import open_storage, recover_dead_trials, storage_label, worker_tag
 
-POLICIES = ("auto", "bands", "blend", "seed-rules", "identity")
 SEARCHED = ("auto", "bands", "blend")
-BOOTSTRAP = 1000
+_D = TUNE.defaults()  # the one definition of tune's options (glr tune and [tune] derive from it too)
 
 
 class PolicyRejected(UserError):
@@ -271,17 +271,17 @@ def tune(
     solution,
     out: str | os.PathLike,
     *,
-    policy: str = "auto",
-    trials: int | None = 200,
-    timeout: float | None = None,
-    storage: str | None = None,
-    study: str | None = None,
-    jobs: int = 1,
-    holdout: float = 0.3,
-    seed: int = 0,
-    force: bool = False,
-    plots: bool = True,
-    bootstrap: int = BOOTSTRAP,
+    policy: str = _D["policy"],
+    trials: int | None = _D["trials"],
+    timeout: float | None = _D["timeout"],
+    storage: str | None = _D["storage"],
+    study: str | None = _D["study"],
+    jobs: int = _D["jobs"],
+    holdout: float = _D["holdout"],
+    seed: int = _D["seed"],
+    force: bool = _D["force"],
+    plots: bool = _D["plots"],
+    bootstrap: int = _D["bootstrap"],
     progress: bool | None = None,
 ) -> dict:
     """Choose a rescoring policy on GAP with Optuna and write it to `out` (JSON) with PNG plots.
@@ -289,7 +289,8 @@ def tune(
     `preds`, `inliers` and `solution` are paths or DataFrames (predictions / inliers tables,
     `read_solution` frame). `policy`: auto | bands | blend (searched) or seed-rules | identity
     (fixed, evaluated the same way so they can be compared). `trials` is the study's total of
-    finished trials (0/None = until `timeout`; 0/None = no time limit).
+    finished trials (0/None = until `timeout`; 0/None = no time limit); `storage`/`study` empty or
+    None = the journal beside `out` / a name derived from the inputs. Defaults: `tuning.options.TUNE`.
 
     Returns GAP before/after on the tuning and held-out parts ("tune", "holdout") with bootstrap
     CIs, "verdict" (gain | noise | loss | unchecked), "accepted" (False only for a loss), "message"

@@ -67,14 +67,12 @@ def as_solution(solution) -> pd.DataFrame:
 
 
 def correct_candidates(data: Prepared, sol: pd.DataFrame) -> np.ndarray:
-    """[n, C] bool: the candidate is one of the query's ground-truth landmarks."""
-    n, C = data.landmark.shape
-    s = sol.set_index("id")["landmarks"].reindex(pd.Index(data.ids, dtype="str"))
-    lengths = np.array([len(t) for t in s.to_numpy()], dtype=np.int64)
-    flat = np.fromiter((x for t in s.to_numpy() for x in t), dtype=np.int64, count=int(lengths.sum()))
-    truth = pd.MultiIndex.from_arrays([np.repeat(np.arange(n), lengths), flat])
-    cand = pd.MultiIndex.from_arrays([np.repeat(np.arange(n), C), data.landmark.ravel()])
-    return cand.isin(truth).reshape(n, C)
+    """[n, C] bool: the candidate is one of the query's ground-truth landmarks (the metric's
+    `is_correct`; padding, -1, never is). Every id of `data` must be in `sol`."""
+    from submissions.metric import is_correct
+
+    truth = sol.set_index("id")["landmarks"].reindex(pd.Index(data.ids, dtype="str"))
+    return is_correct(data.landmark, truth.to_numpy())
 
 
 def split_parts(preds, inliers, solution, holdout: float = 0.3, seed: int = 0) -> tuple[Part, Part | None]:
