@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/glr demo --out demo
 
 test: $(STAMP) browser
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 # report.html is checked in headless Chromium; install Debian's package when we can (root + apt-get)

@@ -58,7 +58,7 @@ def main() -> None:
         lines.append(f"| {r['workers']} | {r['latency_ms']} ms | {r['images']} | {r['seconds']:.2f} | {r['rate']:.0f} |")
     body = (
         "## fetch-urls: download throughput\n\n"
-        f"`glr fetch-urls --size 96` against a loopback host serving 256×192 JPEGs (decoded, resized to 96 px, "
+        "`glr fetch-urls --size 96` against a loopback host serving 256×192 JPEGs (decoded, resized to 96 px, "
         "fsync'd and renamed into the hashed layout). The host runs in the benchmark's own Python process, so "
         "with 0 ms latency it competes with the downloader for the GIL and the 2 cores (those rows are noisy and "
         "understate 16 workers); the 50 ms rows show what the pool buys against a real, distant host. "

@@ -49,11 +49,19 @@ def open_storage(storage: str | None, out: str | os.PathLike):
     return _journal_storage(path)
 
 
-def _rdb_storage(spec: str):
+def check_storage_spec(spec: str, where: str = "--storage") -> None:
+    """Refuse a URL with an unknown scheme before anything runs (a typo must not pass as a journal path)."""
+    if "://" not in spec:
+        return
     scheme = spec.split("://", 1)[0].split("+", 1)[0]
     if scheme not in RDB_SCHEMES:
-        raise UserError(f"--storage {spec!r}: unknown scheme {scheme!r}; use a journal file path, "
+        raise UserError(f"{where} {spec!r}: unknown scheme {scheme!r}; use a journal file path, "
                         f"sqlite:///FILE.db or postgresql://USER@HOST/DB")
+
+
+def _rdb_storage(spec: str):
+    check_storage_spec(spec)
+    scheme = spec.split("://", 1)[0].split("+", 1)[0]
     kwargs = {"connect_args": {"timeout": 60}} if scheme == "sqlite" else {}
     try:
         with warnings.catch_warnings():

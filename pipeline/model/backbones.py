@@ -24,10 +24,9 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.options import BACKBONES, PRECISIONS
 from submissions.errors import UserError
 
-BACKBONES = ("vgg16", "vgg19", "resnet50")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 _POLICY = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16", "fp32": "float32"}
 HEAD_LAYERS = ("head_flatten", "head_fc1", "head_dropout", "embedding", "predictions")
 MIN_SIZE = 32

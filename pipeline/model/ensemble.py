@@ -20,6 +20,7 @@ import os
 import numpy as np
 import pandas as pd
 
+from pipeline.options import ENSEMBLE
 from submissions.errors import UserError
 
 
@@ -68,7 +69,7 @@ def ensemble_tables(tables: list[pd.DataFrame], weights: list[float] | None = No
 
 
 def ensemble(paths: list[str | os.PathLike], *, weights: list[float] | str | None = None,
-             out: str | os.PathLike, top_k: int = 5) -> pd.DataFrame:
+             out: str | os.PathLike, top_k: int = ENSEMBLE.default("top_k")) -> pd.DataFrame:
     """Read predictions tables, average them (module docstring), write and return the result."""
     from submissions.tables import read_predictions, write_predictions
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.options import PREDICT
 from submissions.errors import UserError
 
 SPLITS = ("test", "train", "val")
@@ -104,8 +105,9 @@ def load_run_model(run_dir: str | os.PathLike, precision: str | None = None):
 
 
 def predict(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, split: str = "test",
-            out: str | os.PathLike, top_k: int = 5, batch_size: int = 64, embeddings: str | None = None,
-            precision: str | None = None) -> PredictResult:
+            out: str | os.PathLike, top_k: int = PREDICT.default("top_k"),
+            batch_size: int = PREDICT.default("batch_size"), embeddings: str | None = None,
+            precision: str | None = PREDICT.default("precision")) -> PredictResult:
     """Predict the top-`top_k` classes of every image of `split`, write the table to `out`
     (Parquet); return it with counts, skipped ids and images/s."""
     from pipeline.acquire.competition import Competition

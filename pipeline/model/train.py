@@ -31,8 +31,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline import package_versions
+from pipeline.options import TRAIN
 from submissions.errors import UserError
 from submissions.files import atomic_path, atomic_write_json, sha256_file
+
+_T = TRAIN.default  # every option's default is the schema's
 
 # options that may differ on --resume (everything else must match the interrupted run)
 # (data_dir may move: the rows used are fixed by split.csv in the run directory)
@@ -204,12 +207,14 @@ def _check_resume(saved: dict, config: dict, out: Path) -> None:
                             "patience and batch-size may change) or train into a new --out")
 
 
-def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike, weights: str = "imagenet",
-          image_size: int = 96, epochs: int = 10, fine_tune_epochs: int = 2, fine_tune_layers: int = 4,
-          batch_size: int = 32, lr: float = 1e-3, fine_tune_lr: float = 1e-4, decay: float = 0.0,
-          precision: str = "auto", max_per_class: int = 3000, min_per_class: int = 1, val_frac: float = 0.1,
-          seed: int = 0, resume: bool = False, augment: bool = True, flip: bool = False,
-          bottleneck: bool = True, patience: int = 3) -> dict:
+def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike, weights: str = _T("weights"),
+          image_size: int = _T("image_size"), epochs: int = _T("epochs"),
+          fine_tune_epochs: int = _T("fine_tune_epochs"), fine_tune_layers: int = _T("fine_tune_layers"),
+          batch_size: int = _T("batch_size"), lr: float = _T("lr"), fine_tune_lr: float = _T("fine_tune_lr"),
+          decay: float = _T("decay"), precision: str = _T("precision"), max_per_class: int = _T("max_per_class"),
+          min_per_class: int = _T("min_per_class"), val_frac: float = _T("val_frac"), seed: int = _T("seed"),
+          resume: bool = False, augment: bool = _T("augment"), flip: bool = _T("flip"),
+          bottleneck: bool = _T("bottleneck"), patience: int = _T("patience")) -> dict:
     """Train `backbone` on the competition in `data_dir` into the run directory `out`; return
     the manifest. See the module docstring for the phases and the files written."""
     config = dict(locals())  # the options: taken before any other local name exists

@@ -92,6 +92,10 @@ def validate(raw: dict, base_dir: str | os.PathLike = ".") -> dict:
         raise UserError(f"[run] name: {run_name!r} must be a folder name (no slashes, not '.' or '..')")
     if cfg["tune"]["trials"] == 0 and cfg["tune"]["timeout"] == 0:
         raise UserError("[tune] trials and timeout are both 0: set at least one of them")
+    if cfg["tune"]["storage"]:
+        from tuning.storage import check_storage_spec
+
+        check_storage_spec(cfg["tune"]["storage"], "[tune] storage")
     if not cfg["submission"]["file"]:
         raise UserError("[submission] file: must be a file name, got an empty string")
     cfg["models"] = _models(raw.get("models"), cfg["train"])

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.acquire.competition import Competition, hashed_relpath
+from pipeline.options import LOCALVAL
 from submissions.errors import UserError
 from submissions.files import atomic_dir, atomic_write_text, sha256_file
 
@@ -84,9 +85,12 @@ def split_ids(train: pd.DataFrame, *, holdout_frac: float, unseen_class_frac: fl
     return subset, queries
 
 
-def make_local_validation(data_dir: str | os.PathLike, out: str | os.PathLike, *, holdout_frac: float = 0.2,
-                          unseen_class_frac: float = 0.1, min_train_per_class: int = 2, max_queries: int = 0,
-                          seed: int = 0, overwrite: bool = False) -> dict:
+def make_local_validation(data_dir: str | os.PathLike, out: str | os.PathLike, *,
+                          holdout_frac: float = LOCALVAL.default("holdout_frac"),
+                          unseen_class_frac: float = LOCALVAL.default("unseen_class_frac"),
+                          min_train_per_class: int = LOCALVAL.default("min_train_per_class"),
+                          max_queries: int = LOCALVAL.default("max_queries"),
+                          seed: int = LOCALVAL.default("seed"), overwrite: bool = False) -> dict:
     """Build a local validation competition in `out` from `data_dir`'s train set; return its summary.
 
     The folder is assembled beside `out` and renamed into place, so an interrupted build

@@ -292,7 +292,7 @@ def _examples_section(lay: Layout, cfg: dict, n: int) -> str:
     preds_p, inl_p = lay.ensemble("val"), lay.inliers("val")
     if n == 0 or not (preds_p.exists() and inl_p.exists() and lay.localval_solution.exists()):
         return _note("no verified validation queries yet")
-    from pipeline.verify.inliers import match_pair
+    from pipeline.verify.matching import match_pair
 
     comp = Competition(lv)
     top = top1_with_truth(read_predictions(preds_p), lay.localval_solution).dropna(subset=["landmark_id"])

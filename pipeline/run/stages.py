@@ -128,7 +128,7 @@ def verify_stage(ctx: Context, part: str) -> dict:
         first = ctx.cfg["models"][0]["name"]
         v.update(embeddings=lay.embeddings(first, part), ref_embeddings=lay.embeddings(first, part, train=True))
     result = verify(lay.ensemble(part), _part_dir(ctx, part), lay.inliers(part), **v)
-    return {"pairs": int(len(result))}
+    return {"pairs": int(len(result.table))}
 
 
 def tune_stage(ctx: Context) -> dict:

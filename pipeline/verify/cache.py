@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.options import VERIFY
 from pipeline.verify.features import Extractor, ExtractorConfig, Features, make_config, make_extractor
 from submissions.files import atomic_path, atomic_write_text
 
@@ -179,10 +180,11 @@ def extract_many(cache_dir: str | os.PathLike, config: ExtractorConfig, split: s
     return errors
 
 
-def extract_split(data_dir: str | os.PathLike, split: str = "test", *, extractor: str = "sift",
+def extract_split(data_dir: str | os.PathLike, split: str = "test", *, extractor: str = VERIFY.default("extractor"),
                   shard: str | tuple[int, int] | None = None, cache_dir: str | os.PathLike | None = None,
-                  workers: int = 1, max_side: int | None = None, n_features: int | None = None,
-                  delf_handle: str | None = None) -> dict:
+                  workers: int = VERIFY.default("workers"), max_side: int = VERIFY.default("max_side"),
+                  n_features: int = VERIFY.default("n_features"),
+                  delf_handle: str = VERIFY.default("delf_handle")) -> dict:
     """Fill the feature cache for one split (or one shard of it) ahead of `glr verify`.
 
     Already-cached images are skipped, so an interrupted run resumes. Unreadable images are

@@ -20,10 +20,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from pipeline.options import VERIFY
 from submissions.errors import UserError
 
-EXTRACTORS = ("sift", "orb", "delf")
-DELF_HANDLE = "https://tfhub.dev/google/delf/1"
+EXTRACTORS = VERIFY["extractor"].choices
+DELF_HANDLE = VERIFY.default("delf_handle")
 DELF_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 
 
@@ -60,8 +61,8 @@ class ExtractorConfig:
     """
 
     name: str = "sift"
-    max_side: int = 512  # working image size (longest side)
-    n_features: int = 1000  # sift/orb: at most this many keypoints (strongest first)
+    max_side: int = VERIFY.default("max_side")  # working image size (longest side)
+    n_features: int = VERIFY.default("n_features")  # sift/orb: at most this many keypoints (strongest first)
     rootsift: bool = True  # sift: Hellinger-normalised descriptors (RootSIFT)
     # DELF (TF-Hub) options, used only when name == "delf"
     handle: str = DELF_HANDLE
@@ -98,8 +99,6 @@ class ExtractorConfig:
 def make_config(extractor: str = "sift", **overrides) -> ExtractorConfig:
     """Config for `extractor` with `overrides` (None values mean "the default")."""
     kw = {k: v for k, v in overrides.items() if v is not None}
-    if extractor == "delf" and "max_side" not in kw:
-        kw["max_side"] = 512  # DELF's pyramid reaches 2x: keep its largest scale affordable
     return ExtractorConfig(name=extractor, **kw)
 
 

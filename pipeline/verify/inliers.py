@@ -23,8 +23,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.options import VERIFY
 from pipeline.verify.matching import MatchConfig, match_config, match_features
 from submissions.errors import UserError
+
+_V = VERIFY.default  # every option's default is the schema's
 
 PAIR = ["id", "landmark_id", "ref_id"]  # the key of an inliers row
 
@@ -200,13 +203,14 @@ def _match_into_parts(chunks: list, parts: Path, init_args: tuple, workers: int)
 
 
 def verify(preds: str | os.PathLike | pd.DataFrame, data_dir: str | os.PathLike, out: str | os.PathLike, *,
-           extractor: str = "sift", candidates: int = 3, k: int = 3, refs: str = "random",
-           embeddings: str | os.PathLike | None = None, ref_embeddings: str | os.PathLike | None = None,
-           workers: int = 1, shard: str | tuple[int, int] | None = None, cache_dir: str | os.PathLike | None = None,
-           seed: int = 0, max_side: int | None = None, n_features: int | None = None,
-           delf_handle: str | None = None, ratio: float | None = None, mutual: bool | None = None,
-           model: str | None = None, method: str | None = None, threshold: float | None = None,
-           chunk_size: int = 64) -> VerifyResult:
+           extractor: str = _V("extractor"), candidates: int = _V("candidates"), k: int = _V("k"),
+           refs: str = _V("refs"), embeddings: str | os.PathLike | None = None,
+           ref_embeddings: str | os.PathLike | None = None, workers: int = _V("workers"),
+           shard: str | tuple[int, int] | None = None, cache_dir: str | os.PathLike | None = None,
+           seed: int = _V("seed"), max_side: int = _V("max_side"), n_features: int = _V("n_features"),
+           delf_handle: str = _V("delf_handle"), ratio: float = _V("ratio"), mutual: bool = _V("mutual"),
+           model: str = _V("model"), method: str = _V("method"), threshold: float = _V("threshold"),
+           chunk_size: int = _V("chunk_size")) -> VerifyResult:
     """Verify each query's top candidate classes against reference training images; write the inliers table.
 
     Queries are the ids of `preds` (test split), restricted to `shard` ('i/n' by crc32 of the id).

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.options import VERIFY
 from pipeline.verify.features import Features, make_config, make_extractor
 from submissions.errors import UserError
 
-MODELS = ("affine", "homography", "fundamental")
-METHODS = ("ransac", "magsac")
+_V = VERIFY.default  # the user-facing settings' defaults are the schema's
+MODELS = VERIFY["model"].choices
+METHODS = VERIFY["method"].choices
 _MIN_POINTS = {"affine": 3, "homography": 4, "fundamental": 8}
 
 
@@ -28,15 +30,15 @@ _MIN_POINTS = {"affine": 3, "homography": 4, "fundamental": 8}
 class MatchConfig:
     """How two feature sets are matched and verified (defaults chosen in benchmarks/real_pairs.py)."""
 
-    ratio: float = 0.85  # sift/orb: Lowe's ratio test on descriptor distances
-    mutual: bool = True  # sift/orb: keep only mutual nearest neighbours
+    ratio: float = _V("ratio")  # sift/orb: Lowe's ratio test on descriptor distances
+    mutual: bool = _V("mutual")  # sift/orb: keep only mutual nearest neighbours
     delf_distance: float = 0.8  # delf: nearest neighbour accepted within this L2 distance
-    model: str = "affine"  # affine | homography | fundamental
-    method: str = "ransac"  # ransac | magsac (OpenCV USAC_MAGSAC)
-    threshold: float = 12.0  # reprojection threshold in working-image pixels
+    model: str = _V("model")  # affine | homography | fundamental
+    method: str = _V("method")  # ransac | magsac (OpenCV USAC_MAGSAC)
+    threshold: float = _V("threshold")  # reprojection threshold in working-image pixels
     max_iters: int = 2000  # real photos: same AUC as 10000 (total inliers -0.4%), 5x cheaper on negatives
     confidence: float = 0.9999  # high, so adaptive termination does not stop at a weaker model
-    seed: int = 0
+    seed: int = _V("seed")
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -189,11 +191,11 @@ def match_config(**options) -> MatchConfig:
     return MatchConfig(**{k: v for k, v in options.items() if v is not None})
 
 
-def match_pair(img_a: str | os.PathLike, img_b: str | os.PathLike, *, extractor: str = "sift",
-               max_side: int | None = None, n_features: int | None = None, delf_handle: str | None = None,
-               ratio: float | None = None, mutual: bool | None = None, model: str | None = None,
-               method: str | None = None, threshold: float | None = None, seed: int = 0,
-               plot: str | os.PathLike | None = None) -> dict:
+def match_pair(img_a: str | os.PathLike, img_b: str | os.PathLike, *, extractor: str = _V("extractor"),
+               max_side: int = _V("max_side"), n_features: int = _V("n_features"),
+               delf_handle: str = _V("delf_handle"), ratio: float = _V("ratio"), mutual: bool = _V("mutual"),
+               model: str = _V("model"), method: str = _V("method"), threshold: float = _V("threshold"),
+               seed: int = _V("seed"), plot: str | os.PathLike | None = None) -> dict:
     """Inlier count of two image files (debugging `glr match`); with `plot`, a PNG of inlier matches."""
     from pipeline.images import ImageReadError
 

@@ -64,7 +64,7 @@ def _tree(root: Path) -> dict[str, str]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     expected = {rel: reason for rel, (_, reason) in files.items()}
-    for kind, p in odd_images(root / "odd").items():
+    for p in odd_images(root / "odd").values():
         expected[p.relative_to(root).as_posix()] = ""
     return expected
 

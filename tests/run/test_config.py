@@ -174,7 +174,8 @@ def test_every_config_key_reaches_the_function_that_uses_it(tmp_path, monkeypatc
     monkeypatch.setattr(pipeline.model.train, "train", spy("train", {}))
     monkeypatch.setattr(pipeline.model.predict, "predict", spy("predict", None))
     monkeypatch.setattr(pipeline.model.ensemble, "ensemble", spy("ensemble", None))
-    monkeypatch.setattr(pipeline.verify.inliers, "verify", spy("verify", pd.DataFrame()))
+    monkeypatch.setattr(pipeline.verify.inliers, "verify",
+                        spy("verify", pipeline.verify.inliers.VerifyResult(pd.DataFrame(), 0, 0)))
     monkeypatch.setattr(tuning.search, "tune", spy("tune", {"accepted": True}))
     raw = {name: {o.name: _other(o) for o in BY_NAME[name].options if o.config and o.name != "cache_dir"}
            for name in ("localval", "train", "predict", "ensemble", "verify", "tune")}
@@ -208,3 +209,18 @@ def test_docs_config_reference_is_generated_from_the_schema():
     assert doc.read_text() == config_reference(), (
         "docs/config.md is stale: python -c 'from pipeline.options import config_reference as c; "
         "open(\"docs/config.md\", \"w\").write(c())'")
+
+
+def test_misspelt_tune_storage_stops_glr_run_with_one_line(tmp_path):
+    """A typo in the storage URL is an error before any stage runs, not a silent fall back to identity."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "glr.toml").write_text('[run]\nroot = "."\n[tune]\nstorage = "postgresq://glr@db/optuna"\n')
+    exe = Path(sys.executable).with_name("glr")
+    res = subprocess.run([str(exe), "run", str(tmp_path / "glr.toml")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert res.stderr.strip().count("\n") == 0 and "[tune] storage 'postgresq://glr@db/optuna': unknown scheme" \
+        in res.stderr, res.stderr
+    assert not (tmp_path / "glr").exists()

@@ -5,7 +5,6 @@ exactly; the real stages are in test_stages.py, the config in test_config.py.
 """
 from __future__ import annotations
 
-import json
 
 import pytest
 
