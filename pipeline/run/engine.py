@@ -170,6 +170,75 @@ def _decide(stage: Stage, rec: dict | None, inputs: dict, config_hash: str, exte
     return False, "unchanged"
 
 
+def _check_order(stages: list[Stage]) -> None:
+    names = [s.name for s in stages]
+    for s in stages:
+        for d in s.deps:
+            if d not in names[: names.index(s.name)]:
+                raise ValueError(f"stage {s.name} depends on {d}, which does not come before it")
+
+
+def _selection(stages: list[Stage], from_stage: str | None, only: str | None) -> tuple[set[int], set[int] | None]:
+    """(forced, limited): stage indexes to redo, and the only ones to consider (None: all)."""
+    if from_stage and only:
+        raise UserError("--from and --only cannot be combined")
+    if from_stage:
+        first = min(_select(stages, from_stage, "--from"))
+        forced = set(range(first, len(stages)))
+        return forced, forced
+    if only:
+        forced = set(_select(stages, only, "--only"))
+        return forced, forced
+    return set(), None
+
+
+def _keep_unselected(stage: Stage, rec: dict | None, stages: list[Stage], limited: set[int],
+                     run_dir: Path) -> str | None:
+    """The digest of a stage --from/--only leaves alone; it must be finished when a selected stage needs it."""
+    missing = [o for o in stage.outputs if not (run_dir / o).exists()]
+    if (not rec or rec.get("status") != "done" or missing) and any(stage.name in stages[j].deps for j in limited):
+        raise UserError(f"stage {stage.name} has not finished (needed by the stages you asked for); "
+                        "run without --from/--only first")
+    return rec.get("digest") if rec else None
+
+
+def _run_stage(stage: Stage, ctx: Context, manifest: dict, rec: dict | None, config_hash: str, inputs: dict,
+               external: Any) -> str | None:
+    """Run one stage's action, record it as running then done (atomically); return its outputs' digest."""
+    run_dir, records = ctx.run_dir, manifest["stages"]
+    records[stage.name] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                           "config_hash": config_hash, "inputs": inputs, "runs": (rec or {}).get("runs", 0)}
+    _write_manifest(run_dir, manifest)
+    t0 = time.perf_counter()
+    try:
+        metrics = stage.action(ctx) or {}
+    except UserError as e:  # say which stage, keep the one-line message
+        raise UserError(f"stage {stage.name}: {e}") from None
+    seconds = time.perf_counter() - t0
+    missing = [o for o in stage.outputs if not (run_dir / o).exists()]
+    if missing:
+        raise RuntimeError(f"stage {stage.name} finished without writing {', '.join(missing)}")
+    digest = digest_paths(run_dir, stage.digest if stage.digest is not None else stage.outputs)
+    records[stage.name] = {
+        "status": "done", "config_hash": config_hash, "inputs": inputs,
+        "external_hash": hash_obj(external), "digest": digest,
+        "fingerprint": hash_obj([config_hash, inputs, hash_obj(external)]),
+        "started": records[stage.name]["started"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "seconds": round(seconds, 3), "runs": (rec or {}).get("runs", 0) + 1, "metrics": metrics,
+        "outputs": stage.outputs,
+    }
+    _write_manifest(run_dir, manifest)
+    ctx.echo(f"[done] {stage.name} in {seconds:.1f} s")
+    return digest
+
+
+def _echo_plan(run_dir: Path, rows: list[tuple[str, str, str]], echo: Callable[[str], None]) -> None:
+    width = max((len(n) for n, _, _ in rows), default=0)
+    echo(f"plan for {run_dir}:")
+    for name, what, why in rows:
+        echo(f"  {name:<{width}}  {what:<4}  {why}")
+
+
 def execute(stages: list[Stage], run_dir: str | os.PathLike, cfg: dict | None = None, *,
             from_stage: str | None = None, only: str | None = None, dry_run: bool = False,
             echo: Callable[[str], None] = print) -> dict:
@@ -180,31 +249,15 @@ def execute(stages: list[Stage], run_dir: str | os.PathLike, cfg: dict | None = 
     Returns the manifest.
     """
     run_dir = Path(run_dir)
-    if from_stage and only:
-        raise UserError("--from and --only cannot be combined")
-    names = [s.name for s in stages]
-    for s in stages:
-        for d in s.deps:
-            if d not in names[: names.index(s.name)]:
-                raise ValueError(f"stage {s.name} depends on {d}, which does not come before it")
-    forced: set[int] = set()
-    limited: set[int] | None = None
-    if from_stage:
-        first = min(_select(stages, from_stage, "--from"))
-        forced = set(range(first, len(stages)))
-        limited = forced
-    if only:
-        forced = set(_select(stages, only, "--only"))
-        limited = forced
-
+    _check_order(stages)
+    forced, limited = _selection(stages, from_stage, only)
     lock = contextlib.nullcontext() if dry_run else _run_lock(run_dir)
     with lock:
         manifest = read_manifest(run_dir)
         records: dict[str, dict] = manifest["stages"]
-        manifest["plan"] = names
+        manifest.update(plan=[s.name for s in stages], versions=_versions())
         if cfg is not None:
             manifest["config"] = cfg
-        manifest["versions"] = _versions()
         ctx = Context(run_dir, cfg or {}, records, echo=echo)
         will_run: set[str] = set()
         current: dict[str, str | None] = {}  # stage -> digest of its outputs now
@@ -212,20 +265,15 @@ def execute(stages: list[Stage], run_dir: str | os.PathLike, cfg: dict | None = 
         for i, stage in enumerate(stages):
             rec = records.get(stage.name)
             if limited is not None and i not in limited:
-                missing = [o for o in stage.outputs if not (run_dir / o).exists()]
-                if (not rec or rec.get("status") != "done" or missing) and any(
-                        stage.name in stages[j].deps for j in limited):
-                    raise UserError(f"stage {stage.name} has not finished (needed by the stages you asked for); "
-                                    "run without --from/--only first")
-                current[stage.name] = rec.get("digest") if rec else None
+                current[stage.name] = _keep_unselected(stage, rec, stages, limited, run_dir)
                 plan_rows.append((stage.name, "keep", "not selected"))
                 continue
-            config_hash = hash_obj(stage.config)
             pending = [d for d in stage.deps if d in will_run]
             if dry_run and pending:
                 will_run.add(stage.name)
                 plan_rows.append((stage.name, "run", f"input from {pending[0]} will be redone"))
                 continue
+            config_hash = hash_obj(stage.config)
             inputs = {d: current.get(d) for d in stage.deps}
             external = stage.external() if stage.external else None
             if i in forced:
@@ -233,48 +281,20 @@ def execute(stages: list[Stage], run_dir: str | os.PathLike, cfg: dict | None = 
             else:
                 run, why = _decide(stage, rec, inputs, config_hash, external, run_dir)
             plan_rows.append((stage.name, "run" if run else "skip", why))
-            if dry_run:
+            if dry_run or not run:
                 if run:
                     will_run.add(stage.name)
                 else:
                     current[stage.name] = rec.get("digest")
-                continue
-            if not run:
-                current[stage.name] = rec["digest"]
-                echo(f"[skip] {stage.name}: {why}")
+                    if not dry_run:
+                        echo(f"[skip] {stage.name}: {why}")
                 continue
             echo(f"[run ] {stage.name}: {why}")
             ctx.resume = bool(rec and rec.get("status") == "running" and rec.get("config_hash") == config_hash
                               and rec.get("inputs") == inputs and i not in forced)
-            records[stage.name] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                   "config_hash": config_hash, "inputs": inputs, "runs": (rec or {}).get("runs", 0)}
-            _write_manifest(run_dir, manifest)
-            t0 = time.perf_counter()
-            try:
-                metrics = stage.action(ctx) or {}
-            except UserError as e:  # say which stage, keep the one-line message
-                raise UserError(f"stage {stage.name}: {e}") from None
-            seconds = time.perf_counter() - t0
-            missing = [o for o in stage.outputs if not (run_dir / o).exists()]
-            if missing:
-                raise RuntimeError(f"stage {stage.name} finished without writing {', '.join(missing)}")
-            digest = digest_paths(run_dir, stage.digest if stage.digest is not None else stage.outputs)
-            current[stage.name] = digest
-            records[stage.name] = {
-                "status": "done", "config_hash": config_hash, "inputs": inputs,
-                "external_hash": hash_obj(external), "digest": digest,
-                "fingerprint": hash_obj([config_hash, inputs, hash_obj(external)]),
-                "started": records[stage.name]["started"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "seconds": round(seconds, 3), "runs": (rec or {}).get("runs", 0) + 1, "metrics": metrics,
-                "outputs": stage.outputs,
-            }
-            _write_manifest(run_dir, manifest)
-            echo(f"[done] {stage.name} in {seconds:.1f} s")
+            current[stage.name] = _run_stage(stage, ctx, manifest, rec, config_hash, inputs, external)
         if dry_run:
-            width = max(len(n) for n in names) if names else 0
-            echo(f"plan for {run_dir}:")
-            for name, what, why in plan_rows:
-                echo(f"  {name:<{width}}  {what:<4}  {why}")
+            _echo_plan(run_dir, plan_rows, echo)
         manifest["last_plan"] = [{"stage": n, "action": a, "why": w} for n, a, w in plan_rows]
         if not dry_run:
             _write_manifest(run_dir, manifest)

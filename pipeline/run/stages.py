@@ -227,7 +227,7 @@ def plan(cfg: dict) -> list[Stage]:
         deps = ["data", "localval", f"train:{name}"] + ([f"train_all:{name}"] if final_all else [])
         stages.append(Stage(f"predict:{name}", partial(predict_stage, model=name, embeddings=emb), deps=deps,
                             config={"predict": cfg["predict"], "embeddings": emb,
-                                    **({"test_models": "models_all"} if final_all else {})},
+                                    **({"test_models": rel(lay.model_dir("", full=True))} if final_all else {})},
                             outputs=outputs))
     stages.append(Stage("ensemble", ensemble_stage, deps=[f"predict:{n}" for n in names],
                         config={"ensemble": cfg["ensemble"], "models": names},

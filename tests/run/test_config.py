@@ -27,8 +27,20 @@ from submissions.errors import UserError
     ('[[models]]\nbackbone = "vgg16"\nepochs = "x"', r"\[\[models\]\] #1 epochs: expected an integer"),
     ('[ensemble]\nweights = [1, 2]\n[[models]]\nbackbone = "vgg16"', r"2 weight\(s\) for 1 model"),
     ('[run\nname = 1', r"not valid TOML"),
+    ('[run]\nname = ".."', r"\[run\] name: '\.\.' must be a folder name"),
+    ('[train]\nlr = "fast"', r"\[train\] lr: expected a number, got 'fast'"),
+    ('[train]\nlr = -1', r"\[train\] lr: must be above 0, got -1"),
+    ('[train]\nlr = nan', r"\[train\] lr: expected a finite number"),
+    ('[train]\nimage_size = 8', r"\[train\] image_size: must be at least 32"),
+    ('[verify]\nmax_side = "big"', r"\[verify\] max_side: expected an integer"),
+    ('[verify]\nchunk_size = 0', r"\[verify\] chunk_size: must be at least 1, got 0"),
+    ('[data]\nfiles = [1, 2]', r"\[data\] files: expected strings, got 1"),
+    ('[submission]\nfile = ""', r"\[submission\] file: must be a file name"),
+    ('[ensemble]\nweights = [-1]\n[[models]]\nbackbone = "vgg16"', r"\[ensemble\] weights: must be at least 0"),
+    ('[train]\nfinal_fit = "some"', r"\[train\] final_fit: 'some' is not one of all, split"),
+    ('[tune]\ntrials = 0', r"\[tune\] trials and timeout are both 0"),
 ])
-def test_config_errors_name_the_key(tmp_path, text, message):
+def test_config_values_are_checked_before_anything_runs(tmp_path, text, message):
     path = tmp_path / "glr.toml"
     path.write_text(text)
     with pytest.raises(UserError, match=message):
@@ -108,27 +120,6 @@ def test_stage_seeds_follow_run_seed_unless_set(tmp_path):
     assert (cfg["localval"]["seed"], cfg["train"]["seed"], cfg["verify"]["seed"], cfg["tune"]["seed"]) == (7, 7, 3, 7)
     assert all(m["seed"] == 7 for m in cfg["models"])
     assert validate({}, tmp_path)["train"]["seed"] == 0
-
-
-@pytest.mark.parametrize("text, message", [
-    ('[run]\nname = ".."', r"\[run\] name: '\.\.' must be a folder name"),
-    ('[train]\nlr = "fast"', r"\[train\] lr: expected a number, got 'fast'"),
-    ('[train]\nlr = -1', r"\[train\] lr: must be above 0, got -1"),
-    ('[train]\nlr = nan', r"\[train\] lr: expected a finite number"),
-    ('[train]\nimage_size = 8', r"\[train\] image_size: must be at least 32"),
-    ('[verify]\nmax_side = "big"', r"\[verify\] max_side: expected an integer"),
-    ('[verify]\nchunk_size = 0', r"\[verify\] chunk_size: must be at least 1, got 0"),
-    ('[data]\nfiles = [1, 2]', r"\[data\] files: expected strings, got 1"),
-    ('[submission]\nfile = ""', r"\[submission\] file: must be a file name"),
-    ('[ensemble]\nweights = [-1]\n[[models]]\nbackbone = "vgg16"', r"\[ensemble\] weights: must be at least 0"),
-    ('[train]\nfinal_fit = "some"', r"\[train\] final_fit: 'some' is not one of all, split"),
-    ('[tune]\ntrials = 0', r"\[tune\] trials and timeout are both 0"),
-])
-def test_config_values_are_checked_before_anything_runs(tmp_path, text, message):
-    path = tmp_path / "glr.toml"
-    path.write_text(text)
-    with pytest.raises(UserError, match=message):
-        load_config(path)
 
 
 def _other(o):
