@@ -50,7 +50,7 @@ TRAIN = Section("train", "`glr train`: transfer learning, head on the frozen bas
                 "run` these are the defaults of every [[models]] entry.", (
     Option("weights", "imagenet", "Base weights: imagenet (downloaded by Keras), none (from scratch), or a "
            "weights file path."),
-    Option("image_size", 96, "Input size in pixels.", type=int, min=32),
+    Option("image_size", 96, "Input size in pixels.", type=int, min=32, max=2048),
     Option("epochs", 10, "Head epochs on the frozen base.", type=int, min=0),
     Option("fine_tune_epochs", 2, "Epochs fine-tuning the top layers with augmentation (0 = skip).",
            type=int, min=0),
