@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from submissions.errors import UserError
+
 
 @dataclass(frozen=True)
 class Option:
@@ -49,8 +51,6 @@ class Option:
 
     def check(self, value: Any, where: str) -> Any:
         """`value` coerced to the option's type, or a UserError naming `where` (e.g. "[tune] trials")."""
-        from submissions.errors import UserError
-
         if value is None and self.default is None:
             return None
         t = self.type
@@ -80,8 +80,6 @@ class Option:
         return value
 
     def _item(self, x: Any, where: str) -> Any:
-        from submissions.errors import UserError
-
         if self.item is float:
             if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x:
                 raise UserError(f"{where}: expected numbers, got {x!r}")
@@ -92,8 +90,6 @@ class Option:
         return x
 
     def _range(self, v: Any, where: str) -> None:
-        from submissions.errors import UserError
-
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             return
         lo_bad = self.min is not None and (v <= self.min if self.min_open else v < self.min)
@@ -148,6 +144,20 @@ def _type_name(v: Any) -> str:
 
 
 POLICIES = ("auto", "bands", "blend", "seed-rules", "identity")
+RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "oracle", "mssql")
+
+
+def check_storage_spec(spec: str, where: str = "--storage") -> None:
+    """Refuse a URL with an unknown scheme before anything runs (a typo must not pass as a journal path).
+
+    Here, not in tuning.storage, so that reading a config does not import Optuna.
+    """
+    if "://" not in spec:
+        return
+    scheme = spec.split("://", 1)[0].split("+", 1)[0]
+    if scheme not in RDB_SCHEMES:
+        raise UserError(f"{where} {spec!r}: unknown scheme {scheme!r}; use a journal file path, "
+                        f"sqlite:///FILE.db or postgresql://USER@HOST/DB")
 
 TUNE = Section("tune", "`glr tune`: choose the rescoring policy on the local validation split with Optuna.", (
     Option("policy", "auto", "Search bands, blend or both (auto); seed-rules / identity are fixed, for comparison.",

@@ -24,9 +24,9 @@ from optuna.storages.journal import BaseJournalBackend, JournalFileBackend, Jour
 from optuna.trial import TrialState
 
 from submissions.errors import UserError
+from tuning.options import check_storage_spec
 
 JOURNAL_LOCK_GRACE_S = 10  # a lock left by a killed writer is broken after this long
-RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "oracle", "mssql")
 
 
 def default_storage(out: str | os.PathLike) -> str:
@@ -47,16 +47,6 @@ def open_storage(storage: str | None, out: str | os.PathLike):
     if path.is_dir():
         raise UserError(f"--storage {path}: is a directory, expected a journal file path or a database URL")
     return _journal_storage(path)
-
-
-def check_storage_spec(spec: str, where: str = "--storage") -> None:
-    """Refuse a URL with an unknown scheme before anything runs (a typo must not pass as a journal path)."""
-    if "://" not in spec:
-        return
-    scheme = spec.split("://", 1)[0].split("+", 1)[0]
-    if scheme not in RDB_SCHEMES:
-        raise UserError(f"{where} {spec!r}: unknown scheme {scheme!r}; use a journal file path, "
-                        f"sqlite:///FILE.db or postgresql://USER@HOST/DB")
 
 
 def _rdb_storage(spec: str):

@@ -15,6 +15,7 @@ from typing import Any
 
 from pipeline.options import BACKBONES, BY_NAME, DEFAULT_MODELS, RUN_LEVEL_TRAIN_KEYS, SECTIONS, TRAIN
 from submissions.errors import UserError
+from tuning.options import check_storage_spec
 
 # sections whose `seed` follows [run] seed unless the file sets it
 SEEDED = tuple(s.name for s in SECTIONS if "seed" in s and s.name != "run")
@@ -93,8 +94,6 @@ def validate(raw: dict, base_dir: str | os.PathLike = ".") -> dict:
     if cfg["tune"]["trials"] == 0 and cfg["tune"]["timeout"] == 0:
         raise UserError("[tune] trials and timeout are both 0: set at least one of them")
     if cfg["tune"]["storage"]:
-        from tuning.storage import check_storage_spec
-
         check_storage_spec(cfg["tune"]["storage"], "[tune] storage")
     if not cfg["submission"]["file"]:
         raise UserError("[submission] file: must be a file name, got an empty string")
