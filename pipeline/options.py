@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from submissions.errors import UserError
 from tuning.options import TUNE, Option, Section
 
 BACKBONES = ("vgg16", "vgg19", "resnet50")
@@ -146,11 +147,6 @@ EXTRACTOR_KEYS = ("extractor", "max_side", "n_features", "delf_handle")
 MATCH_KEYS = ("ratio", "mutual", "model", "method", "threshold", "seed")
 
 
-def stage_options(section: Section, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Defaults of `section`'s command options (those of `keys`, when given)."""
-    return {o.name: o.default for o in section.options if o.cli and (keys is None or o.name in keys)}
-
-
 # -- Click ---------------------------------------------------------------------------------------
 
 def _click_type(o: Option):
@@ -167,16 +163,27 @@ def _click_type(o: Option):
     return str
 
 
-def _parse_list(o: Option) -> Callable:
+def parse_list(o: Option, text: str, where: str | None = None) -> list:
+    """A list option from the command line: comma-separated items, checked like a config list."""
+    where = where or o.dashed
+    parts = [x for x in text.split(",") if x.strip()]
+    if o.item is float:
+        try:
+            parts = [float(x) for x in parts]
+        except ValueError:
+            raise UserError(f"{where} {text!r}: expected comma-separated numbers, e.g. 1,1,2") from None
+    return o.check(parts, where)
+
+
+def _list_callback(o: Option) -> Callable:
     def parse(ctx, param, value):
         import click
 
         if value is None or isinstance(value, list):
             return value
         try:
-            items = [o.item(x) for x in value.split(",") if x.strip()] if o.item is not str else value.split(",")
-            return o.check(items, param.opts[0])
-        except Exception as e:  # a UserError or a float() failure: Click's usage error, one line
+            return parse_list(o, value)
+        except UserError as e:  # Click's usage error: one line, exit status 2
             raise click.BadParameter(str(e)) from None
     return parse
 
@@ -190,7 +197,7 @@ def click_option(o: Option):
         return click.option(decl, o.name, default=o.default, show_default=True, help=o.help,
                             is_flag="/" not in decl or None)
     if o.type is list:
-        return click.option(o.dashed, o.name, default=None, metavar="A,B,…", callback=_parse_list(o),
+        return click.option(o.dashed, o.name, default=None, metavar="A,B,…", callback=_list_callback(o),
                             help=o.help + (f" [default: {','.join(map(str, o.default)) or 'none'}]"))
     return click.option(o.flag or o.dashed, o.name, type=_click_type(o), default=o.default,
                         show_default=o.default not in (None, ""), help=o.help)

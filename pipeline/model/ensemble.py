@@ -24,19 +24,6 @@ from pipeline.options import ENSEMBLE
 from submissions.errors import UserError
 
 
-def parse_weights(text: str | None, n: int) -> list[float] | None:
-    """'1,2,0.5' → [1.0, 2.0, 0.5], checked against the number of models."""
-    if text is None or str(text).strip() == "":
-        return None
-    try:
-        w = [float(t) for t in str(text).split(",")]
-    except ValueError:
-        raise UserError(f"--weights {text!r}: expected comma-separated numbers, e.g. 1,1,2") from None
-    if len(w) != n:
-        raise UserError(f"--weights {text!r}: {len(w)} weight(s) for {n} predictions table(s); give one per table")
-    return w
-
-
 def ensemble_tables(tables: list[pd.DataFrame], weights: list[float] | None = None, top_k: int = 5) -> pd.DataFrame:
     """The weighted average of predictions tables (see the module docstring), top-k per image."""
     if not tables:
@@ -68,14 +55,12 @@ def ensemble_tables(tables: list[pd.DataFrame], weights: list[float] | None = No
     })
 
 
-def ensemble(paths: list[str | os.PathLike], *, weights: list[float] | str | None = None,
+def ensemble(paths: list[str | os.PathLike], *, weights: list[float] | None = None,
              out: str | os.PathLike, top_k: int = ENSEMBLE.default("top_k")) -> pd.DataFrame:
     """Read predictions tables, average them (module docstring), write and return the result."""
     from submissions.tables import read_predictions, write_predictions
 
-    if isinstance(weights, str):
-        weights = parse_weights(weights, len(paths))
-    elif weights is not None and len(weights) == 0:
+    if weights is not None and len(weights) == 0:
         weights = None
     if weights is not None and len(weights) != len(paths):
         raise UserError(f"--weights: {len(weights)} weight(s) for {len(paths)} predictions table(s); "

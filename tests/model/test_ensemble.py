@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.model.ensemble import ensemble, ensemble_tables, parse_weights
+from pipeline.model.ensemble import ensemble, ensemble_tables
+from pipeline.options import ENSEMBLE, parse_list
 from submissions.errors import UserError
 from submissions.metric import evaluate_predictions
 from submissions.tables import read_predictions, write_predictions
@@ -67,14 +68,17 @@ def test_ensemble_single_model_is_identity(tmp_path):
     assert len(out) == 3
 
 
-def test_weight_errors():
-    assert parse_weights("1, 2", 2) == [1.0, 2.0]
-    assert parse_weights("", 2) is None
-    with pytest.raises(UserError, match="2 weight"):
-        parse_weights("1,2", 3)
+def test_weight_errors(tmp_path):
+    weights = ENSEMBLE["weights"]  # --weights is parsed by the option schema, checked by ensemble()
+    assert parse_list(weights, "1, 2") == [1.0, 2.0]
+    assert parse_list(weights, "") == []
     with pytest.raises(UserError, match="comma-separated"):
-        parse_weights("1;2", 2)
+        parse_list(weights, "1;2")
     a = table([("q", 1, 0.5)])
+    write_predictions(a, tmp_path / "a.parquet")
+    with pytest.raises(UserError, match="2 weight"):
+        ensemble([tmp_path / "a.parquet"] * 3, weights=[1.0, 2.0], out=tmp_path / "e.parquet")
+    assert ensemble([tmp_path / "a.parquet"] * 2, weights=[], out=tmp_path / "e.parquet")["score"].tolist() == [0.5]
     with pytest.raises(UserError, match="non-negative"):
         ensemble_tables([a, a], weights=[1, -1])
     with pytest.raises(UserError, match="no predictions"):
