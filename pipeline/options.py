@@ -24,6 +24,9 @@ RUN = Section("run", "Where the run folder is: <root>/<name>; re-running reuses 
     Option("root", "runs", "Folder that holds the run folders.", path=True),
     Option("seed", 0, "Default seed of every stage ([localval], [train], [verify], [tune]) that does not set "
            "its own.", type=int),
+    Option("cache_dir", None, "Folder of the caches (decoded images, base features, local features), shared by "
+           "every model, stage and later run on the same data; list and prune it with `glr cache` "
+           "[default: DATA_DIR/.glr-cache].", path=True),
 ))
 
 DATA = Section("data", "The competition.", (
@@ -43,7 +46,9 @@ LOCALVAL = Section("localval", "The local validation split built from the traini
            "non-landmark queries.", type=float, min=0, max=1, max_open=True),
     Option("min_train_per_class", 2, "A class keeps at least this many training images (smaller classes give "
            "no queries).", type=int, min=1),
-    Option("max_queries", 0, "Cap on validation queries (0 = no cap).", type=int, min=0),
+    Option("max_queries", 100_000, "Cap on validation queries, drawn at random (0 = no cap). The default is about "
+           "the size of a real test set (GLDv2: 117,577 queries); GLDv2's full holdout would be ~445k.",
+           type=int, min=0),
     Option("seed", 0, "Seed of the split.", type=int),
 ))
 
@@ -57,7 +62,11 @@ TRAIN = Section("train", "`glr train`: transfer learning, head on the frozen bas
            type=int, min=0),
     Option("fine_tune_layers", 4, "Weighted layers at the top of the base made trainable for fine-tuning.",
            type=int, min=0, advanced=True),
-    Option("batch_size", 32, "Images per training step.", type=int, min=1),
+    Option("batch_size", 32, "Images per training step (fine-tuning, and the head when bottleneck = false).",
+           type=int, min=1),
+    Option("head_batch_size", 256, "Cached base features per step when training the head on them (bottleneck): "
+           "with tens of thousands of classes a step's cost is the optimizer update of the head, so large batches "
+           "are much faster per image.", type=int, min=1, advanced=True),
     Option("lr", 1e-3, "Adam learning rate of the head phase.", type=float, min=0, min_open=True,
            advanced=True),
     Option("fine_tune_lr", 1e-4, "Adam learning rate when fine-tuning.", type=float, min=0, min_open=True,
@@ -103,9 +112,8 @@ VERIFY = Section("verify", "`glr verify`: RANSAC inliers between each query and 
     Option("k", 3, "Reference training images per candidate class.", type=int, min=1),
     Option("refs", "random", "Which references: first in train.csv, seeded random, or nearest by the models' "
            "global embeddings.", choices=("first", "random", "nearest")),
-    Option("workers", 1, "Processes.", type=int, min=1),
-    Option("cache_dir", None, "Feature cache folder [default: DATA_DIR/.glr-features; in `glr run`: the run "
-           "folder's features/].", path=True),
+    Option("workers", 0, "Processes (0 = one per available core); each uses one BLAS/OpenCV/TensorFlow thread.",
+           type=int, min=0),
     Option("seed", 0, "RANSAC seed (and refs = random): same inputs, same counts.", type=int),
     Option("max_side", 512, "Working image size, longest side in pixels.", type=int, min=16, advanced=True),
     Option("n_features", 1000, "At most this many keypoints per image (sift/orb).", type=int, min=1,
@@ -117,8 +125,8 @@ VERIFY = Section("verify", "`glr verify`: RANSAC inliers between each query and 
     Option("model", "affine", "Geometric model checked by RANSAC.", choices=("affine", "homography", "fundamental"),
            advanced=True),
     Option("method", "ransac", "OpenCV RANSAC or USAC_MAGSAC.", choices=("ransac", "magsac"), advanced=True),
-    Option("threshold", 12.0, "Reprojection threshold in working-image pixels.", type=float, min=0,
-           min_open=True, advanced=True),
+    Option("threshold", None, "Reprojection threshold in working-image pixels [default: 12 for sift/orb, 20 for "
+           "delf (its reference matcher's)].", type=float, min=0, min_open=True, advanced=True),
     Option("chunk_size", 64, "Pairs per finished chunk (the unit of resuming).", type=int, min=1, advanced=True),
 ))
 
