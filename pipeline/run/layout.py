@@ -49,7 +49,9 @@ class Layout:
 
     @property
     def localval_digest_files(self) -> list[Path]:
-        return [self.localval / "train.csv", self.localval_solution, self.localval / "localval.json"]
+        # with the data summary: its images' sizes and mtimes, which the hard links here follow
+        return [self.localval / "train.csv", self.localval_solution, self.localval / "localval.json",
+                self.data_summary]
 
     def model_dir(self, model: str, full: bool = False) -> Path:
         """A `glr train` run folder: split models learn localval/, full ones (final_fit = all) all of train."""

@@ -12,7 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pipeline.run.engine import Context, Stage, execute, file_digest, hash_obj
+from pipeline.run.engine import Context, Stage, execute, file_digest, hash_obj, tree_stat_digest
 from pipeline.run.layout import PARTS, data_files, layout_of, solution_of
 from submissions.files import atomic_write_json, json_default
 
@@ -60,8 +60,9 @@ def data_stage(ctx: Context) -> dict:
 
         fetch(d["competition"], data_dir, files=d["files"] or None)
     summary = Competition(data_dir).summary()
-    files = {Path(k).name: v for k, v in file_digest(*data_files(data_dir)).items()}
-    atomic_write_json(ctx.layout.data_summary, {"summary": summary, "files": files})
+    state = _competition_state(data_dir)
+    files = {Path(k).name: v for k, v in state["files"].items()}
+    atomic_write_json(ctx.layout.data_summary, {"summary": summary, "files": files, "images": state["images"]})
     return summary
 
 
@@ -192,6 +193,14 @@ def report_stage(ctx: Context) -> dict:
     return {"path": str(write_report(ctx.run_dir, ctx.cfg, ctx.records))}
 
 
+def _competition_state(data_dir: str | Path) -> dict:
+    """What the data stage's fingerprint covers: the CSVs' contents and every image's size and mtime,
+    so images replaced in place redo every stage that read them."""
+    root = Path(data_dir)
+    return {"files": file_digest(*data_files(root)),
+            "images": {split: tree_stat_digest(root / split) for split in ("train", "test", "index")}}
+
+
 # -- the graph ------------------------------------------------------------------------------------
 
 def plan(cfg: dict) -> list[Stage]:
@@ -209,7 +218,7 @@ def plan(cfg: dict) -> list[Stage]:
     rel = lay.rel
     stages = [
         Stage("data", data_stage, config=cfg["data"], outputs=[rel(lay.data_summary)],
-              external=lambda: file_digest(*data_files(data_dir))),
+              external=lambda: _competition_state(data_dir)),
         Stage("localval", localval_stage, deps=["data"], config=cfg["localval"], outputs=[rel(lay.localval)],
               digest=[rel(p) for p in lay.localval_digest_files]),
     ]

@@ -119,6 +119,19 @@ def test_kill_minus_9_mid_stage_then_rerun_redoes_no_finished_stage(tmp_path):
     redone = sorted(s for s in final if final[s]["runs"] > after[s]["runs"])
     assert "tune" in redone and set(redone) <= {"tune", "rescore", "submission", "report"}, redone
 
+    # images replaced in place (same names, same CSVs): every stage that read them is redone
+    from PIL import Image
+
+    for split in ("train", "test"):
+        img = next(p for p in sorted((tmp_path / "comp" / split).rglob("*.jpg")))
+        Image.open(img).transpose(Image.Transpose.ROTATE_180).save(img)
+        os.utime(img, ns=(time.time_ns(), time.time_ns() + 10**9))  # a new mtime even on a coarse clock
+    res = glr("run", "glr.toml", "-q", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    again = json.loads(manifest_path.read_text())["stages"]
+    redone = {s for s in again if again[s]["runs"] > final[s]["runs"]}
+    assert {"data", "localval", "train:vgg16", "predict:vgg16", "verify:val", "verify:test"} <= redone, redone
+
 
 def test_stage_error_names_the_stage(tmp_path):
     from pipeline.run.stages import run
