@@ -1,12 +1,15 @@
 """`glr predict`: a trained run's top-k classes for every image of a split, as a predictions table.
 
 The model is built once; images stream through `tf.data` (parallel decode, batches, prefetch)
-into one compiled inference function. `--embeddings X.npy` also saves the penultimate layer
-("embedding", see pipeline.model.backbones) as the image's global descriptor (pipeline.model.embeddings).
+into one compiled inference step that also takes the top-k on the device: only batch×k scores
+leave it, so memory grows with images × k, never with images × classes. `--embeddings X.npy` also
+saves the penultimate layer ("embedding", see pipeline.model.backbones) as the image's global
+descriptor, streamed batch by batch into a memory-mapped file (pipeline.model.embeddings).
 An image that cannot be read gives a warning naming its id and gets no rows.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -55,18 +58,13 @@ def images_of_split(run_dir: Path, comp, split: str) -> tuple[list[str], str]:
     return comp.ids(split), split
 
 
-def top_k_rows(ids: list[str], probs: np.ndarray, labels: np.ndarray, k: int) -> pd.DataFrame:
-    """The predictions table (id, landmark_id, score, rank) of a probability matrix."""
-    k = min(k, probs.shape[1])
-    part = np.argpartition(-probs, k - 1, axis=1)[:, :k] if k < probs.shape[1] else \
-        np.tile(np.arange(probs.shape[1]), (len(probs), 1))
-    scores = np.take_along_axis(probs, part, axis=1)
-    order = np.argsort(-scores, axis=1, kind="stable")
-    cls = np.take_along_axis(part, order, axis=1)
-    scores = np.take_along_axis(scores, order, axis=1)
+def predictions_table(ids: list[str], scores: np.ndarray, classes: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
+    """The predictions table (id, landmark_id, score, rank) of each id's top-k (N×k scores, best
+    first, and their class indices)."""
+    k = scores.shape[1] if scores.ndim == 2 else 0
     return pd.DataFrame({
         "id": np.repeat(np.asarray(ids, dtype=object), k).astype(str),
-        "landmark_id": labels[cls.ravel()].astype(np.int64),
+        "landmark_id": labels[classes.ravel()].astype(np.int64),
         "score": scores.ravel().astype(np.float32),
         "rank": np.tile(np.arange(k, dtype=np.int16), len(ids)),
     })
@@ -104,16 +102,67 @@ def load_run_model(run_dir: str | os.PathLike, precision: str | None = None):
     return model, labels, manifest
 
 
+def compiled_step(model, k: int, embeddings: bool):
+    """The compiled inference step: x → (top-k scores, their class indices[, embeddings]).
+
+    Top-k is taken on the device, so only batch×k numbers leave it, never the batch×classes
+    probabilities (81,313 classes at the real size). Ties go to the lower class index
+    (`tf.math.top_k`), so the order is deterministic.
+    """
+    from pipeline.model.backbones import quiet_tf
+
+    tf = quiet_tf()
+    import keras
+
+    outputs = [model.output] + ([model.get_layer("embedding").output] if embeddings else [])
+    infer_model = keras.Model(model.input, outputs)
+    k = min(k, int(model.output.shape[-1]))
+
+    @tf.function(reduce_retracing=True)
+    def step(x):
+        out = infer_model(x, training=False)
+        out = list(out) if isinstance(out, (list, tuple)) else [out]
+        scores, classes = tf.math.top_k(tf.cast(out[0], tf.float32), k=k, sorted=True)
+        return (scores, classes, *[tf.cast(tf.reshape(e, (tf.shape(e)[0], -1)), tf.float32) for e in out[1:]])
+
+    return step
+
+
+def _stream(step, ds, ids: list[str], batch_size: int, writer, desc: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run `step` over the batches of `ds`: (top-k scores and class indices of the readable images,
+    ok mask of all); embeddings of readable images go to `writer` batch by batch. Memory: N×k."""
+    from pipeline.model.backbones import quiet_tf
+    from pipeline.progress import progress
+
+    tf = quiet_tf()
+    scores, classes, oks = [], [], []
+    start = 0
+    for x, ok in progress(ds, total=-(-len(ids) // batch_size), desc=desc):
+        n, ok = int(x.shape[0]), ok.numpy()
+        if n < batch_size:  # pad the last batch: one traced shape, no retracing
+            x = tf.concat([x, tf.zeros((batch_size - n, *x.shape[1:]), x.dtype)], axis=0)
+        res = step(x)
+        scores.append(res[0].numpy()[:n][ok])
+        classes.append(res[1].numpy()[:n][ok])
+        if writer is not None:
+            writer.append([i for i, good in zip(ids[start:start + n], ok) if good], res[2].numpy()[:n][ok])
+        oks.append(ok)
+        start += n
+    if not oks:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32), np.zeros(0, bool)
+    return np.concatenate(scores), np.concatenate(classes), np.concatenate(oks)
+
+
 def predict(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, split: str = "test",
             out: str | os.PathLike, top_k: int = PREDICT.default("top_k"),
             batch_size: int = PREDICT.default("batch_size"), embeddings: str | None = None,
             precision: str | None = PREDICT.default("precision")) -> PredictResult:
     """Predict the top-`top_k` classes of every image of `split`, write the table to `out`
-    (Parquet); return it with counts, skipped ids and images/s."""
+    (Parquet); return it with counts, skipped ids and images/s. Memory grows with images × top_k,
+    never with images × classes; embeddings stream to a memory-mapped file."""
     from pipeline.acquire.competition import Competition
     from pipeline.model.data import path_dataset, warn_skipped
-    from pipeline.model.backbones import quiet_tf
-    from pipeline.progress import progress
+    from pipeline.model.embeddings import embedding_writer
     from submissions.tables import write_predictions
 
     if top_k < 1:
@@ -124,48 +173,21 @@ def predict(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, split: s
     comp = Competition(data_dir)
     ids, folder = images_of_split(run_dir, comp, split)
     model, labels, manifest = load_run_model(run_dir, precision)
-    tf = quiet_tf()
-    import keras
-
-    size = int(manifest["image_size"])
-    outputs = [model.output]
-    if embeddings:
-        outputs.append(model.get_layer("embedding").output)
-    infer_model = keras.Model(model.input, outputs)
-    infer = tf.function(lambda x: infer_model(x, training=False), reduce_retracing=True)
+    step = compiled_step(model, top_k, bool(embeddings))
 
     t0 = time.perf_counter()
     paths = comp.image_paths(ids, folder)
-    probs, embs, oks = [], [], []
-    ds = path_dataset(paths, size, batch_size=batch_size)
-    n_batches = -(-len(ids) // batch_size)
-    for x, ok in progress(ds, total=n_batches, desc=f"predict {split}"):
-        n = int(x.shape[0])
-        if n < batch_size:  # pad the last batch: one traced shape, no retracing
-            x = tf.concat([x, tf.zeros((batch_size - n, *x.shape[1:]), x.dtype)], axis=0)
-        res = infer(x)
-        if not isinstance(res, (list, tuple)):
-            res = [res]
-        probs.append(np.asarray(res[0], dtype=np.float32)[:n])
-        if embeddings:
-            embs.append(np.asarray(res[1], dtype=np.float32)[:n])
-        oks.append(ok.numpy())
+    ds = path_dataset(paths, int(manifest["image_size"]), batch_size=batch_size)
+    dim = int(np.prod(model.get_layer("embedding").output.shape[1:]))
+    with embedding_writer(embeddings, len(ids), dim) if embeddings else contextlib.nullcontext() as writer:
+        scores, classes, ok = _stream(step, ds, ids, batch_size, writer, f"predict {split}")
     secs = time.perf_counter() - t0
-    n_out = int(model.output.shape[-1])
-    probs = np.concatenate(probs) if probs else np.zeros((0, n_out), np.float32)
-    ok = np.concatenate(oks) if oks else np.zeros(0, bool)
     skipped = [{"id": ids[i], "path": str(paths[i]), "reason": "missing or cannot decode"}
                for i in np.flatnonzero(~ok)]
     warn_skipped(skipped)
     kept = [i for i, good in zip(ids, ok) if good]
-    table = top_k_rows(kept, probs[ok], labels, top_k)
+    table = predictions_table(kept, scores, classes, labels)
     write_predictions(table, out)
-    if embeddings:
-        from pipeline.model.embeddings import write_embeddings
-
-        dim = int(model.get_layer("embedding").output.shape[-1])
-        vecs = np.concatenate(embs)[ok] if embs else np.zeros((0, dim), np.float32)
-        write_embeddings(embeddings, kept, vecs.reshape(len(kept), -1))
     return PredictResult(table, out=str(out), images=len(ids), predicted=len(kept), seconds=round(secs, 3),
                          images_per_s=round(len(ids) / max(secs, 1e-9), 1), precision=_policy(model),
                          skipped=skipped)
