@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from pipeline.run.layout import check_name, check_submission_file
 from pipeline.options import BACKBONES, BY_NAME, DEFAULT_MODELS, RUN_LEVEL_TRAIN_KEYS, SECTIONS, TRAIN
 from submissions.errors import UserError
 from tuning.options import check_storage_spec
@@ -51,8 +52,9 @@ def _models(raw: Any, train: dict) -> list[dict]:
         if m["backbone"] not in BACKBONES:
             raise UserError(f"{where} backbone: {m['backbone']!r} is not one of {', '.join(BACKBONES)}")
         name = m.get("name", m["backbone"])
-        if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\: "):
-            raise UserError(f"{where} name: {name!r} must be a non-empty word (no '/', ':' or spaces)")
+        check_name(name, f"{where} name")
+        if any(c in name for c in ": "):  # ':' separates a stage from its model (train:vgg16)
+            raise UserError(f"{where} name: {name!r} must be a single word (no ':' or spaces)")
         if name in names:
             raise UserError(f"{where} name: {name!r} is used twice; give each model a distinct name")
         names.add(name)
@@ -88,15 +90,12 @@ def validate(raw: dict, base_dir: str | os.PathLike = ".") -> dict:
     for name in SEEDED:
         if f"{name}.seed" not in given:
             cfg[name]["seed"] = cfg["run"]["seed"]
-    run_name = cfg["run"]["name"]
-    if not run_name or run_name in (".", "..") or any(c in run_name for c in "/\\"):
-        raise UserError(f"[run] name: {run_name!r} must be a folder name (no slashes, not '.' or '..')")
+    check_name(cfg["run"]["name"], "[run] name")
     if cfg["tune"]["trials"] == 0 and cfg["tune"]["timeout"] == 0:
         raise UserError("[tune] trials and timeout are both 0: set at least one of them")
     if cfg["tune"]["storage"]:
         check_storage_spec(cfg["tune"]["storage"], "[tune] storage")
-    if not cfg["submission"]["file"]:
-        raise UserError("[submission] file: must be a file name, got an empty string")
+    check_submission_file(cfg["submission"]["file"])
     cfg["models"] = _models(raw.get("models"), cfg["train"])
     w = cfg["ensemble"]["weights"]
     if w and len(w) != len(cfg["models"]):

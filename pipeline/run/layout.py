@@ -6,9 +6,13 @@ turns one into the run-folder-relative name that stage records store.
 """
 from __future__ import annotations
 
+import inspect
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from submissions.errors import UserError
 
 PARTS = ("val", "test")  # val = the local validation queries, test = the competition's test set
 
@@ -105,6 +109,62 @@ class Layout:
     @property
     def report(self) -> Path:
         return self.root / "report.html"
+
+
+def check_name(name: object, what: str, kind: str = "folder name") -> None:
+    """Refuse anything but one plain path component: a run or model name, a file in the run folder.
+
+    Names that are empty, '.', '..', absolute, hold a separator, NUL or control characters, begin or
+    end with blanks, or exceed the file system's 255 bytes would leave (or escape) the folder they are
+    meant to name, or fail only when written.
+    """
+    bad = (not isinstance(name, str) or name.strip() != name or name in ("", ".", "..")
+           or any(c in name for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in name)
+           or len(name.encode("utf-8", "surrogatepass")) > 255)
+    if bad:
+        raise UserError(f"{what}: {name!r} must be a single {kind} (not empty, '.' or '..', no '/' or '\\', "
+                        "no control characters or surrounding blanks, at most 255 bytes)")
+
+
+# sample arguments for `artefact_names`: every Layout method's parameters, by name
+_SAMPLES = {"model": ("m",), "part": PARTS, "full": (False, True), "train": (False, True)}
+_NOT_ARTEFACTS = ("rel", "submission")
+
+
+def _paths(value) -> list[Path]:
+    if isinstance(value, dict):
+        value = list(value.values())
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def artefact_names() -> frozenset[str]:
+    """The top-level names glr's own files take in a run folder (the submission file aside).
+
+    Read off `Layout` itself (every property, every method called with sample arguments), so a
+    new artefact is reserved the moment it is named here; `[submission] file` may not take one.
+    """
+    lay = Layout(Path("/run"))
+    names: set[str] = set()
+    for attr, member in vars(Layout).items():
+        if attr.startswith("_") or attr in _NOT_ARTEFACTS or not (isinstance(member, property) or callable(member)):
+            continue
+        if isinstance(member, property):
+            values = [getattr(lay, attr)]
+        else:
+            params = list(inspect.signature(member).parameters)[1:]
+            values = [member(lay, *args) for args in itertools.product(*(_SAMPLES[p] for p in params))]
+        for value in values:
+            names.update(lay.rel(p).split("/")[0] for p in _paths(value))
+    return frozenset(names)
+
+
+def check_submission_file(name: str, what: str = "[submission] file") -> None:
+    """Refuse a submission file name that leaves the run folder or takes the name of another artefact."""
+    check_name(name, what, kind="file name")
+    taken = {n.lower() for n in artefact_names()}
+    if name.lower() in taken:
+        raise UserError(f"{what}: {name!r} is the name of another file glr writes in the run folder "
+                        f"({', '.join(sorted(artefact_names()))}); choose another name, e.g. submission.csv")
 
 
 def layout_of(cfg: dict) -> Layout:

@@ -27,7 +27,7 @@ from submissions.errors import UserError
     ('[[models]]\nbackbone = "vgg16"\nepochs = "x"', r"\[\[models\]\] #1 epochs: expected an integer"),
     ('[ensemble]\nweights = [1, 2]\n[[models]]\nbackbone = "vgg16"', r"2 weight\(s\) for 1 model"),
     ('[run\nname = 1', r"not valid TOML"),
-    ('[run]\nname = ".."', r"\[run\] name: '\.\.' must be a folder name"),
+    ('[run]\nname = ".."', r"\[run\] name: '\.\.' must be a single folder name"),
     ('[train]\nlr = "fast"', r"\[train\] lr: expected a number, got 'fast'"),
     ('[train]\nlr = -1', r"\[train\] lr: must be above 0, got -1"),
     ('[train]\nlr = nan', r"\[train\] lr: expected a finite number"),
@@ -36,7 +36,7 @@ from submissions.errors import UserError
     ('[verify]\nmax_side = "big"', r"\[verify\] max_side: expected an integer"),
     ('[verify]\nchunk_size = 0', r"\[verify\] chunk_size: must be at least 1, got 0"),
     ('[data]\nfiles = [1, 2]', r"\[data\] files: expected strings, got 1"),
-    ('[submission]\nfile = ""', r"\[submission\] file: must be a file name"),
+    ('[submission]\nfile = ""', r"\[submission\] file: '' must be a single file name"),
     ('[ensemble]\nweights = [-1]\n[[models]]\nbackbone = "vgg16"', r"\[ensemble\] weights: must be at least 0"),
     ('[train]\nfinal_fit = "some"', r"\[train\] final_fit: 'some' is not one of all, split"),
     ('[tune]\ntrials = 0', r"\[tune\] trials and timeout are both 0"),
@@ -46,6 +46,41 @@ def test_config_values_are_checked_before_anything_runs(tmp_path, text, message)
     path.write_text(text)
     with pytest.raises(UserError, match=message):
         load_config(path)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "", "a/b", "/abs", "../up", "a\\\\b", " run", "run ", "x\\u0000y",
+                                  "tab\\tname", "x" * 256, "é" * 128])
+def test_run_and_model_names_that_leave_their_folder_are_refused(tmp_path, name):
+    """Issue 15 class 1: `[run] name = ".."` made the config's own folder the run folder."""
+    for text, what in ((f'[run]\nname = "{name}"', r"\[run\] name"),
+                       (f'[[models]]\nbackbone = "vgg16"\nname = "{name}"', r"\[\[models\]\] #1 name")):
+        path = tmp_path / "glr.toml"
+        path.write_text(text)
+        with pytest.raises(UserError, match=what + ": .* must be a single folder name"):
+            load_config(path)
+
+
+def test_submission_file_may_not_leave_the_run_folder_or_take_another_artefacts_name(tmp_path):
+    """Reserved names come from the Layout (every artefact it names), not from a second list."""
+    from pipeline.run.layout import Layout, artefact_names
+
+    reserved = artefact_names()
+    lay = Layout(tmp_path / "run")
+    for own in (lay.manifest, lay.report, lay.upload, lay.data_summary, lay.policy, lay.lock, lay.features,
+                lay.ensemble("test"), lay.inliers("val"), lay.rescored("test"), lay.model_dir("m", True)):
+        assert lay.rel(own).split("/")[0] in reserved
+    path = tmp_path / "glr.toml"
+    for name in sorted(reserved) + ["REPORT.html", "Manifest.JSON"]:
+        path.write_text(f'[submission]\nfile = "{name}"')
+        with pytest.raises(UserError, match=r"\[submission\] file: .* another file glr writes in the run folder"):
+            load_config(path)
+    for name in ("../submission.csv", "/tmp/s.csv", "sub/s.csv", ".", ""):
+        path.write_text(f'[submission]\nfile = "{name}"')
+        with pytest.raises(UserError, match=r"\[submission\] file: .* must be a single file name"):
+            load_config(path)
+    for name in ("submission.csv", "sub-2021.csv", "report.csv"):
+        path.write_text(f'[submission]\nfile = "{name}"')
+        assert load_config(path)["submission"]["file"] == name
 
 
 def test_config_paths_relative_to_file_and_model_overrides(tmp_path):
