@@ -723,8 +723,10 @@ def config_example_cmd() -> None:
 @click.option("--out", default="demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the synthetic competition, the config and the run.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the synthetic competition and the run.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace what an earlier glr demo wrote in OUT for other settings (never other files).")
 @quiet_option
-def demo_cmd(out: str, seed: int) -> None:
+def demo_cmd(out: str, seed: int, overwrite: bool) -> None:
     """Synthetic competition + the whole pipeline on it (about 1–2 min).
 
     A small built-in config (demo/glr.toml) runs every real stage on a synthetic competition.
@@ -740,7 +742,7 @@ def demo_cmd(out: str, seed: int) -> None:
     from pipeline.run.demo import demo
     from pipeline.run.summary import summary_table
 
-    manifest = demo(out, seed=seed, echo=click.echo)
+    manifest = demo(out, seed=seed, overwrite=overwrite, echo=click.echo)
     click.echo(summary_table(manifest))
 
 

@@ -1,6 +1,7 @@
 """`glr demo`: synthetic competition + the whole real pipeline, final table, re-run skips everything."""
 from __future__ import annotations
 
+import json
 import tomllib
 
 import pytest
@@ -9,6 +10,7 @@ from click.testing import CliRunner
 import pipeline.run.demo as demo_module
 from pipeline.cli import cli
 from pipeline.run.config import validate
+from submissions.errors import UserError
 from submissions.format import check_submission
 
 
@@ -45,3 +47,74 @@ def test_demo_end_to_end_then_rerun_skips_everything(tmp_path, monkeypatch):
     assert again.exit_code == 0, again.output
     assert "[run ]" not in again.output and "[skip] report: unchanged" in again.output
     assert "[synth]" not in again.output  # the competition is reused too
+
+
+# -- issue 15 class 1: glr demo deletes or overwrites only what it wrote itself -----------------------
+
+def _snapshot(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _stop_at_run(monkeypatch):
+    """Tiny competition, and a config the run refuses at once: the demo's own file handling, no training."""
+    monkeypatch.setattr(demo_module, "SYNTH", {**demo_module.SYNTH, "landmarks": 2, "per_landmark": 2, "test": 2,
+                                               "size": 32})
+    monkeypatch.setattr(demo_module, "CONFIG", demo_module.CONFIG + "\n[stop_here]\n")
+
+
+@pytest.mark.parametrize("setup", ["foreign_competition", "foreign_config", "edited_config", "competition_is_file"])
+def test_demo_never_touches_files_it_did_not_write(tmp_path, monkeypatch, setup):
+    _stop_at_run(monkeypatch)
+    out = tmp_path / "mine"
+    if setup == "foreign_competition":
+        (out / "competition").mkdir(parents=True)
+        (out / "competition" / "train.csv").write_text("id,landmark_id\nmine,1\n")
+    elif setup == "foreign_config":
+        out.mkdir()
+        (out / "glr.toml").write_text('[run]\nname = "precious"\n')
+    elif setup == "edited_config":  # written by an earlier demo, then edited by its user
+        res = CliRunner().invoke(cli, ["demo", "--out", str(out), "-q"])
+        assert "unknown section [stop_here]" in res.output
+        (out / "glr.toml").write_text((out / "glr.toml").read_text().replace("epochs = 40", "epochs = 41"))
+    else:
+        out.mkdir()
+        (out / "competition").write_text("not a folder")
+    before = _snapshot(out)
+    for args in ([], ["--overwrite"], ["--seed", "5", "--overwrite"]):
+        res = CliRunner().invoke(cli, ["demo", "--out", str(out), "-q", *args])
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        line = res.output.strip()
+        assert line.count("\n") == 0 and "leaves it alone" in line, line
+        assert _snapshot(out) == before
+
+
+def test_demo_replaces_its_own_files_of_other_settings_only_with_overwrite(tmp_path, monkeypatch):
+    _stop_at_run(monkeypatch)
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    first = CliRunner().invoke(cli, ["demo", "--out", str(out), "-q"])
+    assert "unknown section [stop_here]" in first.output  # the demo wrote its files, then the run stopped
+    assert json.loads((out / "competition" / "synth.json").read_text())["seed"] == 0
+    before = _snapshot(out)
+
+    same = CliRunner().invoke(cli, ["demo", "--out", str(out), "-q"])  # same settings: reused as is
+    assert "[synth]" not in same.output and _snapshot(out) == before
+
+    other = CliRunner().invoke(cli, ["demo", "--out", str(out), "-q", "--seed", "3"])
+    assert other.exit_code == 1 and "made with other settings; pass --overwrite" in other.output
+    assert _snapshot(out) == before
+
+    again = CliRunner().invoke(cli, ["demo", "--out", str(out), "-q", "--seed", "3", "--overwrite"])
+    assert "[stop_here]" in again.output
+    assert json.loads((out / "competition" / "synth.json").read_text())["seed"] == 3
+    assert "seed = 3" in (out / "glr.toml").read_text()
+    assert (out / "notes.txt").read_text() == "my notes"
+
+
+def test_demo_out_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "demo"
+    path.write_text("a file")
+    with pytest.raises(UserError, match="exists and is not a folder"):
+        demo_module.demo(path)
+    assert path.read_text() == "a file"
