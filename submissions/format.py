@@ -7,6 +7,17 @@ A submission row is `id,landmarks` where `landmarks` is `"<landmark_id> <confide
     landmark_id  Int64    predicted landmark, <NA> = no prediction
     confidence   float64  its confidence, NaN when there is no prediction
 
+The grammar of a `landmarks` cell, the one parser behind every reader of the format (`glr gap`,
+`glr submit`'s pre-upload check, `glr write-submission`'s check of what it wrote):
+
+    cell        = "" | landmark_id " " confidence          (exactly one ASCII space, nothing around)
+    landmark_id = [0-9]+                                    (ASCII digits, at most 2^63 - 1)
+    confidence  = [0-9]+ ("." [0-9]+)? ([eE] [+-]? [0-9]+)?  (ASCII; its value must be finite)
+
+So no sign (`-1`, `+0.5`, `-0`), no `inf`/`nan`, no `0_5` digit grouping, no non-ASCII digits, no
+`.5` or `5.`, no `1e400` (infinite as a double): what Python's float() would read but Kaggle's
+scorer might not. `write_submission` writes exactly this grammar (shortest round-trip decimals).
+
 `solution.csv` is `id,landmarks,Usage`: `landmarks` holds zero (non-landmark query), one or several
 space-separated landmark ids; `Usage` is Public, Private or Ignored. Without a `Usage` column every
 row counts as both Public and Private (its usage reads "All"). `read_solution` returns `id` (str),
@@ -21,6 +32,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,15 +48,56 @@ USAGES = ("Public", "Private", "Ignored")
 ALL_USAGE = "All"  # a solution without a Usage column: the row counts as Public and Private
 SAMPLE_SUBMISSION = "sample_submission.csv"  # the competition's file naming the test ids
 
-_FLOAT = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
-_CANONICAL_PAIR = rf"^\d{{1,18}} {_FLOAT}$"  # what write_submission writes; the fast path
+# The module docstring's grammar, as regular expressions (RE2 in Arrow, `re` here: [0-9] is ASCII in both)
+CONFIDENCE_GRAMMAR = r"[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
+LANDMARK_ID_GRAMMAR = r"[0-9]+"
+_CONFIDENCE_RE = re.compile(CONFIDENCE_GRAMMAR)
+_LANDMARK_ID_RE = re.compile(LANDMARK_ID_GRAMMAR)
+_CANONICAL_PAIR = rf"^[0-9]{{1,18}} {CONFIDENCE_GRAMMAR}$"  # the vectorised path (18 digits always fit int64)
 _SHOWN = 10  # problems shown in a check_submission error
 _INT64_MAX = 2**63 - 1
 
 
 def _is_landmark_id(token: str) -> bool:
-    """Digits only, fitting int64 (leading zeros allowed) — the same rule as the fast readers'."""
-    return token.isascii() and token.isdigit() and int(token) <= _INT64_MAX
+    """ASCII digits only, fitting int64 (leading zeros allowed) — the same rule as the fast readers'."""
+    return _LANDMARK_ID_RE.fullmatch(token) is not None and int(token) <= _INT64_MAX
+
+
+def parse_confidence(text: str) -> float:
+    """The one reading of a confidence (module docstring's grammar): its value, or ValueError saying
+    what is wrong with it (every reader of a submission file names problems with these words)."""
+    if _CONFIDENCE_RE.fullmatch(text) is None:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is not None and math.isnan(value):
+            raise ValueError(f"confidence {_short(text)} is NaN")
+        if value is not None and math.copysign(1.0, value) < 0:  # -0.0 too
+            raise ValueError(f"confidence {_short(text)} is negative")
+        if value is not None and math.isinf(value):
+            raise ValueError(f"confidence {_short(text)} is infinite")
+        raise ValueError(f"confidence {_short(text)} is not a plain decimal number "
+                         "(ASCII digits, optional .digits and e±digits; no sign)")
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"confidence {_short(text)} is infinite (too large for a double)")
+    return value
+
+
+def parse_landmarks_cell(text: str) -> tuple[int, float] | None:
+    """The one reading of a `landmarks` cell: None (no prediction) or (landmark_id, confidence);
+    ValueError naming the problem otherwise."""
+    if text == "":
+        return None
+    tokens = text.split(" ")
+    if len(tokens) != 2 or not all(tokens):
+        raise ValueError(f"cannot parse landmarks {_short(text)}: expected '<landmark_id> <confidence>' "
+                         "separated by one space, or empty")
+    lid, conf = tokens
+    if not _is_landmark_id(lid):
+        raise ValueError(f"landmark id {_short(lid)} is not a non-negative integer below 2^63")
+    return int(lid), parse_confidence(conf)
 
 
 # ------------------------------------------------------------------------------ CSV reading
@@ -148,25 +201,11 @@ def _short(text: str, limit: int = 40) -> str:
 
 def _diagnose_pair(text: str) -> tuple[int | None, float | None, str | None]:
     """Parse one non-canonical `landmarks` cell slowly: (landmark, confidence, problem)."""
-    tokens = text.split()
-    if not tokens:
-        return None, None, None
-    if len(tokens) != 2:
-        return None, None, f"cannot parse landmarks {_short(text)}: expected '<landmark_id> <confidence>' or empty"
-    lid, conf = tokens
-    if not _is_landmark_id(lid):
-        return None, None, f"landmark id {_short(lid)} is not a non-negative integer"
     try:
-        value = float(conf)
-    except ValueError:
-        return None, None, f"confidence {_short(conf)} is not a number"
-    if math.isnan(value):
-        return None, None, f"confidence {_short(conf)} is NaN"
-    if math.isinf(value):
-        return None, None, f"confidence {_short(conf)} is infinite"
-    if value < 0:
-        return None, None, f"confidence {_short(conf)} is negative"
-    return int(lid), value, None
+        pair = parse_landmarks_cell(text)
+    except ValueError as e:
+        return None, None, str(e)
+    return (None, None, None) if pair is None else (pair[0], pair[1], None)
 
 
 def _parse_pairs(cells, lines: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, str]]]:
@@ -186,16 +225,13 @@ def _parse_pairs(cells, lines: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
         lid[rows] = pc.cast(pc.list_element(parts, 0), pa.int64()).to_numpy()
         conf[rows] = pc.cast(pc.list_element(parts, 1), pa.float64()).to_numpy()
         has[rows] = True
-        negative = rows[conf[rows] < 0]
-        for r in negative:
-            problems.append((int(lines[r]), f"confidence {float(conf[r])!r} is negative"))
-        has[negative] = False
-        conf[negative] = np.nan
+        fast[rows[~np.isfinite(conf[rows])]] = False  # 1e400: the scalar parser names it below
     slow = np.flatnonzero(~fast)  # empty cells (no prediction) and anything unusual
     if len(slow):
         texts = cells.take(pa.array(slow)).to_pylist()
         for r, text in zip(slow.tolist(), texts):
             value_lid, value_conf, problem = _diagnose_pair(text)
+            has[r], conf[r] = False, np.nan
             if problem:
                 problems.append((int(lines[r]), problem))
             elif value_lid is not None:
@@ -322,6 +358,7 @@ def _fast_submission(path: Path) -> pd.DataFrame | None:
     parses the numbers itself; anything unusual (quotes, extra spaces, a bad value, a duplicate
     or empty id) returns None and the file is read again by the path that names each problem."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.csv as pcsv
 
     raw = path.read_bytes()
@@ -347,7 +384,7 @@ def _fast_submission(path: Path) -> pd.DataFrame | None:
             read_options=pcsv.ReadOptions(column_names=["id", "landmark_id", "confidence"]),
             parse_options=pcsv.ParseOptions(invalid_row_handler=handler),
             convert_options=pcsv.ConvertOptions(
-                column_types={"id": pa.string(), "landmark_id": pa.int64(), "confidence": pa.float64()},
+                column_types={"id": pa.string(), "landmark_id": pa.int64(), "confidence": pa.string()},
                 strings_can_be_null=False,
                 null_values=[""],  # only an empty cell is "no value" ("NA", "null" are errors)
             ),
@@ -356,9 +393,13 @@ def _fast_submission(path: Path) -> pd.DataFrame | None:
         return None
     if bad:
         return None
+    text = _array(table.column("confidence"))  # the confidences as written: held to the one grammar
+    if not pc.all(pc.match_substring_regex(text, f"^(?:{CONFIDENCE_GRAMMAR})?$")).as_py():
+        return None
     ids = _array(table.column("id"))
     lid = table.column("landmark_id").to_numpy().astype(np.float64)  # NaN where empty
-    conf = table.column("confidence").to_numpy()
+    conf = pc.cast(pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text), pa.float64()).to_numpy(
+        zero_copy_only=False)
     has = ~np.isnan(lid)
     if (
         (has != ~np.isnan(conf)).any()
@@ -460,12 +501,16 @@ def canonical_submission(df: pd.DataFrame, source: str = "submission") -> pd.Dat
         }
     )
     has = out["landmark_id"].notna().to_numpy()
+    negative = has & (out["landmark_id"].to_numpy(dtype=np.float64, na_value=0) < 0)
+    if negative.any():
+        r = int(np.flatnonzero(negative)[0])
+        raise UserError(f"{source}: row {r}: id {out['id'][r]!r} has landmark_id {out['landmark_id'][r]} (must be >= 0)")
     conf = out["confidence"].to_numpy()
     bad = has & ~(np.isfinite(conf) & (conf >= 0))
     if bad.any():
         r = int(np.flatnonzero(bad)[0])
         raise UserError(f"{source}: row {r}: id {out['id'][r]!r} has confidence {conf[r]!r} (must be finite and >= 0)")
-    out.loc[~has, "confidence"] = np.nan
+    out["confidence"] = np.where(has, conf + 0.0, np.nan)  # + 0.0: -0.0 is written "0", not "-0"
     return out
 
 

@@ -1,6 +1,8 @@
 """The id,landmarks file: round trip, validation with exact line numbers, solution.csv."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -81,12 +83,61 @@ def test_write_is_atomic_and_needs_canonical_columns(tmp_path):
     assert target.read_text() == "id,landmarks\na,3 0.25\nb,\n"
 
 
-def test_reads_crlf_bom_quotes_and_loose_whitespace(tmp_path):
-    path = write(tmp_path, '\ufeffid,landmarks\r\n"a","1 0.5"\r\nb,  2\t0.25 \r\nc,\r\nd, \r\n')
+def test_reads_crlf_bom_and_quotes(tmp_path):
+    path = write(tmp_path, '\ufeffid,landmarks\r\n"a","1 0.5"\r\nb,2 0.25\r\nc,\r\nd,""\r\n')
     df = read_submission(path)
     assert df["id"].tolist() == ["a", "b", "c", "d"]
     assert df["landmark_id"].tolist()[:2] == [1, 2] and df["landmark_id"][2:].isna().all()
     assert df["confidence"].tolist()[:2] == [0.5, 0.25]
+
+
+# ------------------------------------------------------------------------------ the one grammar
+
+# (cell, what every reader makes of it: (landmark, confidence), None = no prediction, or the problem)
+GRAMMAR = [
+    ("1 0.5", (1, 0.5)), ("7 1e-5", (7, 1e-5)), ("7 1E+5", (7, 1e5)), ("8 3", (8, 3.0)), ("005 0.5", (5, 0.5)),
+    ("9223372036854775807 1", (2**63 - 1, 1.0)), ("5 1e-400", (5, 0.0)), ("", None),
+    ("5 1e400", "infinite"), ("5 0_5", "not a plain decimal"), ("5 ٠.٥", "not a plain decimal"),
+    ("5 .5", "not a plain decimal"), ("5 5.", "not a plain decimal"), ("5 +0.5", "not a plain decimal"),
+    ("5 -0.0", "negative"), ("5 -1", "negative"), ("5 nan", "NaN"), ("5 inf", "infinite"),
+    ("5 Infinity", "infinite"), ("5 0x10", "not a plain decimal"), ("5 1e5.5", "not a plain decimal"),
+    ("5 0.5 ", "one space"), (" 5 0.5", "one space"), ("5  0.5", "one space"), ("5\t0.5", "one space"),
+    (" ", "one space"), ("+5 0.5", "not a non-negative integer"), ("-0 0.5", "not a non-negative integer"),
+    ("1_0 0.5", "not a non-negative integer"), ("١ 0.5", "not a non-negative integer"),
+    ("9223372036854775808 1", "below 2^63"), ("1.0 0.5", "not a non-negative integer"),
+]
+
+
+@pytest.mark.parametrize("cell, expected", GRAMMAR)
+def test_one_grammar_for_every_reader(tmp_path, cell, expected):
+    """read_submission (glr gap), validate_submission (glr submit, glr write-submission) and the
+    scalar parser agree on every cell: the same value, or the same one-line problem."""
+    from submissions.format import parse_landmarks_cell
+
+    path = write(tmp_path, f"id,landmarks\nq,{cell}\nr,2 0.25\n")
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            parse_landmarks_cell(cell)
+        problems = validate_submission(path)
+        assert len(problems) == 1 and problems[0].startswith("line 2: ") and expected in problems[0]
+        with pytest.raises(UserError, match=f"1 problem: line 2: .*{re.escape(expected)}"):
+            read_submission(path)
+        return
+    assert parse_landmarks_cell(cell) == expected
+    assert validate_submission(path) == []
+    df = read_submission(path)
+    got = None if pd.isna(df["landmark_id"][0]) else (int(df["landmark_id"][0]), float(df["confidence"][0]))
+    assert got == expected
+
+
+def test_what_write_submission_writes_is_in_the_grammar(tmp_path):
+    confs = [0.0, -0.0, 1e-7, 5e-324, 0.1, 1.0, 100.0, 1e16, 1e21, 1.2345678901234568e20, 1 / 3, 2.0**-1074]
+    df = canonical([f"q{i}" for i in range(len(confs))], list(range(len(confs))), confs)
+    path = write_submission(df, tmp_path / "s.csv")
+    assert validate_submission(path) == []
+    assert "-0" not in path.read_text()
+    back = read_submission(path)
+    assert back["confidence"].tolist() == [c + 0.0 for c in confs]
 
 
 # ------------------------------------------------------------------------------ validation
@@ -107,22 +158,23 @@ BAD = (
     "l,x 0.1\n"  # 13 non-integer landmark
     "m,1 zero\n"  # 14 confidence not a number
     "n,\n"  # 15 fine: no prediction
-    "o,  8   0.25 \n"  # 16 fine: loose whitespace
+    "o,  8   0.25 \n"  # 16 loose whitespace
 )
 
 EXPECTED = [
     "line 3: expected 2 fields (id,landmarks), found 3",
     "line 4: empty id",
     "line 5: expected 2 fields (id,landmarks), found 1",
-    "line 6: landmark id '1.5' is not a non-negative integer",
+    "line 6: landmark id '1.5' is not a non-negative integer below 2^63",
     "line 7: confidence 'nan' is NaN",
-    "line 8: confidence -1.0 is negative",
+    "line 8: confidence '-1' is negative",
     "line 9: confidence 'inf' is infinite",
-    "line 10: cannot parse landmarks 'abc': expected '<landmark_id> <confidence>' or empty",
-    "line 11: cannot parse landmarks '1 2 3': expected '<landmark_id> <confidence>' or empty",
+    "line 10: cannot parse landmarks 'abc': expected '<landmark_id> <confidence>' separated by one space, or empty",
+    "line 11: cannot parse landmarks '1 2 3': expected '<landmark_id> <confidence>' separated by one space, or empty",
     "line 12: duplicate id 'a' (first on line 2)",
-    "line 13: landmark id 'x' is not a non-negative integer",
-    "line 14: confidence 'zero' is not a number",
+    "line 13: landmark id 'x' is not a non-negative integer below 2^63",
+    "line 14: confidence 'zero' is not a plain decimal number (ASCII digits, optional .digits and e±digits; no sign)",
+    "line 16: cannot parse landmarks '  8   0.25 ': expected '<landmark_id> <confidence>' separated by one space, or empty",
 ]
 
 
@@ -156,9 +208,9 @@ def test_check_and_read_summarise_in_one_line(tmp_path):
     with pytest.raises(UserError) as e:
         check_submission(path)
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"{path}: 12 problems: line 3: expected 2 fields")
-    assert "line 12: duplicate id 'a'" in msg and "… and 2 more" in msg and "line 14" not in msg
-    with pytest.raises(UserError, match=r"12 problems: line 3"):
+    assert "\n" not in msg and msg.startswith(f"{path}: 13 problems: line 3: expected 2 fields")
+    assert "line 12: duplicate id 'a'" in msg and "… and 3 more" in msg and "line 14" not in msg
+    with pytest.raises(UserError, match=r"13 problems: line 3"):
         read_submission(path)
     for text, error in [("", "empty"), ("id,landmarks\n" + "x,1 0.5\n" * 3, "line 3: duplicate id 'x'")]:
         with pytest.raises(UserError, match=error):
@@ -274,7 +326,8 @@ def test_write_submission_file_refuses_and_keeps_the_previous_file(tmp_path):
 CELLS = ["1 0.5", "2 0.25", "", "7 1e-5", "8 3", "+5 0.5", "-0 0.5", "5 +0.5", "5 -0.0", "5 nan", "5 inf",
          "5  0.5", " 5 0.5", "5 0.5 ", "5\t0.5", "1.0 0.5", "5 .5", "5 5.", "005 0.5", "x", "5 1e400", "99999999999999999999 1",
          "NA NA", "null 0.5", "5 NA", "NaN NaN", "N/A", "0000000000000000000005 0.5", "9223372036854775807 1",
-         "9223372036854775808 1", "١ 0.5"]
+         "9223372036854775808 1", "١ 0.5", "5 0_5", "5 ٠.٥", "5 1E5", "5 1e+5", "5 Infinity", "5 1e5.5", " ",
+         "5 1e-400", "5 0x1p3"]
 
 
 @settings(max_examples=300, derandomize=True, deadline=None)
