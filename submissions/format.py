@@ -126,7 +126,19 @@ def _read_header(path: Path) -> list[str]:
         raise UserError(f"{path}: not a UTF-8 text file") from None
     if not first.strip():
         raise UserError(f"{path}: file is empty (expected a header line)")
-    return [c.strip().strip('"') for c in first.rstrip("\r\n").split(",")]
+    header = [c.strip().strip('"') for c in first.rstrip("\r\n").split(",")]
+    twice = sorted({c for c in header if header.count(c) > 1})
+    if twice:
+        raise UserError(f"{path}: line 1: column {', '.join(map(repr, twice))} appears more than once "
+                        f"(header is {first.strip()!r}); keep one column of each name")
+    return header
+
+
+def _header_only(path: Path) -> bool:
+    """True when nothing follows the header line (with or without its newline)."""
+    with open(path, "rb") as f:
+        f.readline()
+        return not f.read(1)
 
 
 def _read_csv(path: str | os.PathLike, header: list[str]) -> _Csv:
@@ -135,6 +147,9 @@ def _read_csv(path: str | os.PathLike, header: list[str]) -> _Csv:
     import pyarrow.csv as pcsv
 
     path = Path(path)
+    if _header_only(path):  # Arrow refuses a header without rows (and without its newline)
+        empty = {c: pa.chunked_array([], pa.string()) for c in header}
+        return _Csv(path, header, empty, np.zeros(0, dtype=np.int64), [])
 
     def read(use_threads: bool, bad: list) -> "pa.Table":
         def handler(row) -> str:
@@ -176,11 +191,17 @@ def _read_csv(path: str | os.PathLike, header: list[str]) -> _Csv:
 
 
 def _read_id_csv(path: Path) -> _Csv:
-    """A CSV that must have an `id` column (a sample submission), read as strings."""
+    """A CSV that must have an `id` column (a sample submission), read as strings; its contract:
+    every row has every field, ids are non-empty and unique (else one UserError naming the lines)."""
     header = _read_header(path)
     if "id" not in header:
         raise UserError(f"{path}: line 1: no 'id' column (header is {','.join(header)!r})")
-    return _read_csv(path, header)
+    csv = _read_csv(path, header)
+    ids = csv.columns["id"]
+    problems = csv.problems + _empty_ids(ids, csv.lines) + _duplicates(ids, csv.lines)
+    if problems:
+        raise UserError(_summary(path, _format_problems(problems)))
+    return csv
 
 
 def _array(values):
@@ -582,10 +603,7 @@ def align_submission(submission: pd.DataFrame, ids) -> pd.DataFrame:
 
 def read_sample_ids(path: str | os.PathLike) -> pd.Series:
     """The ids of a sample submission (or any CSV with an `id` column), in file order."""
-    path = Path(path)
-    csv = _read_id_csv(path)
-    if csv.problems:
-        raise UserError(_summary(path, _format_problems(csv.problems)))
+    csv = _read_id_csv(Path(path))
     return pd.Series(csv.columns["id"].to_pandas(), dtype="str", name="id")
 
 

@@ -314,13 +314,34 @@ def test_write_submission_file_refuses_and_keeps_the_previous_file(tmp_path):
         write_submission_file(preds, tmp_path / "nowhere", out)
     with pytest.raises(UserError, match="none of its 2 ids is in"):
         write_submission_file(preds, write(tmp_path, "id,landmarks\na,\nb,\n", "other.csv"), out)
-    # a sample that repeats an id: the written file fails the check, so it never replaces `out`
-    dup = write(tmp_path, "id,landmarks\nq1,\nq2,\nq1,\n", "dup.csv")
-    with pytest.raises(UserError, match=r"sub\.csv: .*duplicate id 'q1'.*not written") as e:
-        write_submission_file(preds, dup, out)
-    assert ".sub.csv." not in str(e.value)  # the message names the target, not the temporary file
+    # a sample that breaks its contract (a repeated or empty id, a short row, a repeated column) is
+    # refused before anything is written, naming the sample's line
+    for name, text, error in [
+        ("dup.csv", "id,landmarks\nq1,\nq2,\nq1,\n", r"dup\.csv: 1 problem: line 4: duplicate id 'q1' \(first on line 2\)"),
+        ("empty.csv", "id,landmarks\nq1,\n,\nq2,\n", r"empty\.csv: 1 problem: line 3: empty id"),
+        ("short.csv", "id,landmarks\nq1,\nq2\n", r"short\.csv: 1 problem: line 3: expected 2 fields"),
+        ("cols.csv", "id,id\nq1,q1\n", r"cols\.csv: line 1: column 'id' appears more than once"),
+    ]:
+        with pytest.raises(UserError, match=error) as e:
+            write_submission_file(preds, write(tmp_path, text, name), out)
+        assert ".sub.csv." not in str(e.value) and "\n" not in str(e.value)
     assert out.read_text() == "id,landmarks\nq1,5 0.5\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dup.csv", "other.csv", "sub.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cols.csv", "dup.csv", "empty.csv", "other.csv",
+                                                         "short.csv", "sub.csv"]
+
+
+def test_header_only_files_and_repeated_columns(tmp_path):
+    """A header without rows (with or without its newline) is an empty file of that kind, in every reader;
+    a repeated column name is one line naming it, not a traceback."""
+    for end in ("", "\n", "\r\n"):
+        assert read_submission(write(tmp_path, "id,landmarks" + end)).empty
+        assert validate_submission(write(tmp_path, "id,landmarks" + end)) == []
+        assert read_sample_ids(write(tmp_path, "id,landmarks" + end, "sample.csv")).empty
+        assert read_solution(write(tmp_path, "id,landmarks,Usage" + end, "sol.csv")).empty
+    for reader, header in [(read_submission, "id,landmarks,landmarks"), (read_sample_ids, "id,landmarks,id"),
+                           (read_solution, "id,landmarks,Usage,landmarks")]:
+        with pytest.raises(UserError, match=r"line 1: column '(id|landmarks)' appears more than once"):
+            reader(write(tmp_path, header + "\na,1,1,1\n", "dup.csv"))
 
 
 CELLS = ["1 0.5", "2 0.25", "", "7 1e-5", "8 3", "+5 0.5", "-0 0.5", "5 +0.5", "5 -0.0", "5 nan", "5 inf",
