@@ -4,14 +4,19 @@ A model takes RGB images as float 0–255 (H×W×3) and returns class probabilit
 whatever the mixed-precision policy). Its layers, in order:
 
     input → `BackbonePreprocess` (ImageNet "caffe" preprocessing, inside the model so a saved
-    model needs no outside code) → the base (a nested `keras.Model`, called with training=False
-    so BatchNorm stays in inference mode even when fine-tuned) → the head:
+    model needs no outside code) → the base (a nested `keras.Model`) → the head:
 
     vgg16:    Flatten → Dense(256, relu) → Dense(256, relu) "embedding" → Dense(n, softmax)
     vgg19:    Flatten → Dense(1024, relu) → Dense(1024, relu) "embedding" → Dense(n, softmax)
     resnet50: GlobalAveragePooling "embedding" → Dropout(0.5) → Dense(n, softmax)
 
 The layer named "embedding" is the penultimate global descriptor `glr predict --embeddings` saves.
+
+BatchNorm (ResNet50's base) never learns here, in either phase: its layers keep
+`trainable = False` (`unfreeze_top` skips them), and a Keras 3 BatchNormalization that is not
+trainable runs in inference mode — moving mean/variance, gamma and beta all unchanged. The
+`training=False` written when the base is called inside the model does *not* protect it: Keras 3
+functional models pass the outer call's `training=True` (from `fit`) down to every layer.
 The head is also built on its own (`build_head`) over cached base features: the bottleneck phase
 trains it there and copies its weights into the full model by layer name.
 
@@ -144,11 +149,23 @@ def set_precision(precision: str) -> str:
     return resolved
 
 
-def get_strategy():
-    """MultiWorkerMirrored with TF_CONFIG, Mirrored with >1 GPU, else the default strategy."""
-    tf = quiet_tf()
+MULTI_WORKER_ISSUE = "https://github.com/keras-team/keras/issues/20585"
+
+
+def check_single_machine() -> None:
+    """Refuse TF_CONFIG (training on several machines): Keras 3 `fit` fails under
+    MultiWorkerMirroredStrategy (keras-team/keras#20585), and workers sharing --out would delete
+    each other's files."""
     if os.environ.get("TF_CONFIG"):
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        raise UserError("TF_CONFIG is set: training on several machines (MultiWorkerMirroredStrategy) does not work "
+                        f"with Keras 3's fit ({MULTI_WORKER_ISSUE}); unset TF_CONFIG and train on one machine — "
+                        "several GPUs in it are used automatically (MirroredStrategy)")
+
+
+def get_strategy():
+    """Mirrored with >1 GPU, else the default strategy; TF_CONFIG is refused (`check_single_machine`)."""
+    check_single_machine()
+    tf = quiet_tf()
     if len(gpus()) > 1:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
@@ -272,8 +289,9 @@ def copy_head(src, dst) -> None:
 
 
 def unfreeze_top(model, n_layers: int) -> int:
-    """Make the top `n_layers` weighted layers of the base trainable (BatchNorm stays frozen);
-    return how many layers were unfrozen."""
+    """Make the top `n_layers` weighted layers of the base trainable; BatchNorm layers among them
+    stay `trainable = False`, which keeps them in inference mode (see the module docstring).
+    Return how many layers were unfrozen."""
     import keras
 
     base = find_base(model)

@@ -1,11 +1,15 @@
-"""The training input pipeline: train.csv + image paths → decoded image cache → tf.data.
+"""The training input pipeline: train.csv + image paths → shared decoded-image cache → tf.data.
 
 Images are decoded once (Pillow via `pipeline.images.open_rgb`, so palette/CMYK/16-bit/EXIF
-photos all work), resized to a square and written into a uint8 N×S×S×3 `.npy` cache in the run
-directory. Decoding validates every image: a corrupt or missing file gives a warning naming its
-id and is left out (and counted in the run manifest) — training never meets it mid-epoch.
-Epochs then read the cache (memory-mapped) through `tf.data`: shuffle, batch, the study's
-augmentation as Keras preprocessing layers / tf ops, prefetch.
+photos all work), resized to a square and appended as uint8 S×S×3 rows to the competition's
+decoded-image store (`pipeline.caches.RowStore` under `<cache root>/images/<S>px/`), shared by
+every model, both fits of a run (the local-validation folder's images are links to the same
+files) and later runs. Decoding validates every image: a corrupt or missing file gives a warning
+naming its id and is left out (and counted in the run manifest) — training never meets it
+mid-epoch. Epochs then read the store (memory-mapped) through `tf.data`: shuffle, batch, the
+study's augmentation as Keras preprocessing layers / tf ops, prefetch. With a frozen base the
+base's features (the bottleneck) are stored the same way, float16, keyed by the base's weights,
+the size and the precision as well as the image (`bottleneck_features`).
 """
 from __future__ import annotations
 
@@ -18,7 +22,6 @@ import numpy as np
 import pandas as pd
 
 from submissions.errors import UserError
-from submissions.files import atomic_path
 
 _WARN_LIMIT = 20  # corrupt images named one by one; the rest are counted
 
@@ -108,41 +111,58 @@ def iter_decoded(paths: list[Path], size: int, workers: int | None = None):
                 yield start + j, arr, reason
 
 
-def decode_cache(ids: list[str], paths: list[Path], size: int, cache: str | os.PathLike, *,
-                 desc: str = "decode") -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """Decode images once into `cache` (.npy, uint8 N×S×S×3) and `cache`.ok.npy (bool mask).
+IMAGES_FORMAT = 1  # bump when load_square's output changes: old decoded rows are then never read
 
-    Returns (memory-mapped images, ok mask, skipped [{id, path, reason}]). An existing complete
-    cache with the same count and size is reused; the cache is written atomically.
+
+def image_store(root: str | os.PathLike, size: int):
+    """The shared decoded-image store of one size under the cache root."""
+    from pipeline.caches import RowStore, kind_dir
+
+    return RowStore(kind_dir(root, "images") / f"{int(size)}px", kind="images",
+                    key={"size": int(size), "decoder": IMAGES_FORMAT}, dtype="uint8", row_shape=(size, size, 3))
+
+
+def decode_images(ids: list[str], paths: list[Path], size: int, root: str | os.PathLike, *,
+                  desc: str = "decode") -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict], dict]:
+    """Each image as a row of the shared decoded-image store under `root`, decoding only the ones
+    it lacks (appended; the count and bytes are printed first, and refused if the disk is short).
+
+    Returns (store rows memory-mapped read-only, row of each image or -1 when it is skipped, the
+    images' file keys, skipped [{id, path, reason}], stats {store, decoded, cached, failed}).
     """
+    from pipeline.caches import announce, file_keys
     from pipeline.progress import progress
 
-    cache = Path(cache)
-    ok_path = cache.with_name(cache.stem + ".ok.npy")
-    n = len(ids)
-    if cache.exists() and ok_path.exists():
-        images = np.load(cache, mmap_mode="r")
-        ok = np.load(ok_path)
-        if images.shape == (n, size, size, 3) and len(ok) == n:
-            skipped = [{"id": ids[i], "path": str(paths[i]), "reason": "cannot decode (cached)"}
-                       for i in np.flatnonzero(~ok)]
-            return images, ok, skipped
-    ok = np.zeros(n, dtype=bool)
-    skipped: list[dict] = []
-    with atomic_path(cache, suffix=".npy") as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-        for i, arr, reason in progress(iter_decoded(paths, size), total=n, desc=desc):
-            if arr is None:
-                skipped.append({"id": ids[i], "path": str(paths[i]), "reason": reason})
-            else:
-                out[i] = arr
-                ok[i] = True
-        out.flush()
-        del out
-    with atomic_path(ok_path, suffix=".npy") as tmp:
-        np.save(tmp, ok)
+    store = image_store(root, size)
+    keys = file_keys(paths)
+    present = keys != b""
+    rows, reasons = store.lookup(keys)
+    todo = np.flatnonzero(present & (rows < 0) & np.array([r is None for r in reasons], bool))
+    uniq, first = np.unique(keys[todo], return_index=True)
+    todo = todo[first]  # one decode per file, however many rows name it
+    decoded = 0
+    if len(todo):
+        with store.appending() as app:
+            have, failed = app.lookup(keys[todo])  # another process may have added some meanwhile
+            todo = todo[(have < 0) & (failed < 0)]
+            announce(store.folder, "decoded-image", len(todo), app.idx.n_rows, store.row_bytes)
+            sub = [paths[i] for i in todo]
+            for j, arr, reason in progress(iter_decoded(sub, size), total=len(sub), desc=desc):
+                if arr is None:
+                    app.add_failed(keys[todo[j]], reason)
+                else:
+                    app.add(keys[todo[j]], arr)
+            decoded = app.added
+        rows, reasons = store.lookup(keys)
+    store.touch()
+    skipped = []
+    for i in np.flatnonzero(rows < 0):
+        reason = "file missing" if not present[i] else (reasons[i] or "cannot decode")
+        skipped.append({"id": ids[i], "path": str(paths[i]), "reason": reason})
     warn_skipped(skipped)
-    return np.load(cache, mmap_mode="r"), ok, skipped
+    stats = {"store": str(store.folder), "decoded": int(decoded), "cached": int((rows >= 0).sum()) - int(decoded),
+             "skipped": len(skipped), "row_bytes": store.row_bytes}
+    return store.array(), rows, keys, skipped, stats
 
 
 def augmenter(seed: int = 0, flip: bool = False, rotation: float = 30.0, shift: float = 0.2,
@@ -175,39 +195,42 @@ def augmenter(seed: int = 0, flip: bool = False, rotation: float = 30.0, shift: 
     return apply
 
 
-def image_dataset(images: np.ndarray, labels: np.ndarray | None, index: np.ndarray, *, batch_size: int,
+def image_dataset(array: np.ndarray, labels: np.ndarray | None, index: np.ndarray, *, batch_size: int,
                   shuffle: bool = False, augment=None, seed: int = 0, repeat: bool = False):
-    """tf.data over rows `index` of a (memory-mapped) array — the image cache or cached features:
-    shuffle → batch → gather → augment → prefetch. Yields float32 batches (and int32 labels)."""
+    """tf.data over rows `index` of a (memory-mapped) array — a cache store's rows: shuffle → batch
+    → gather → augment → prefetch. `labels[j]` is the label of row `index[j]`. Yields float32
+    batches (and int32 labels)."""
     from pipeline.model.backbones import quiet_tf
 
     tf = quiet_tf()
     index = np.asarray(index, dtype=np.int64)
-    ds = tf.data.Dataset.from_tensor_slices(index)
+    ds = tf.data.Dataset.from_tensor_slices(np.arange(len(index), dtype=np.int64))
     if shuffle:
         ds = ds.shuffle(len(index), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
     ds = ds.batch(batch_size)
-    shape = tuple(images.shape[1:])
+    shape = tuple(array.shape[1:])
     lab = None if labels is None else np.asarray(labels, dtype=np.int32)
+    if lab is not None and len(lab) != len(index):
+        raise ValueError(f"{len(lab)} labels for {len(index)} rows")
 
-    def gather(idx):
-        idx = np.asarray(idx)
-        order = np.argsort(idx)  # sorted reads from the memory map, then back to batch order
-        x = np.empty((len(idx), *shape), dtype=np.float32)
-        x[order] = images[idx[order]]
-        return (x, lab[idx]) if lab is not None else x
+    def gather(pos):
+        rows = index[np.asarray(pos)]
+        order = np.argsort(rows)  # sorted reads from the memory map, then back to batch order
+        x = np.empty((len(rows), *shape), dtype=np.float32)
+        x[order] = array[rows[order]]
+        return (x, lab[pos]) if lab is not None else x
 
     if lab is not None:
-        def load(idx):
-            x, y = tf.numpy_function(gather, [idx], [tf.float32, tf.int32])
+        def load(pos):
+            x, y = tf.numpy_function(gather, [pos], [tf.float32, tf.int32])
             x.set_shape((None, *shape))
             y.set_shape((None,))
             return x, y
     else:
-        def load(idx):
-            x = tf.numpy_function(gather, [idx], tf.float32)
+        def load(pos):
+            x = tf.numpy_function(gather, [pos], tf.float32)
             x.set_shape((None, *shape))
             return x
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
@@ -245,51 +268,61 @@ def path_dataset(paths: list[Path], size: int, *, batch_size: int):
         .prefetch(tf.data.AUTOTUNE)
 
 
-def extract_features(extractor, images: np.ndarray, index: np.ndarray, path: str | os.PathLike, *,
-                     batch_size: int = 64, desc: str = "features") -> tuple[np.ndarray, int]:
-    """Base features of rows `index` of the image cache into `path` (.npy, float32, memory-mapped),
-    written batch by batch; a `.progress.json` beside it makes an interrupted extraction resume
-    where it stopped. Returns (features memory-mapped read-only, rows computed in this call)."""
-    import json
+def weights_digest(model) -> str:
+    """A short hash of a model's weight values: the identity of a base whatever its origin
+    (ImageNet download, a file, or a seeded random start)."""
+    import hashlib
 
+    h = hashlib.blake2b(digest_size=16)
+    for w in model.weights:
+        a = np.ascontiguousarray(np.asarray(w))
+        h.update(f"{w.path}:{a.dtype}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def bottleneck_store(root: str | os.PathLike, *, backbone: str, base_digest: str, image_size: int,
+                     precision: str, feature_shape: tuple[int, ...]):
+    """The shared store of frozen-base features (float16) for one base, size and precision."""
+    from pipeline.caches import RowStore, kind_dir
+
+    key = {"backbone": backbone, "base_weights": base_digest, "image_size": int(image_size),
+           "precision": precision, "decoder": IMAGES_FORMAT}
+    name = f"{backbone}-{int(image_size)}px-{precision}-{base_digest[:12]}"
+    return RowStore(kind_dir(root, "bottleneck") / name, kind="bottleneck", key=key, dtype="float16",
+                    row_shape=tuple(feature_shape))
+
+
+def bottleneck_features(extractor, store, images: np.ndarray, image_rows: np.ndarray, keys: np.ndarray, *,
+                        batch_size: int = 64, desc: str = "features") -> tuple[np.ndarray, np.ndarray, int]:
+    """Base features of the images at `image_rows` of the decoded-image store, looked up in (or
+    computed into) the bottleneck `store` by the images' file `keys`. Returns (the store's rows
+    memory-mapped, each image's feature row, rows computed in this call). Features are stored
+    float16 (clipped to its range); an interrupted extraction keeps what was committed."""
+    from pipeline.caches import announce
     from pipeline.model.backbones import quiet_tf
     from pipeline.progress import progress
-    from submissions.files import atomic_write_text
 
     tf = quiet_tf()
-    path = Path(path)
-    marker = path.with_name(path.stem + ".progress.json")
-    shape = (len(index), *(int(d) for d in extractor.output.shape[1:]))
-    if len(index) == 0:
-        return np.zeros(shape, np.float32), 0
-    done = 0
-    if path.exists() and marker.exists():
-        arr = np.load(path, mmap_mode="r+")
-        done = int(json.loads(marker.read_text()).get("rows", 0)) if arr.shape == shape else 0
-        if arr.shape != shape:
-            arr = None
-    elif path.exists() and np.load(path, mmap_mode="r").shape == shape:
-        return np.load(path, mmap_mode="r"), 0  # complete (no marker left)
-    else:
-        arr = None
-    if arr is None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(marker, json.dumps({"rows": 0}))  # first: a file without a marker is complete
-        arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
-    start = done
-    if done < len(index):
-        infer = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
-        ds = image_dataset(images, None, np.asarray(index)[done:], batch_size=batch_size)
-        last = done
-        for x in progress(ds, total=-(-(len(index) - done) // batch_size), desc=desc):
-            y = np.asarray(infer(x), dtype=np.float32)
-            arr[done:done + len(y)] = y
-            done += len(y)
-            if done - last >= 2048 or done == len(index):
-                arr.flush()
-                atomic_write_text(marker, json.dumps({"rows": done}))
-                last = done
-    arr.flush()
-    del arr
-    marker.unlink(missing_ok=True)
-    return np.load(path, mmap_mode="r"), done - start
+    image_rows, keys = np.asarray(image_rows, np.int64), np.asarray(keys)
+    rows, _ = store.lookup(keys)
+    computed = 0
+    if (rows < 0).any():
+        with store.appending() as app:
+            have, _ = app.lookup(keys)
+            _, first = np.unique(keys[have < 0], return_index=True)
+            todo = np.flatnonzero(have < 0)[first]
+            announce(store.folder, "bottleneck", len(todo), app.idx.n_rows, store.row_bytes)
+            infer = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
+            ds = image_dataset(images, None, image_rows[todo], batch_size=batch_size)
+            limit = float(np.finfo(np.float16).max)
+            done = 0
+            for x in progress(ds, total=-(-len(todo) // batch_size), desc=desc):
+                y = np.clip(np.asarray(infer(x), dtype=np.float32), -limit, limit)
+                for j in range(len(y)):
+                    app.add(keys[todo[done + j]], y[j])
+                done += len(y)
+            computed = app.added
+        rows, _ = store.lookup(keys)
+    store.touch()
+    return store.array(), rows, computed

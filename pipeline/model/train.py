@@ -1,9 +1,18 @@
 """`glr train`: transfer learning from an ImageNet backbone, in two phases, resumable.
 
-Phase "head": the base is frozen; by default its features (the bottleneck) are computed once,
-cached as .npy in the run directory, and the head is trained on them — head epochs then cost
-almost nothing. Phase "fine_tune": the top N weighted layers of the base are unfrozen and the
-whole model is trained on augmented images at a lower learning rate.
+Phase "head": the base is frozen; by default its features (the bottleneck) are computed once
+into the shared bottleneck cache and the head is trained on them, `head_batch_size` (256)
+features per step. A head epoch then skips the base, but it is not free: with few classes it
+takes seconds, with GLDv2's 81,313 classes the head holds ~10⁸ weights (ResNet50: 167M) and each
+step's Adam update over all of them dominates (~1.3 s per step on a CPU), so large head batches
+are several times faster per image than the image batch size (32). Phase "fine_tune": the top N
+weighted layers of the base are unfrozen (BatchNorm layers stay frozen: `trainable = False`, see
+pipeline.model.backbones) and the whole model is trained on augmented images at a lower
+learning rate.
+
+Images are decoded once into the competition's shared cache (`pipeline.caches`, under
+`--cache-dir`, default DATA_DIR/.glr-cache): every model and both fits of `glr run` read the
+same rows, and only images the cache lacks are decoded (their count and size are printed first).
 
 Every epoch writes a checkpoint (model + optimizer state) and `state.json`; `--resume` after an
 interruption (even kill -9) continues from the last finished epoch. Early stopping watches the
@@ -16,7 +25,7 @@ Run directory:
     history.json         per-epoch metrics of both phases
     manifest.json        command, config, versions, data fingerprint, metrics, timings, skipped images
     training_curve.png   accuracy and loss, train vs validation
-    state.json, checkpoints/, cache/   resume state, checkpoints, image and feature caches
+    state.json, checkpoints/             resume state and checkpoints (caches live under the cache root)
 """
 from __future__ import annotations
 
@@ -39,10 +48,11 @@ _T = TRAIN.default  # every option's default is the schema's
 
 # options that may differ on --resume (everything else must match the interrupted run)
 # (data_dir may move: the rows used are fixed by split.csv in the run directory)
-RESUMABLE_CHANGES = {"epochs", "fine_tune_epochs", "patience", "resume", "batch_size", "data_dir", "out"}
+RESUMABLE_CHANGES = {"epochs", "fine_tune_epochs", "patience", "resume", "batch_size", "head_batch_size",
+                     "data_dir", "out", "cache_dir"}
 
 
-OWN_FILES = {"split.csv", "labels.json", "cache", "checkpoints", "state.json"}
+OWN_FILES = {"split.csv", "labels.json", "cache", "checkpoints", "state.json"}  # cache/: runs of older glr
 
 
 def _versions() -> dict:
@@ -204,32 +214,41 @@ def _check_resume(saved: dict, config: dict, out: Path) -> None:
         if saved[key] != value:
             raise UserError(f"{out}: --resume with {key.replace('_', '-')}={value!r}, but the interrupted run "
                             f"used {saved[key]!r}; resume with the same options (only epochs, fine-tune-epochs, "
-                            "patience and batch-size may change) or train into a new --out")
+                            "patience, batch-size, head-batch-size and cache-dir may change) or train into a new "
+                            "--out")
 
 
 def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike, weights: str = _T("weights"),
           image_size: int = _T("image_size"), epochs: int = _T("epochs"),
           fine_tune_epochs: int = _T("fine_tune_epochs"), fine_tune_layers: int = _T("fine_tune_layers"),
-          batch_size: int = _T("batch_size"), lr: float = _T("lr"), fine_tune_lr: float = _T("fine_tune_lr"),
+          batch_size: int = _T("batch_size"), head_batch_size: int = _T("head_batch_size"),
+          lr: float = _T("lr"), fine_tune_lr: float = _T("fine_tune_lr"),
           decay: float = _T("decay"), precision: str = _T("precision"), max_per_class: int = _T("max_per_class"),
           min_per_class: int = _T("min_per_class"), val_frac: float = _T("val_frac"), seed: int = _T("seed"),
           resume: bool = False, augment: bool = _T("augment"), flip: bool = _T("flip"),
-          bottleneck: bool = _T("bottleneck"), patience: int = _T("patience")) -> dict:
+          bottleneck: bool = _T("bottleneck"), patience: int = _T("patience"),
+          cache_dir: str | os.PathLike | None = None) -> dict:
     """Train `backbone` on the competition in `data_dir` into the run directory `out`; return
-    the manifest. See the module docstring for the phases and the files written."""
+    the manifest. `cache_dir`: the cache root (default DATA_DIR/.glr-cache; `glr run` passes the
+    competition's, so the local-validation fit shares it). See the module docstring for the phases
+    and the files written."""
     config = dict(locals())  # the options: taken before any other local name exists
     t_start = time.perf_counter()
     from pipeline.acquire.competition import Competition
-    from pipeline.model.data import decode_cache, stratified_split, select_rows
+    from pipeline.caches import cache_root
+    from pipeline.model.data import decode_images, stratified_split, select_rows
     from pipeline.model import backbones as M
 
     config["data_dir"], config["out"] = str(data_dir), str(out)
+    config["cache_dir"] = None if cache_dir is None else str(cache_dir)
     for key in ("epochs", "fine_tune_epochs", "fine_tune_layers", "patience"):
         if config[key] < 0:
             raise UserError(f"--{key.replace('_', '-')} {config[key]}: must be 0 or more")
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    for key in ("batch_size", "head_batch_size"):
+        if config[key] < 1:
+            raise UserError(f"--{key.replace('_', '-')} {config[key]}: must be at least 1")
     M._check(backbone, image_size)
+    M.check_single_machine()  # before hours of decoding, not after
     M.resolve_precision(precision)
     comp = Competition(data_dir)
     out = Path(out)
@@ -275,10 +294,13 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
     labels = rows["landmark_id"].map(class_index).to_numpy(dtype=np.int32)
 
     t0 = time.perf_counter()
+    root = cache_root(comp.root, cache_dir)
     paths = comp.image_paths(rows["id"].tolist(), "train")
-    images, ok, skipped = decode_cache(rows["id"].tolist(), paths, image_size, run.cache / f"images_{image_size}.npy")
+    images, img_rows, img_keys, skipped, img_stats = decode_images(rows["id"].tolist(), paths, image_size, root)
     decode_s = time.perf_counter() - t0
     state["timings"].setdefault("decode_s", decode_s)
+    caches = {"root": str(root), "images": {**img_stats, "seconds": round(decode_s, 3)}}
+    ok = img_rows >= 0
     is_val = (rows["split"] == "val").to_numpy()
     tr_idx, va_idx = np.flatnonzero(ok & ~is_val), np.flatnonzero(ok & is_val)
     if len(tr_idx) == 0:
@@ -309,17 +331,21 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
     if state["phase"] == "head":
         ep_target = cfg["epochs"]
         if bottleneck:
-            from pipeline.model.data import extract_features, image_dataset
+            from pipeline.model.data import bottleneck_features, bottleneck_store, image_dataset, weights_digest
 
-            feats = {}
             t0 = time.perf_counter()
-            extractor = M.feature_extractor(model)
-            computed = 0
-            for name, idx in (("train", tr_idx), ("val", va_idx)):
-                feats[name], n_new = extract_features(extractor, images, idx, run.cache / f"features_{name}.npy",
-                                                      batch_size=max(batch_size, 64), desc=f"features {name}")
-                computed += n_new
+            store = bottleneck_store(root, backbone=backbone, base_digest=weights_digest(M.find_base(model)),
+                                     image_size=image_size, precision=resolved, feature_shape=fshape)
+            used = np.flatnonzero(ok)
+            feats, frows_used, computed = bottleneck_features(M.feature_extractor(model), store, images,
+                                                              img_rows[used], img_keys[used],
+                                                              batch_size=max(batch_size, 64))
+            frows = np.full(len(rows), -1, np.int64)
+            frows[used] = frows_used
             secs = time.perf_counter() - t0
+            caches["bottleneck"] = {"store": str(store.folder), "computed": int(computed),
+                                    "cached": int(len(used) - computed), "row_bytes": store.row_bytes,
+                                    "seconds": round(secs, 3)}
             if computed:
                 state["timings"]["features_s"] = secs
                 state["timings"]["features_images_per_s"] = round(computed / max(secs, 1e-9), 1)
@@ -331,10 +357,9 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
             cb = _make_callback(run, state, "head", head, monitor=monitor, patience=max(1, cfg["patience"]),
                                 n_images=len(tr_idx), last=head_last, best=head_best)
             if state["epoch"] < ep_target and not state["stopped_early"]:
-                fds = image_dataset(feats["train"], labels[tr_idx], np.arange(len(tr_idx)),
-                                    batch_size=cfg["batch_size"], shuffle=True, seed=seed)
-                fvds = image_dataset(feats["val"], labels[va_idx], np.arange(len(va_idx)),
-                                     batch_size=cfg["batch_size"]) if has_val else None
+                hb = cfg["head_batch_size"]
+                fds = image_dataset(feats, labels[tr_idx], frows[tr_idx], batch_size=hb, shuffle=True, seed=seed)
+                fvds = image_dataset(feats, labels[va_idx], frows[va_idx], batch_size=hb) if has_val else None
                 head.fit(fds, validation_data=fvds, epochs=ep_target, initial_epoch=state["epoch"], verbose=0,
                          shuffle=False, callbacks=[cb])
             if head_best.exists():
@@ -349,9 +374,10 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
                 else:
                     _compile(model, cfg["lr"], cfg["decay"])
             aug = augmenter(seed, flip=flip) if augment else None
-            ds = image_dataset(images, labels, tr_idx, batch_size=cfg["batch_size"], shuffle=True, augment=aug,
-                               seed=seed)
-            vds = image_dataset(images, labels, va_idx, batch_size=cfg["batch_size"]) if has_val else None
+            ds = image_dataset(images, labels[tr_idx], img_rows[tr_idx], batch_size=cfg["batch_size"], shuffle=True,
+                               augment=aug, seed=seed)
+            vds = image_dataset(images, labels[va_idx], img_rows[va_idx], batch_size=cfg["batch_size"]) \
+                if has_val else None
             cb = _make_callback(run, state, "head", model, monitor=monitor, patience=max(1, cfg["patience"]),
                                 n_images=len(tr_idx), last=head_last, best=head_best)
             if state["epoch"] < ep_target and not state["stopped_early"]:
@@ -376,9 +402,10 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
                     M.unfreeze_top(model, cfg["fine_tune_layers"])
                     _compile(model, cfg["fine_tune_lr"], cfg["decay"])
             aug = augmenter(seed + 10, flip=flip) if augment else None
-            ds = image_dataset(images, labels, tr_idx, batch_size=cfg["batch_size"], shuffle=True, augment=aug,
-                               seed=seed + 10)
-            vds = image_dataset(images, labels, va_idx, batch_size=cfg["batch_size"]) if has_val else None
+            ds = image_dataset(images, labels[tr_idx], img_rows[tr_idx], batch_size=cfg["batch_size"], shuffle=True,
+                               augment=aug, seed=seed + 10)
+            vds = image_dataset(images, labels[va_idx], img_rows[va_idx], batch_size=cfg["batch_size"]) \
+                if has_val else None
             cb = _make_callback(run, state, "fine_tune", model, monitor=monitor,
                                 patience=max(1, cfg["patience"]), n_images=len(tr_idx), last=ft_last, best=ft_best)
             if state["epoch"] < cfg["fine_tune_epochs"] and not state["stopped_early"]:
@@ -430,6 +457,7 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
         "metrics": {k: v for k, v in _best_record(state).items() if k in ("loss", "accuracy", "val_loss",
                                                                           "val_accuracy")},
         "timings": timings,
+        "caches": caches,
         "resumed": state["resumed"],
         "files": ["model.keras", "labels.json", "split.csv", "history.json", "training_curve.png"],
     }

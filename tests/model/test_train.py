@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -64,8 +65,12 @@ def test_train_writes_the_run_directory(trained, tiny_comp):
     assert manifest["versions"]["tensorflow"] and manifest["data"]["train_csv_sha256"]
     assert manifest["timings"]["head_images_per_s"] > 0 and manifest["timings"]["fine_tune_images_per_s"] > 0
     assert manifest["data"]["train_images"] + manifest["data"]["val_images"] == len(train_csv) - 1
-    # the head trained on cached bottleneck features, stored in the run directory
-    assert (out / "cache" / "features_train.npy").exists()
+    # the head trained on cached bottleneck features, kept in the competition's shared cache, not the run folder
+    caches = manifest["caches"]
+    assert caches["root"] == str(tiny_comp / ".glr-cache")
+    assert Path(caches["bottleneck"]["store"]).parent == tiny_comp / ".glr-cache" / "bottleneck"
+    assert (Path(caches["images"]["store"]) / "rows.bin").stat().st_size == 31 * 32 * 32 * 3
+    assert not (out / "cache").exists()
 
 
 @pytest.mark.slow
@@ -139,9 +144,9 @@ def test_head_on_augmented_images_without_bottleneck(tiny_comp, tmp_path):
     from pipeline.model.train import train
 
     m = train(tiny_comp, out=tmp_path / "r", epochs=1, fine_tune_epochs=0, bottleneck=False,
-              **{**TINY, "backbone": "resnet50"})
+              cache_dir=tmp_path / "cache", **{**TINY, "backbone": "resnet50"})
     assert [(h["phase"], h["epoch"]) for h in m["history"]] == [("head", 1)]
-    assert not (tmp_path / "r" / "cache" / "features_train.npy").exists()
+    assert "bottleneck" not in m["caches"] and not (tmp_path / "cache" / "bottleneck").exists()
     init = load_model(tmp_path / "r" / "checkpoints" / "init.keras")
     final = load_model(tmp_path / "r" / "model.keras")
     # the base stayed frozen, the head learned
@@ -151,33 +156,175 @@ def test_head_on_augmented_images_without_bottleneck(tiny_comp, tmp_path):
                               final.get_layer("predictions").get_weights()[0])
 
 
-@pytest.mark.slow
-def test_feature_extraction_resumes_where_it_stopped(tmp_path):
-    """Bottleneck features are written batch by batch; an interrupted extraction continues."""
-    import json
+def _copy_comp(src: Path, dst: Path) -> Path:
+    """A private copy of a competition (its images may be changed)."""
+    import shutil
 
-    import keras
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".glr-cache"))
+    return dst
+
+
+def _decode(comp_root: Path, cache: Path, ids=None):
+    from pipeline.acquire.competition import Competition
+    from pipeline.model.data import decode_images
+
+    comp = Competition(comp_root)
+    ids = comp.train["id"].tolist() if ids is None else list(ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ids, decode_images(ids, comp.image_paths(ids, "train"), 32, cache)
+
+
+def test_decode_once_then_reuse_and_a_changed_image_is_decoded_again(tiny_comp, tmp_path, capsys):
     import numpy as np
 
-    from pipeline.model.data import extract_features
+    from pipeline.acquire.competition import Competition
+    from pipeline.model.data import image_store, load_square
 
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (20, 8, 8, 3), dtype=np.uint8)
-    inp = keras.Input((8, 8, 3))
-    extractor = keras.Model(inp, keras.layers.Conv2D(4, 3, dtype="float32")(inp))
-    index = np.arange(3, 20)
-    expected = np.asarray(extractor(images[index].astype("float32")))
-    path = tmp_path / "features_train.npy"
-    feats, n = extract_features(extractor, images, index, path, batch_size=4)
-    assert n == len(index) and np.allclose(feats, expected, atol=1e-5)
-    assert not path.with_name("features_train.progress.json").exists()
-    # a complete file is reused as it is
-    assert extract_features(extractor, images, index, path, batch_size=4)[1] == 0
-    # simulate a kill after 8 rows: later rows were never written
-    arr = np.load(path, mmap_mode="r+")
-    arr[8:] = np.nan
-    arr.flush()
-    del arr
-    path.with_name("features_train.progress.json").write_text(json.dumps({"rows": 8}))
-    feats, n = extract_features(extractor, images, index, path, batch_size=4)
-    assert n == len(index) - 8 and np.allclose(feats, expected, atol=1e-5)
+    comp_root = _copy_comp(tiny_comp, tmp_path / "comp")
+    bad = (comp_root / "corrupt_id.txt").read_text()
+    ids, (images, rows, _, skipped, stats) = _decode(comp_root, tmp_path / "cache")
+    assert stats["decoded"] == len(ids) - 1 and [s["id"] for s in skipped] == [bad]
+    assert "adding 32 (0 cached), 98.3 KB" in capsys.readouterr().err  # sized before it is built
+    comp = Competition(comp_root)
+    k = 5
+    np.testing.assert_array_equal(images[rows[k]], load_square(comp.image_path(ids[k], "train"), 32))
+    # a second look decodes nothing, the corrupt file included (its failure is remembered)
+    _, (images2, rows2, _, skipped2, stats2) = _decode(comp_root, tmp_path / "cache")
+    assert stats2["decoded"] == 0 and len(skipped2) == 1 and (rows2 == rows).all()
+    assert capsys.readouterr().err == ""
+    # the file of image k changes (another photo's bytes, a later mtime): decoded again, a new row
+    path = comp.image_path(ids[k], "train")
+    before = path.stat()
+    path.write_bytes(comp.image_path(ids[k + 1], "train").read_bytes())
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    _, (images3, rows3, _, _, stats3) = _decode(comp_root, tmp_path / "cache")
+    assert stats3["decoded"] == 1 and rows3[k] == len(ids) - 1 and (np.delete(rows3, k) == np.delete(rows, k)).all()
+    np.testing.assert_array_equal(images3[rows3[k]], images3[rows3[k + 1]])
+    assert image_store(tmp_path / "cache", 32).index().n_rows == len(ids)  # 30 good + the new version
+
+
+def test_an_append_killed_midway_leaves_a_valid_store(tiny_comp, tmp_path):
+    """kill -9 during an append leaves rows past the index: they are ignored, then overwritten."""
+    import numpy as np
+
+    from pipeline.acquire.competition import Competition
+    from pipeline.model.data import image_store, load_square
+
+    cache = tmp_path / "cache"
+    comp = Competition(tiny_comp)
+    bad = (tiny_comp / "corrupt_id.txt").read_text()
+    _decode(tiny_comp, cache, [i for i in comp.train["id"] if i != bad][:10])
+    store = image_store(cache, 32)
+    committed = store.data_path.stat().st_size
+    with open(store.data_path, "ab") as f:  # what a killed appender leaves: rows (and a partial one), no index
+        f.write(np.full(32 * 32 * 3 * 2 + 1000, 7, np.uint8).tobytes())
+    assert store.index().n_rows == 10 and store.array().shape == (10, 32, 32, 3)
+    ids, (images, rows, _, _, stats) = _decode(tiny_comp, cache)
+    assert stats["decoded"] == len(ids) - 11 and store.data_path.stat().st_size == committed + \
+        stats["decoded"] * 32 * 32 * 3
+    for k in (0, 9, 10, 20):  # old rows intact, new rows where the junk was
+        if rows[k] >= 0:
+            np.testing.assert_array_equal(images[rows[k]], load_square(comp.image_path(ids[k], "train"), 32))
+    assert sorted(rows[rows >= 0]) == list(range(len(ids) - 1))
+    # an index whose rows.bin was lost is a store that starts again, not a crash
+    store.data_path.unlink()
+    _, (_, rows2, _, _, stats2) = _decode(tiny_comp, cache)
+    assert stats2["decoded"] == len(ids) - 1 and sorted(rows2[rows2 >= 0]) == list(range(len(ids) - 1))
+
+
+def test_two_processes_append_under_one_lock(tiny_comp, tmp_path):
+    """Two processes decoding the same images into one store: each image decoded once in all."""
+    code = ("import sys, json, warnings; warnings.simplefilter('ignore'); sys.path.insert(0, sys.argv[3]);"
+            "from pipeline.acquire.competition import Competition;"
+            "from pipeline.model.data import decode_images;"
+            "c = Competition(sys.argv[1]); ids = c.train['id'].tolist();"
+            "r = decode_images(ids, c.image_paths(ids, 'train'), 32, sys.argv[2]);"
+            "print(json.dumps(r[4]))")
+    root = str(Path(__file__).resolve().parents[2])
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tiny_comp), str(tmp_path / "cache"), root],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
+    stats = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert sorted(s["decoded"] for s in stats)[1] <= 31 and sum(s["decoded"] for s in stats) == 31
+    from pipeline.model.data import image_store
+
+    assert image_store(tmp_path / "cache", 32).index().n_rows == 31
+
+
+def test_a_short_disk_is_refused_before_anything_is_written(tmp_path):
+    from pipeline.caches import announce
+
+    with pytest.raises(UserError, match="--cache-dir"):
+        announce(tmp_path, "decoded-image", 10**12, 0, 96 * 96 * 3)  # 27.6 PB
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def shared_cache_runs(tiny_comp, tmp_path_factory):
+    """vgg16, then resnet50, then vgg16 again into one cache root (1 head epoch each)."""
+    from pipeline.model.train import train
+
+    base = tmp_path_factory.mktemp("shared")
+    runs = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, backbone in (("a", "vgg16"), ("b", "resnet50"), ("c", "vgg16")):
+            runs[name] = train(tiny_comp, out=base / name, epochs=1, fine_tune_epochs=0, cache_dir=base / "cache",
+                               **{**TINY, "backbone": backbone})
+    return base, runs
+
+
+@pytest.mark.slow
+def test_two_backbones_share_one_decoded_image_cache(shared_cache_runs):
+    from pipeline.caches import list_caches
+
+    base, runs = shared_cache_runs
+    images = [r["caches"]["images"] for r in runs.values()]
+    assert [i["decoded"] for i in images] == [31, 0, 0] and images[1]["cached"] == 31
+    assert len({i["store"] for i in images}) == 1
+    # bottleneck: one store per base; the same base (same seed, same weights) finds its features
+    bott = [r["caches"]["bottleneck"] for r in runs.values()]
+    assert [b["computed"] for b in bott] == [31, 31, 0] and bott[0]["store"] == bott[2]["store"] != bott[1]["store"]
+    listed = {(e["kind"], e["entries"]) for e in list_caches(base / "cache")}
+    assert listed == {("images", 31), ("bottleneck", 31)} and len(list_caches(base / "cache")) == 3
+    vgg = next(e for e in list_caches(base / "cache") if e["key"].startswith("vgg16"))
+    assert vgg["describe"]["precision"] == "fp32" and vgg["bytes"] >= 31 * 512 * 2  # float16: (1, 1, 512) per image
+
+
+@pytest.mark.slow
+def test_full_fit_after_split_fit_decodes_only_what_the_split_lacked(tiny_comp, tmp_path):
+    """glr run's split fit reads the local-validation folder (links to the same files): the full fit
+    on the competition then decodes only the held-out images, and reuses their base features."""
+    from pipeline.run.localval import make_local_validation
+    from pipeline.model.train import train
+
+    lv = make_local_validation(tiny_comp, tmp_path / "localval", holdout_frac=0.25, unseen_class_frac=0.25,
+                               min_train_per_class=2, max_queries=0, seed=0)
+    cache = tmp_path / "cache"
+    opts = dict(epochs=1, fine_tune_epochs=0, cache_dir=cache, **TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split = train(tmp_path / "localval", out=tmp_path / "split", **opts)
+        full = train(tiny_comp, out=tmp_path / "full", **opts)
+    corrupt_in_split = int(split["data"]["skipped_images"])
+    assert split["caches"]["images"]["decoded"] == lv["train_images"] - corrupt_in_split
+    assert full["caches"]["images"]["decoded"] == 31 - split["caches"]["images"]["decoded"]
+    assert full["caches"]["images"]["cached"] == split["caches"]["images"]["decoded"]
+    assert full["caches"]["bottleneck"]["computed"] == full["caches"]["images"]["decoded"]
+    assert full["caches"]["bottleneck"]["store"] == split["caches"]["bottleneck"]["store"]
+
+
+@pytest.mark.slow
+def test_cache_dir_may_change_on_resume_and_head_batch_size_is_used(tiny_comp, tmp_path):
+    from pipeline.model.train import train
+
+    opts = dict(epochs=1, fine_tune_epochs=0, **TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = train(tiny_comp, out=tmp_path / "r", cache_dir=tmp_path / "c1", head_batch_size=5, **opts)
+        assert m["config"]["head_batch_size"] == 5
+        again = train(tiny_comp, out=tmp_path / "r", cache_dir=tmp_path / "c2", head_batch_size=7, resume=True,
+                      **opts)
+    assert again["history"] == m["history"]
+    with pytest.raises(UserError, match="head-batch-size"):
+        train(tiny_comp, out=tmp_path / "x", head_batch_size=0, **opts)
