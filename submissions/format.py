@@ -114,7 +114,9 @@ class _Csv:
     problems: list[tuple[int, str]]  # (line, message)
 
 
-def _read_header(path: Path) -> list[str]:
+def read_csv_header(path: Path) -> list[str]:
+    """The column names on a CSV's first line; one UserError for a missing, empty, binary file or a
+    column name given twice (the rules every CSV reader of glr's tables shares)."""
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if path.is_dir():
@@ -193,7 +195,7 @@ def _read_csv(path: str | os.PathLike, header: list[str]) -> _Csv:
 def _read_id_csv(path: Path) -> _Csv:
     """A CSV that must have an `id` column (a sample submission), read as strings; its contract:
     every row has every field, ids are non-empty and unique (else one UserError naming the lines)."""
-    header = _read_header(path)
+    header = read_csv_header(path)
     if "id" not in header:
         raise UserError(f"{path}: line 1: no 'id' column (header is {','.join(header)!r})")
     csv = _read_csv(path, header)
@@ -348,7 +350,7 @@ class _HeaderError(Exception):
 def _load_submission(path: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray, list[tuple[int, str]]]:
     """Parse a submission file: (canonical frame of the parsable rows, their lines, problems)."""
     path = Path(path)
-    header = _read_header(path)
+    header = read_csv_header(path)
     _check_header(path, header)
     csv = _read_csv(path, list(SUBMISSION_HEADER))
     ids, cells = csv.columns["id"], csv.columns["landmarks"]
@@ -443,7 +445,7 @@ def read_submission(path: str | os.PathLike) -> pd.DataFrame:
     scoring a half-read file would give a silently wrong GAP.
     """
     path = Path(path)
-    header = _read_header(path)  # a clear error for a missing, empty or binary file
+    header = read_csv_header(path)  # a clear error for a missing, empty or binary file
     if tuple(header) == SUBMISSION_HEADER:
         frame = _fast_submission(path)
         if frame is not None:
@@ -571,9 +573,9 @@ def _write_rows(df: pd.DataFrame, path: Path) -> None:
 
 
 def submission_from_predictions(preds: pd.DataFrame) -> pd.DataFrame:
-    """Canonical submission from a predictions table (submissions.tables): each id's rank-0 row
-    gives its landmark and confidence (= score); ids without a rank-0 row get no prediction.
-    Ids keep the order of their first appearance. The one place this conversion is done."""
+    """Canonical submission from a predictions table (submissions.tables, whose contract gives
+    every id a rank-0 row): that row gives its landmark and confidence (= score). Ids keep the
+    order of their first appearance. The one place this conversion is done."""
     from submissions.tables import validate_predictions
 
     preds = validate_predictions(preds)
@@ -681,7 +683,7 @@ def read_solution(path: str | os.PathLike) -> pd.DataFrame:
     import pyarrow.compute as pc
 
     path = Path(path)
-    header = _read_header(path)
+    header = read_csv_header(path)
     lower = [h.lower() for h in header]
     missing = [c for c in ("id", "landmarks") if c not in lower]
     if missing:

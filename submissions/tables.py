@@ -1,8 +1,21 @@
-"""The Parquet tables passed between stages (DESIGN.md "Data contracts").
+"""The Parquet tables passed between stages (DESIGN.md "Data contracts"), and their one validator each.
 
-predictions: id str, landmark_id int64, score float32, rank int16 (0 = top); top-k rows per image.
-inliers:     id str, landmark_id int64, ref_id str, inliers int32; one row per verified
-             (query, candidate class, reference image).
+predictions: id str, landmark_id int64, score float32, rank int16; top-k rows per image.
+    Contract: ids non-empty; landmark_id an integer in [0, 2^63); score finite and >= 0 (it becomes a
+    confidence); each id's ranks are exactly 0..n-1 (rank 0 = its prediction, no gap, no repeat,
+    so every reader — evaluate, write-submission, tune, rescore — means the same row by "the
+    prediction"); an (id, landmark_id) pair appears once (a repeated class would be summed twice by
+    `glr ensemble`).
+inliers: id str, landmark_id int64, ref_id str, inliers int32; one row per verified
+    (query, candidate class, reference image).
+    Contract: ids and ref_ids non-empty; landmark_id in [0, 2^63); inliers an integer in
+    [0, 2^31); an (id, landmark_id, ref_id) triple appears once.
+
+Every reader (`read_predictions`, `read_inliers`) and writer applies the same validator, so a value
+that would wrap (rank 65536 in int16, landmark_id 2^63 in int64, 2^31 inliers in int32) or a table
+that means different things to different commands is refused with one line naming the file, the
+row (a CSV's file line, header = line 1; else the 0-based row of the table, as
+`pd.read_parquet(path).iloc[row]`) and the column.
 """
 from __future__ import annotations
 
@@ -18,8 +31,64 @@ from submissions.files import atomic_path
 PREDICTIONS = {"id": "str", "landmark_id": "int64", "score": "float32", "rank": "int16"}
 INLIERS = {"id": "str", "landmark_id": "int64", "ref_id": "str", "inliers": "int32"}
 
+# the values each integer column may hold: [low, high) — high a power of two, exact as a float too
+_INT_RANGE = {"landmark_id": (0, 2**63), "rank": (0, 2**15), "inliers": (0, 2**31)}
+_CSV_LINE_ATTR = "glr_csv_source"  # set by `_read` on a frame read from a CSV: rows are named by file line
+
+
+def _row_name(df: pd.DataFrame, row: int) -> str:
+    """`line N` (file line, header = 1) for a table read from a CSV, `row N` (0-based) otherwise."""
+    return f"line {row + 2}" if df.attrs.get(_CSV_LINE_ATTR) else f"row {row}"
+
+
+def _at(df: pd.DataFrame, source: str, row: int) -> str:
+    return f"{source}: {_row_name(df, row)}"
+
+
+def integer_values(values: pd.Series, lo: int, hi: int) -> tuple[np.ndarray, int | None]:
+    """(the column as int64, the first row that is not an integer in [lo, hi), or None) — exact for
+    every dtype (no float rounding near 2^63, no wrap-around of uint64 or Python ints)."""
+    arr = values.to_numpy()
+    kind = arr.dtype.kind
+    if kind == "i":
+        wide = arr.astype(np.int64)
+        bad = (wide < lo) | (wide > hi - 1)
+    elif kind == "u":  # lo is 0 for every column
+        bad = arr.astype(np.uint64) > np.uint64(hi - 1)
+    elif kind == "f":
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(arr) | (arr % 1 != 0) | (arr < lo) | (arr >= float(hi))
+    else:  # object (a hand-made CSV, Python ints of any size), bool, strings: one by one
+        bad = np.fromiter((not _is_int_in(v, lo, hi) for v in arr), dtype=bool, count=len(arr))
+    if bad.any():
+        return np.zeros(0, np.int64), int(np.flatnonzero(bad)[0])
+    if kind in "iuf":
+        return arr.astype(np.int64), None
+    return np.array([int(float(v)) if isinstance(v, float) else int(v) for v in arr], dtype=np.int64), None
+
+
+def _is_int_in(v, lo: int, hi: int) -> bool:
+    if isinstance(v, (bool, np.bool_)):
+        return False
+    if isinstance(v, (int, np.integer)):
+        return lo <= int(v) < hi
+    if isinstance(v, (float, np.floating)):
+        return bool(np.isfinite(v)) and float(v) % 1 == 0 and lo <= v < hi
+    if isinstance(v, str) and v.strip().lstrip("+-").isascii() and v.strip().lstrip("+-").isdigit():
+        return lo <= int(v) < hi
+    return False
+
+
+def show_value(value) -> str:
+    """A cell as a person wrote it: numpy scalars as plain numbers."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
 
 def _coerce(df: pd.DataFrame, schema: dict[str, str], what: str, source: str) -> pd.DataFrame:
+    """The schema's columns with its dtypes; UserError at the first value that breaks a column's type."""
+    if df.columns.duplicated().any():
+        twice = sorted({str(c) for c in df.columns[df.columns.duplicated()]})
+        raise UserError(f"{source}: column {', '.join(map(repr, twice))} appears more than once; keep one of each")
     missing = [c for c in schema if c not in df.columns]
     if missing:
         raise UserError(
@@ -30,52 +99,120 @@ def _coerce(df: pd.DataFrame, schema: dict[str, str], what: str, source: str) ->
     for col, dtype in schema.items():
         values = df[col].reset_index(drop=True)
         if dtype == "str":
-            if values.isna().any():
-                row = int(np.flatnonzero(values.isna().to_numpy())[0])
-                raise UserError(f"{source}: row {row}: column {col!r} is empty")
+            empty = values.isna().to_numpy() | (values == "").to_numpy(dtype=bool)
+            if empty.any():
+                raise UserError(f"{_at(df, source, int(np.flatnonzero(empty)[0]))}: column {col!r} is empty")
             out[col] = values.astype(str)
-            continue
-        numeric = pd.to_numeric(values, errors="coerce")
-        bad = numeric.isna().to_numpy() | ~np.isfinite(numeric.to_numpy(dtype="float64", na_value=np.nan))
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise UserError(f"{source}: row {row}: column {col!r} has non-numeric or non-finite value {values.iloc[row]!r}")
-        if dtype.startswith("int") and (numeric.to_numpy(dtype="float64") % 1 != 0).any():
-            row = int(np.flatnonzero(numeric.to_numpy(dtype="float64") % 1 != 0)[0])
-            raise UserError(f"{source}: row {row}: column {col!r} must be an integer, got {values.iloc[row]!r}")
-        out[col] = numeric.astype(dtype)
+        elif dtype.startswith("int"):
+            lo, hi = _INT_RANGE[col]
+            ints, row = integer_values(values, lo, hi)
+            if row is not None:
+                raise UserError(f"{_at(df, source, row)}: column {col!r} is {show_value(values.iloc[row])}, expected an "
+                                f"integer from {lo} to {hi - 1}")
+            out[col] = ints.astype(dtype)
+        else:
+            numeric = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            with np.errstate(over="ignore", invalid="ignore"):
+                cast = numeric.astype(dtype) + 0  # + 0: -0.0 becomes 0.0
+                bad = ~np.isfinite(cast) | (cast < 0)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                why = "negative" if cast[row] < 0 else "not a finite number"
+                raise UserError(f"{_at(df, source, row)}: column {col!r} is {show_value(values.iloc[row])}: {why} "
+                                f"(expected a finite number >= 0 as a {dtype}; a score becomes a confidence)")
+            out[col] = cast
     return out
 
 
+def _first_repeat(df: pd.DataFrame, keys: list[str]) -> int | None:
+    dup = df.duplicated(keys).to_numpy()
+    return int(np.flatnonzero(dup)[0]) if dup.any() else None
+
+
+def _check_ranks(out: pd.DataFrame, df: pd.DataFrame, source: str) -> None:
+    """Each id's ranks are exactly 0..n-1: n = its row count, every rank below n, none repeated."""
+    codes, uniques = pd.factorize(out["id"], sort=False)
+    counts = np.bincount(codes, minlength=len(uniques))
+    rank = out["rank"].to_numpy(dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    over = rank >= counts[codes]
+    slot = np.where(over, 0, starts[codes] + rank)
+    seen = np.bincount(slot[~over], minlength=len(out))
+    repeated = ~over & (seen[slot] > 1)
+    bad = over | repeated
+    if not bad.any():
+        return
+    row = int(np.flatnonzero(bad)[0])
+    qid = out["id"][row]
+    ranks = np.sort(rank[codes == codes[row]])
+    shown = ", ".join(map(str, ranks[:8])) + (", …" if len(ranks) > 8 else "")
+    raise UserError(
+        f"{_at(df, source, row)}: column 'rank': id {qid!r} has ranks {shown}, expected 0..{len(ranks) - 1} "
+        "(each id's ranks count 0, 1, … with no gap or repeat; rank 0 is its prediction)"
+    )
+
+
 def validate_predictions(df: pd.DataFrame, source: str = "predictions") -> pd.DataFrame:
-    """Return `df` with the predictions schema's columns and dtypes, or raise UserError."""
+    """Return `df` with the predictions schema's columns and dtypes, or raise UserError (contract:
+    module docstring)."""
     out = _coerce(df, PREDICTIONS, "predictions", source)
-    dup = out.duplicated(["id", "rank"]).to_numpy()
-    if dup.any():
-        row = int(np.flatnonzero(dup)[0])
-        raise UserError(f"{source}: row {row}: id {out['id'][row]!r} has rank {out['rank'][row]} twice")
+    _check_ranks(out, df, source)
+    row = _first_repeat(out, ["id", "landmark_id"])
+    if row is not None:
+        first = int(np.flatnonzero(((out["id"] == out["id"][row]) & (out["landmark_id"] == out["landmark_id"][row]))
+                                   .to_numpy())[0])
+        raise UserError(f"{_at(df, source, row)}: column 'landmark_id': id {out['id'][row]!r} lists landmark "
+                        f"{out['landmark_id'][row]} twice (also on {_row_name(df, first)}); "
+                        "keep one row per candidate class")
     return out
 
 
 def validate_inliers(df: pd.DataFrame, source: str = "inliers") -> pd.DataFrame:
-    """Return `df` with the inliers schema's columns and dtypes, or raise UserError."""
+    """Return `df` with the inliers schema's columns and dtypes, or raise UserError (contract:
+    module docstring)."""
     out = _coerce(df, INLIERS, "inliers", source)
-    if (out["inliers"] < 0).any():
-        row = int(np.flatnonzero((out["inliers"] < 0).to_numpy())[0])
-        raise UserError(f"{source}: row {row}: negative inlier count")
+    row = _first_repeat(out, ["id", "landmark_id", "ref_id"])
+    if row is not None:
+        raise UserError(f"{_at(df, source, row)}: column 'ref_id': the pair (id {out['id'][row]!r}, landmark "
+                        f"{out['landmark_id'][row]}) has reference {out['ref_id'][row]!r} twice; one row per "
+                        "verified reference")
     return out
 
 
 def _read(path: str | os.PathLike) -> pd.DataFrame:
+    """A table file as it is (Parquet, or CSV for hand-made ones; ids as text); the validators judge it."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a table file (Parquet or CSV)")
+    if path.suffix == ".csv":
+        return _read_csv_table(path)
+    import pyarrow.parquet as pq
+
     try:
-        if path.suffix == ".csv":
-            return pd.read_csv(path, dtype={"id": str, "ref_id": str})
-        return pd.read_parquet(path)
+        table = pq.read_table(path)
     except Exception as e:  # pyarrow raises many types for a non-Parquet file
-        raise UserError(f"{path}: cannot read table ({e.__class__.__name__}: {e})") from None
+        raise UserError(f"{path}: cannot read as a Parquet table ({e.__class__.__name__}: {e})") from None
+    names = table.schema.names
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"{path}: column {', '.join(map(repr, twice))} appears more than once; keep one of each")
+    return table.to_pandas()
+
+
+def _read_csv_table(path: Path) -> pd.DataFrame:
+    from submissions.format import read_csv_header
+
+    header = read_csv_header(path)  # empty, binary or repeated column names: one line
+    try:
+        df = pd.read_csv(path, dtype={"id": str, "ref_id": str}, keep_default_na=False, na_values=[""], index_col=False)
+    except (ValueError, OSError) as e:  # ParserError, EmptyDataError, UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path}: cannot read as a CSV table ({e.__class__.__name__}: {e})") from None
+    if len(header) != len(df.columns):
+        raise UserError(f"{path}: line 1: header has {len(header)} columns but the rows have {len(df.columns)}")
+    df.attrs[_CSV_LINE_ATTR] = True
+    return df
 
 
 def read_predictions(path: str | os.PathLike) -> pd.DataFrame:

@@ -113,19 +113,11 @@ def _table(obj, reader, validator, what: str) -> pd.DataFrame:
 
 
 def load_predictions(preds) -> pd.DataFrame:
-    """A predictions table from a path or a DataFrame, validated; negative scores are refused
-    (a confidence must be ≥ 0 in a submission)."""
+    """A predictions table from a path or a DataFrame, held to its contract (submissions.tables:
+    scores >= 0, each id's ranks 0..n-1, …)."""
     from submissions.tables import read_predictions, validate_predictions
 
-    df = _table(preds, read_predictions, validate_predictions, "predictions")
-    neg = df["score"].to_numpy() < 0
-    if neg.any():
-        row = int(np.flatnonzero(neg)[0])
-        raise UserError(
-            f"{preds if not isinstance(preds, pd.DataFrame) else 'predictions'}: row {row}: score "
-            f"{float(df['score'][row])!r} is negative; confidences must be >= 0 (rescale the scores first)"
-        )
-    return df
+    return _table(preds, read_predictions, validate_predictions, "predictions")
 
 
 def load_inliers(inliers) -> pd.DataFrame:

@@ -23,13 +23,25 @@ def hashed_relpath(image_id: str, ext: str = ".jpg") -> str:
     return f"{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}{ext}"
 
 
+def _bad_image_id(ids: pd.Series) -> np.ndarray:
+    """Ids that are not a plain file name: a path separator, a NUL, or '.'/'..' would make an image
+    path (`train/<id>.jpg`, `train/a/b/c/<id>.jpg`) point outside the competition folder."""
+    text = ids.astype(str)
+    return (text.str.contains(r"[/\\\x00]", regex=True) | text.isin([".", ".."])).to_numpy(dtype=bool)
+
+
 def read_csv_checked(path: Path, required: tuple[str, ...], dtype: dict | None = None) -> pd.DataFrame:
-    """Read a CSV, naming the file and the missing columns on error."""
+    """Read a CSV of a competition (train.csv, test.csv, sample_submission.csv), held to their
+    contract: each column name once, the `required` columns present, ids non-empty, unique and plain
+    file names (they name image files). One UserError naming the file and line otherwise."""
+    from submissions.format import read_csv_header
+
     if not path.exists():
         raise UserError(f"{path}: no such file")
+    read_csv_header(path)  # missing, empty, binary, a column name twice: one line
     try:
-        df = pd.read_csv(path, dtype=dtype or {"id": str}, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
+        df = pd.read_csv(path, dtype=dtype or {"id": str}, keep_default_na=False, na_values=[""], index_col=False)
+    except (ValueError, OSError) as e:  # ParserError, EmptyDataError and UnicodeDecodeError are ValueErrors
         raise UserError(f"{path}: not a readable CSV ({e})") from None
     missing = [c for c in required if c not in df.columns]
     if missing:
@@ -40,6 +52,11 @@ def read_csv_checked(path: Path, required: tuple[str, ...], dtype: dict | None =
         empty = df["id"].isna().to_numpy()
         if empty.any():
             raise UserError(f"{path}: row {int(np.flatnonzero(empty)[0]) + 2}: empty id")
+        unsafe = _bad_image_id(df["id"])
+        if unsafe.any():
+            row = int(np.flatnonzero(unsafe)[0])
+            raise UserError(f"{path}: row {row + 2}: id {df['id'].iloc[row]!r} is not a plain file name "
+                            "(no '/', '\\', NUL, '.' or '..': ids name the image files)")
         dup = df["id"].duplicated().to_numpy()
         if dup.any():
             row = int(np.flatnonzero(dup)[0])
@@ -74,15 +91,16 @@ class Competition:
     def train(self) -> pd.DataFrame:
         """`train.csv` as id (str), landmark_id (int64) and url when present."""
         path = self.root / "train.csv"
+        from submissions.tables import integer_values, show_value
+
         df = read_csv_checked(path, ("id", "landmark_id"), dtype={"id": str, "url": str})
-        lid = pd.to_numeric(df["landmark_id"], errors="coerce")
-        bad = lid.isna().to_numpy() | (lid.to_numpy(dtype=float, na_value=np.nan) % 1 != 0)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
+        lid, row = integer_values(df["landmark_id"], 0, 2**63)
+        if row is not None:
             value = df["landmark_id"].iloc[row]
-            what = "empty landmark_id" if pd.isna(value) else f"landmark_id {value!r} is not an integer"
+            what = ("empty landmark_id" if pd.isna(value) else
+                    f"landmark_id {show_value(value)} is not an integer from 0 to 2^63-1 (Kaggle's class ids)")
             raise UserError(f"{path}: row {row + 2}: {what}")
-        df["landmark_id"] = lid.astype("int64")
+        df["landmark_id"] = lid
         return df
 
     @cached_property
@@ -144,6 +162,9 @@ class Competition:
         if split not in SPLITS:
             raise UserError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
         image_id = str(image_id)
+        if _bad_image_id(pd.Series([image_id]))[0]:  # ids from any table (predictions, inliers) pass here
+            raise UserError(f"image id {image_id!r} is not a plain file name (no '/', '\\', NUL, '.' or '..'): "
+                            f"it would name a file outside {self.root / split}")
         if self._detect_layout(split, image_id) == "hashed" and len(image_id) >= 3:
             return self.root / split / hashed_relpath(image_id)
         return self.root / split / f"{image_id}.jpg"

@@ -25,7 +25,12 @@ from submissions.errors import UserError
 
 
 def ensemble_tables(tables: list[pd.DataFrame], weights: list[float] | None = None, top_k: int = 5) -> pd.DataFrame:
-    """The weighted average of predictions tables (see the module docstring), top-k per image."""
+    """The weighted average of predictions tables (see the module docstring), top-k per image.
+
+    Each table is held to the predictions contract first (submissions.tables): a class listed twice
+    for one image would otherwise be summed twice, giving a score above any model's."""
+    from submissions.tables import validate_predictions
+
     if not tables:
         raise UserError("ensemble: no predictions tables given")
     if top_k < 1:
@@ -35,6 +40,7 @@ def ensemble_tables(tables: list[pd.DataFrame], weights: list[float] | None = No
         raise UserError(f"ensemble: {len(w)} weight(s) for {len(tables)} table(s)")
     if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
         raise UserError(f"--weights {','.join(map(str, w))}: weights must be finite, non-negative, not all 0")
+    tables = [validate_predictions(t, f"predictions table {m + 1}") for m, t in enumerate(tables)]
     parts, present = [], []
     for m, t in enumerate(tables):
         parts.append(pd.DataFrame({"id": t["id"].to_numpy(dtype=object), "landmark_id": t["landmark_id"].to_numpy(),
@@ -65,7 +71,7 @@ def ensemble(paths: list[str | os.PathLike], *, weights: list[float] | None = No
     if weights is not None and len(weights) != len(paths):
         raise UserError(f"--weights: {len(weights)} weight(s) for {len(paths)} predictions table(s); "
                         "give one per table")
-    table = ensemble_tables([read_predictions(p) for p in paths], weights, top_k)
+    table = ensemble_tables([read_predictions(p) for p in paths], weights, top_k)  # each file checked as read
     write_predictions(table, out)
     return table
 

@@ -122,7 +122,16 @@ def test_not_a_directory_and_missing_train_csv(tmp_path):
     ("id,landmark_id\nabc,1\nabd,2.5\n", "row 3: landmark_id"),
     ("id,landmark_id\nabc,1\nabd,\n", "row 3: empty landmark_id"),
     ("id,landmark_id\nabc,1\n,2\n", "row 3: empty id"),
-    ("", "not a readable CSV"),
+    ("", "file is empty"),
+    # issue 15 class 6: a negative or wrapping class id, an id naming a path, a column given twice
+    ("id,landmark_id\nabc,1\nabd,-1\n", "row 3: landmark_id -1 is not an integer from 0 to 2^63-1"),
+    ("id,landmark_id\nabc,9223372036854775808\n", "row 2: landmark_id 9223372036854775808 is not an integer"),
+    ("id,landmark_id\nabc,99999999999999999999999\n", "row 2: landmark_id 99999999999999999999999 is not"),
+    ("id,landmark_id\nabc,1\n../../x,2\n", "row 3: id '../../x' is not a plain file name"),
+    ("id,landmark_id\nabc,1\na\\b,2\n", "row 3: id 'a\\\\b' is not a plain file name"),
+    ("id,landmark_id\n..,1\n", "row 2: id '..' is not a plain file name"),
+    ("id,landmark_id,id\nabc,1,abd\n", "line 1: column 'id' appears more than once"),
+    ("id,landmark_id,landmark_id\nabc,1,2\n", "line 1: column 'landmark_id' appears more than once"),
 ])
 def test_bad_train_csv_names_file_row_and_column(tmp_path, text, message):
     write_text(tmp_path / "train.csv", text)
@@ -148,10 +157,20 @@ def test_bad_sample_submission_and_test_csv(tmp_path):
 
 def test_csv_that_is_a_directory_is_a_user_error(tmp_path):
     (tmp_path / "x.csv").mkdir()
-    with pytest.raises(UserError, match="x.csv: not a readable CSV"):
+    with pytest.raises(UserError, match="x.csv: is a directory"):
         read_csv_checked(tmp_path / "x.csv", ("id",))
     with pytest.raises(UserError, match="no such file"):
         read_csv_checked(tmp_path / "y.csv", ("id",))
+
+
+def test_header_only_train_csv_and_image_ids_that_leave_the_folder(tmp_path):
+    write_text(tmp_path / "train.csv", "id,landmark_id")  # no rows, no newline: an empty table, not Arrow jargon
+    comp = Competition(tmp_path)
+    assert comp.train.empty and comp.train["landmark_id"].dtype == "int64"
+    assert comp.image_path("abc", "train") == tmp_path / "train" / "a" / "b" / "c" / "abc.jpg"
+    for bad in ("../../x", "a/b", "..", "x\\y", "a\x00b"):  # ids from any table (predictions, inliers)
+        with pytest.raises(UserError, match="is not a plain file name"):
+            comp.image_path(bad, "test")
 
 
 def test_unknown_split(synth_comp):

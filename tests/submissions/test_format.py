@@ -275,13 +275,17 @@ def test_submission_from_predictions_and_align(tmp_path):
             "id": ["q2", "q2", "q1", "q1", "q3"],
             "landmark_id": [7, 8, 5, 6, 9],
             "score": np.array([0.9, 0.1, 0.3, 0.2, 0.5], dtype=np.float32),
-            "rank": [0, 1, 0, 1, 1],  # q3 has no rank-0 row
+            "rank": [0, 1, 0, 1, 0],
         }
     )
     sub = submission_from_predictions(preds)
     assert sub["id"].tolist() == ["q2", "q1", "q3"]
-    assert sub["landmark_id"].tolist()[:2] == [7, 5] and pd.isna(sub["landmark_id"][2])
-    assert sub["confidence"].tolist()[:2] == [float(np.float32(0.9)), float(np.float32(0.3))]
+    assert sub["landmark_id"].tolist() == [7, 5, 9]
+    assert sub["confidence"].tolist() == [float(np.float32(x)) for x in (0.9, 0.3, 0.5)]
+    preds.loc[4, "rank"] = 1  # q3 without a rank-0 row: no silent "no prediction", one line
+    with pytest.raises(UserError, match=r"row 4: column 'rank': id 'q3' has ranks 1, expected 0\.\.0"):
+        submission_from_predictions(preds)
+    sub = sub.iloc[:2]
     assert sub["landmark_id"].dtype == "Int64" and sub["confidence"].dtype == "float64"
     sample = write(tmp_path, "id,landmarks\nq1,\nq4,\nq2,\n", "sample.csv")
     aligned = align_submission(sub, read_sample_ids(sample))
