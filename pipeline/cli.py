@@ -11,8 +11,8 @@ import sys
 
 import click
 
-from pipeline.options import (BACKBONES, ENSEMBLE, EXTRACTOR_KEYS, MATCH_KEYS, PREDICT, TRAIN, TUNE, VERIFY,
-                              click_options)
+from pipeline.options import (BACKBONES, DATA, ENSEMBLE, EXTRACTOR_KEYS, MATCH_KEYS, PREDICT, RUN, TRAIN, TUNE,
+                              VERIFY, click_option, click_options)
 from submissions.errors import UserError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -296,14 +296,17 @@ def clean_cmd(data_dir: str, quarantine: str | None, workers: int, as_json: bool
 @click.argument("submission", type=click.Path(dir_okay=False))
 @click.option("--competition", "-c", required=True, help="Kaggle's name, e.g. landmark-recognition-2019.")
 @click.option("--message", "-m", required=True, help="Description shown on Kaggle.")
-@click.option("--data-dir", default=None, type=click.Path(file_okay=False),
-              help="Competition directory: validate against its sample_submission.csv.")
+@click.option("--data-dir", default=None, type=click.Path(),
+              help="Competition directory (or its sample_submission.csv): the ids are checked against it.")
+@click.option("--no-id-check", is_flag=True, help="Upload without --data-dir, its ids unchecked (not advised).")
 @json_option
-def submit_cmd(submission: str, competition: str, message: str, data_dir: str | None, as_json: bool) -> None:
+def submit_cmd(submission: str, competition: str, message: str, data_dir: str | None, no_id_check: bool,
+               as_json: bool) -> None:
     """Validate a submission file, then upload it to Kaggle with the official client.
 
-    An invalid file is never uploaded. The 2020/2021 competitions take submissions only from
-    Kaggle notebooks: run glr inside one there.
+    An invalid file is never uploaded: its rows are held to the format's one grammar and its ids
+    to the competition's sample_submission.csv (--data-dir; without it, only with --no-id-check).
+    The 2020/2021 competitions take submissions only from Kaggle notebooks: run glr inside one there.
 
     \b
     Example:
@@ -311,7 +314,7 @@ def submit_cmd(submission: str, competition: str, message: str, data_dir: str | 
     """
     from pipeline.acquire.kaggle import submit
 
-    res = submit(submission, competition, message, data_dir=data_dir)
+    res = submit(submission, competition, message, data_dir=data_dir, check_ids=not no_id_check)
     if as_json:
         echo_json(res)
         return
@@ -337,6 +340,7 @@ def _warnings_to_stderr() -> None:
               help="ImageNet backbone (keras.applications) with its conventional head.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory, e.g. runs/vgg16.")
 @click_options(TRAIN)
+@click_option(RUN["cache_dir"])
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last finished epoch.")
 @quiet_option
 @json_option
@@ -347,7 +351,8 @@ def train_command(data_dir: str, as_json: bool, **options) -> None:
     phase 2 fine-tunes the top layers with augmentation at a lower learning rate. Early stopping
     on validation loss keeps the best model. The run directory holds model.keras, labels.json,
     split.csv, history.json, manifest.json and training_curve.png. Corrupt images are skipped
-    with a warning and counted in the manifest.
+    with a warning and counted in the manifest. Decoded images and base features go to the
+    competition's shared cache (--cache-dir, default DATA_DIR/.glr-cache; see `glr cache`).
 
     \b
     Example:
@@ -456,7 +461,8 @@ _match_options = click_options(VERIFY, MATCH_KEYS)  # matching and RANSAC (defau
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @_extractor_options
 @click.option("--shard", default=None, help="Only shard i of n (i/n, by crc32 of the image id).")
-@click_options(VERIFY, ("cache_dir", "workers"))
+@click_option(RUN["cache_dir"])
+@click_options(VERIFY, ("workers",))
 @quiet_option
 @json_option
 def features_cmd(data_dir: str, split: str, as_json: bool, **options) -> None:
@@ -489,7 +495,8 @@ def features_cmd(data_dir: str, split: str, as_json: bool, **options) -> None:
 @click.option("--ref-embeddings", type=click.Path(dir_okay=False), default=None,
               help="Training-image embeddings (glr predict --split train --embeddings) for --refs nearest.")
 @click.option("--shard", default=None, help="Only queries of shard i of n (i/n, crc32 of the id); join with glr merge.")
-@click_options(VERIFY, ("workers", "cache_dir", "max_side", "n_features", "delf_handle", "ratio", "mutual",
+@click_option(RUN["cache_dir"])
+@click_options(VERIFY, ("workers", "max_side", "n_features", "delf_handle", "ratio", "mutual",
                         "model", "method", "threshold", "seed", "chunk_size"))
 @quiet_option
 @json_option
@@ -679,9 +686,14 @@ def write_submission_command(preds: str, data_dir: str, out: str, as_json: bool)
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--from", "from_stage", metavar="STAGE", help="Redo STAGE and every stage after it (e.g. tune, train:vgg16).")
 @click.option("--only", metavar="STAGE", help="Redo just STAGE (all of a kind: train, predict, verify).")
-@click.option("--dry-run", is_flag=True, help="Print the plan (run/skip and why) and run nothing.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (run/skip and why, with each stage's images, time, "
+              "disk and peak RAM) and run nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
+@click.option("--measure", is_flag=True, help="With --dry-run: time a few of this competition's images per stage "
+              "(about a minute) instead of the stored rates.")
 @quiet_option
-def run_cmd(config: str, from_stage: str | None, only: str | None, dry_run: bool) -> None:
+def run_cmd(config: str, from_stage: str | None, only: str | None, dry_run: bool, as_json: bool,
+            measure: bool) -> None:
     """Run the pipeline of a TOML config; unchanged stages are skipped.
 
     Each stage is skipped when its config slice and input artefacts are unchanged since it wrote
@@ -701,9 +713,118 @@ def run_cmd(config: str, from_stage: str | None, only: str | None, dry_run: bool
     from pipeline.run.stages import run
     from pipeline.run.summary import summary_table
 
+    if (as_json or measure) and not dry_run:
+        raise click.UsageError("--json and --measure go with --dry-run")
+    if dry_run:
+        from pipeline.run.costs import dry_run as plan_run
+
+        plan = plan_run(config, from_stage=from_stage, only=only, measure=measure,
+                        echo=(lambda s: None) if as_json else click.echo)
+        if as_json:
+            echo_json(plan)
+        return
     manifest = run(config, from_stage=from_stage, only=only, dry_run=dry_run, echo=click.echo)
     if not dry_run:
         click.echo(summary_table(manifest))
+
+
+# --- caches --------------------------------------------------------------------
+
+class _DefaultList(click.Group):
+    """`glr cache [DATA_DIR]` lists; `glr cache prune …` prunes."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
+            args = ["list", *args]
+        return super().parse_args(ctx, args)
+
+
+_cache_args = [click.argument("data_dir", required=False, type=click.Path(file_okay=False)),
+               click_option(RUN["cache_dir"])]
+
+
+def _with_cache_args(f):
+    for deco in reversed(_cache_args):
+        f = deco(f)
+    return f
+
+
+def _cache_root(data_dir: str | None, cache_dir: str | None):
+    from pipeline.caches import cache_root
+
+    return cache_root(data_dir or DATA.default("data_dir"), cache_dir)
+
+
+def _echo_caches(entries: list[dict]) -> None:
+    import time
+
+    from pipeline.caches import human_bytes
+
+    for e in entries:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"])) if e["last_used"] else "-"
+        failed = f" ({e['failed']:,} failed)" if e.get("failed") else ""
+        click.echo(f"{e['kind']:<11} {e['key']:<40} {e['entries']:>10,} entries{failed}  {human_bytes(e['bytes']):>9}"
+                   f"  last used {used}")
+
+
+@cli.group("cache", cls=_DefaultList, invoke_without_command=False)
+def cache_group() -> None:
+    """List (`glr cache [DATA_DIR]`) and prune (`glr cache prune`) the caches of a competition.
+
+    The caches (decoded images, base features, local features) live in one folder per
+    competition: --cache-dir, default DATA_DIR/.glr-cache. Prune deletes only folders glr wrote.
+
+    \b
+    Example:
+      glr cache data
+      glr cache prune data --older-than 30 --dry-run
+      glr cache prune data --kind bottleneck --all
+    """
+
+
+@cache_group.command("list")
+@_with_cache_args
+@json_option
+def cache_list_cmd(data_dir: str | None, cache_dir: str | None, as_json: bool) -> None:
+    """List the caches: kind, key, entries, bytes on disk, last used; and the total."""
+    from pipeline.caches import human_bytes, list_caches
+
+    root = _cache_root(data_dir, cache_dir)
+    entries = list_caches(root)
+    total = sum(e["bytes"] for e in entries)
+    if as_json:
+        echo_json({"root": str(root), "caches": entries, "total_bytes": total})
+        return
+    if not entries:
+        click.echo(f"{root}: no caches")
+        return
+    _echo_caches(entries)
+    click.echo(f"{root}: {len(entries)} cache(s), {human_bytes(total)}")
+
+
+@cache_group.command("prune")
+@_with_cache_args
+@click.option("--kind", type=click.Choice(["images", "bottleneck", "features"]), default=None,
+              help="Only caches of this kind.")
+@click.option("--older-than", "older_than", type=click.FloatRange(min=0), default=None, metavar="DAYS",
+              help="Caches not used for more than DAYS days.")
+@click.option("--all", "everything", is_flag=True, help="Every cache (of --kind, if given).")
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+@json_option
+def cache_prune_cmd(data_dir: str | None, cache_dir: str | None, kind: str | None, older_than: float | None,
+                    everything: bool, dry_run: bool, as_json: bool) -> None:
+    """Delete caches by kind and age (--older-than DAYS or --all). Only folders glr wrote are deleted."""
+    from pipeline.caches import human_bytes, prune_caches
+
+    root = _cache_root(data_dir, cache_dir)
+    gone = prune_caches(root, kind=kind, older_than_days=older_than, everything=everything, dry_run=dry_run)
+    freed = sum(e["bytes"] for e in gone)
+    if as_json:
+        echo_json({"root": str(root), "dry_run": dry_run, "deleted": gone, "freed_bytes": freed})
+        return
+    _echo_caches(gone)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{root}: {verb} {len(gone)} cache(s), {human_bytes(freed)}")
 
 
 @cli.command("config-example")

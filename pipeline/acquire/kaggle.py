@@ -271,29 +271,47 @@ def _unwrap(wrapper: Path, final: Path, staging: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # submit
 # --------------------------------------------------------------------------------------------
-def submit(
-    submission: str | os.PathLike, competition: str, message: str, *, data_dir: str | os.PathLike | None = None
-) -> dict:
-    """Validate a submission file, then upload it with the official client.
+def check_before_upload(
+    submission: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, check_ids: bool = True
+) -> Path | None:
+    """Everything `submit` checks before it sends a byte; returns the sample it checked the ids against.
 
-    Validation (against `data_dir`'s `sample_submission.csv` when given) runs first, so an
-    invalid file is never uploaded. The upload is StartSubmissionUpload → PUT → CreateSubmission.
-    A refused file submission (the 2020/2021 code competitions) is one line pointing to
-    running glr inside a Kaggle notebook. Returns Kaggle's message, the submission ref and a URL.
+    The file is held to the one grammar of the format (`submissions.format`, the same reader as
+    `glr gap` and `glr write-submission`), and its ids to the competition's sample_submission.csv
+    (`data_dir` is the competition folder or that file). Without a sample the ids cannot be checked,
+    so that is refused unless `check_ids` is False (an explicit `--no-id-check`).
     """
-    from submissions.format import check_submission
+    from submissions.format import SAMPLE_SUBMISSION, check_submission, sample_submission_path
 
     path = Path(submission)
     if not path.is_file():
         raise UserError(f"{path}: no such submission file (write one with `glr write-submission`)")
-    if not message or not message.strip():
-        raise UserError("-m/--message: give a short description of this submission")
     sample = None
     if data_dir is not None:
-        from pipeline.acquire.competition import Competition
-
-        sample = Competition(data_dir).sample_submission_path
+        sample = sample_submission_path(data_dir)  # a UserError when the folder has none
+    elif check_ids:
+        raise UserError(f"{path}: give --data-dir (the competition folder or its {SAMPLE_SUBMISSION}) so its ids "
+                        "are checked before the upload, or --no-id-check to upload without that check")
     check_submission(path, sample)
+    return sample
+
+
+def submit(
+    submission: str | os.PathLike, competition: str, message: str, *, data_dir: str | os.PathLike | None = None,
+    check_ids: bool = True,
+) -> dict:
+    """Validate a submission file (`check_before_upload`), then upload it with the official client.
+
+    Validation runs first, so an invalid file (or one whose ids were not checked, unless
+    `check_ids` is False) is never uploaded. The upload is StartSubmissionUpload → PUT →
+    CreateSubmission. A refused file submission (the 2020/2021 code competitions) is one line
+    pointing to running glr inside a Kaggle notebook. Returns Kaggle's message, the submission ref
+    and a URL.
+    """
+    path = Path(submission)
+    if not message or not message.strip():
+        raise UserError("-m/--message: give a short description of this submission")
+    sample = check_before_upload(path, data_dir=data_dir, check_ids=check_ids)
     api = _api()
     with _kaggle_errors(competition, "submit"):
         resp = api.competition_submit(str(path), message, competition, quiet=True)

@@ -279,7 +279,8 @@ def test_submit_refuses_invalid_file_before_any_request(tmp_path, comp_dir):
 def test_submit_code_competition_points_to_notebook(tmp_path, comp_dir):
     sub = _write_submission(comp_dir, tmp_path / "submission.csv")
     with FakeKaggle(code_competitions={"landmark-recognition-2021"}) as fake:
-        proc = glr(["submit", str(sub), "-c", "landmark-recognition-2021", "-m", "x"], _env(fake, _home(tmp_path)))
+        proc = glr(["submit", str(sub), "-c", "landmark-recognition-2021", "-m", "x", "--data-dir", str(comp_dir)],
+                   _env(fake, _home(tmp_path)))
         _one_line_error(proc, "refused the file submission", "Kaggle notebook")
         assert fake.submissions == []
 
@@ -326,7 +327,7 @@ def test_safe_extract_skips_complete_and_finishes_partial(tmp_path):
 def test_submit_reports_failed_upload(tmp_path, comp_dir):
     sub = _write_submission(comp_dir, tmp_path / "submission.csv")
     with FakeKaggle(archives={COMP: b""}, fail_upload=True) as fake:
-        proc = glr(["submit", str(sub), "-c", COMP, "-m", "x"], _env(fake, _home(tmp_path)))
+        proc = glr(["submit", str(sub), "-c", COMP, "-m", "x", "--no-id-check"], _env(fake, _home(tmp_path)))
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith("Error: the upload of")
         assert fake.submissions == [] and "competitions.CompetitionApiService/CreateSubmission" not in fake.api_calls()
