@@ -78,6 +78,7 @@ def train_stage(ctx: Context, model: dict, full: bool) -> dict:
     """`glr train` of one [[models]] entry: on the local-validation split, or (`full`) on all of train."""
     import shutil
 
+    from pipeline.caches import cache_root
     from pipeline.model.train import train
 
     out = ctx.layout.model_dir(model["name"], full)
@@ -85,7 +86,9 @@ def train_stage(ctx: Context, model: dict, full: bool) -> dict:
         shutil.rmtree(out)  # a stale run of another config, written by this stage: start afresh
     options = {k: v for k, v in model.items() if k not in ("name", "backbone")}
     source = _data_dir(ctx) if full else ctx.layout.localval
-    m = train(source, backbone=model["backbone"], out=out, resume=ctx.resume, **options)
+    # one cache for both fits: the local-validation folder's images are links to the competition's
+    cache_dir = ctx.cfg["run"]["cache_dir"] or cache_root(_data_dir(ctx))
+    m = train(source, backbone=model["backbone"], out=out, resume=ctx.resume, cache_dir=cache_dir, **options)
     return jsonable({k: m.get(k) for k in ("final", "best", "timings", "n_classes", "resumed")})
 
 
@@ -121,10 +124,12 @@ def ensemble_stage(ctx: Context) -> dict:
 
 
 def verify_stage(ctx: Context, part: str) -> dict:
+    from pipeline.caches import cache_root
     from pipeline.verify.inliers import verify
 
     lay, v = ctx.layout, dict(ctx.cfg["verify"])
-    v["cache_dir"] = v.get("cache_dir") or lay.features
+    # the competition's cache for both parts: the validation folder's images are links to its files
+    v["cache_dir"] = cache_root(_data_dir(ctx), ctx.cfg["run"]["cache_dir"])
     if v["refs"] == "nearest":  # the first model's global descriptors choose the references
         first = ctx.cfg["models"][0]["name"]
         v.update(embeddings=lay.embeddings(first, part), ref_embeddings=lay.embeddings(first, part, train=True))

@@ -93,7 +93,7 @@ def test_unfreeze_top_layers():
     base = M.find_base(model)
     trainable = [l.name for l in base.layers if l.trainable and l.weights]
     assert n == len(trainable) and 1 <= n <= 4
-    assert all("bn" not in name for name in trainable)  # BatchNorm stays frozen
+    assert all("bn" not in name for name in trainable)  # BatchNorm stays frozen (trainable = False)
     assert base.layers[1].trainable is False or not base.layers[1].weights
 
 
@@ -125,3 +125,57 @@ def test_select_rows_and_stratified_split():
     assert (one["split"] == "train").all()  # a class of one image keeps it for training
     with pytest.raises(UserError, match="min-per-class"):
         select_rows(train, min_per_class=50)
+
+
+def _bn_state(base) -> dict:
+    import keras
+
+    return {(l.name, w.path): np.array(w) for l in base.layers if isinstance(l, keras.layers.BatchNormalization)
+            for w in l.weights}
+
+
+@pytest.mark.slow
+def test_fine_tuning_leaves_batchnorm_unchanged():
+    """A ResNet50 fine-tune epoch (top layers unfrozen, fit passes training=True down) changes the
+    unfrozen convolutions but no BatchNormalization moving mean/variance, gamma or beta; a BN layer
+    made trainable would move (the check can fail)."""
+    import keras
+
+    from pipeline.model import backbones as M
+
+    keras.utils.set_random_seed(0)
+    model = M.build_model("resnet50", 3, image_size=32, weights="none")
+    base = M.find_base(model)
+    assert M.unfreeze_top(model, 6) >= 1
+    bn = [l for l in base.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert bn and not any(l.trainable for l in bn)
+    convs = [l for l in base.layers if l.trainable and l.weights]
+    before, conv_before = _bn_state(base), [np.array(l.weights[0]) for l in convs]
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (16, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 3, 16)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    after = _bn_state(base)
+    assert before.keys() == after.keys() and len(before) == 4 * len(bn)  # gamma, beta, moving mean/variance
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k], err_msg=str(k))
+    assert any(not np.array_equal(a, np.array(l.weights[0])) for a, l in zip(conv_before, convs))
+    # the control: a trainable BN layer in the same fit does update its moving statistics
+    top_bn = bn[-1]
+    top_bn.trainable = True
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    mean = np.array(top_bn.moving_mean)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert not np.array_equal(mean, np.array(top_bn.moving_mean))
+
+
+def test_tf_config_is_refused_with_the_upstream_issue(monkeypatch):
+    from pipeline.model import backbones as M
+
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["h1:1", "h2:1"]}, "task": {"type": "worker", '
+                       '"index": 0}}')
+    with pytest.raises(UserError, match=r"keras-team/keras/issues/20585.*MirroredStrategy"):
+        M.get_strategy()
+    monkeypatch.delenv("TF_CONFIG")
+    M.check_single_machine()  # no TF_CONFIG: nothing to refuse

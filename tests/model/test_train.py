@@ -328,3 +328,12 @@ def test_cache_dir_may_change_on_resume_and_head_batch_size_is_used(tiny_comp, t
     assert again["history"] == m["history"]
     with pytest.raises(UserError, match="head-batch-size"):
         train(tiny_comp, out=tmp_path / "x", head_batch_size=0, **opts)
+
+
+def test_tf_config_is_refused_before_any_decoding(tiny_comp, tmp_path, monkeypatch):
+    from pipeline.model.train import train
+
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["h1:1", "h2:1"]}, "task": {"type": "worker", "index": 1}}')
+    with pytest.raises(UserError, match="20585"):
+        train(tiny_comp, out=tmp_path / "r", cache_dir=tmp_path / "cache", **TINY)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "r").exists()
