@@ -3,13 +3,16 @@
 - `bounded_map`: a thread pool for I/O-bound work (downloads, image checks) that never queues
   more than a window of calls, so a million items never become a million futures.
 - `map_chunks`: spawned worker processes for CPU-bound work (feature extraction, matching), with
-  one OpenCV/BLAS thread each; the pool is always torn down, even on an interruption.
+  one OpenCV/BLAS/TensorFlow thread each (processes are the parallelism: a worker that let BLAS
+  use every core would oversubscribe them); the pool is always torn down, even on an interruption.
+- `resolve_workers`: the one place where `workers = 0` becomes "one per available core".
 - `stable_shard` / `parse_shard` / `in_shard`: split image ids into `i/n` shards by crc32, so
   every machine and every run agrees on which shard an id belongs to.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -46,25 +49,102 @@ def bounded_map(fn: Callable, items: Iterable, workers: int, window: int | None 
                 f.cancel()
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or taskset's limit)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_workers(workers: int) -> int:
+    """`workers` processes, 0 meaning one per available core."""
+    workers = int(workers)
+    if workers < 0:
+        raise UserError(f"--workers must be 0 (one per core) or more, got {workers}")
+    return workers or available_cores()
+
+
+# environment of spawned workers, read by BLAS/OpenMP/TensorFlow when they load (before any initializer runs)
+_ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                   "BLIS_NUM_THREADS": "1", "VECLIB_MAXIMUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1",
+                   "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+_pinned = False  # True in a spawned worker: one thread per library (TensorFlow reads it, pipeline.verify.features)
+_limits = None  # threadpoolctl's limiter, kept alive for the worker's lifetime
+
+
+def in_pinned_worker() -> bool:
+    """Whether this process is a `map_chunks` worker pinned to one thread per library."""
+    return _pinned
+
+
 def init_single_thread_worker() -> None:
-    """Each worker process: one OpenCV/BLAS thread (processes are the parallelism)."""
+    """Each worker process: one OpenCV thread and one BLAS/OpenMP thread (processes are the parallelism)."""
+    global _pinned, _limits
     import cv2
+    import numpy  # noqa: F401 - load BLAS first, so that threadpoolctl sees it
+    from threadpoolctl import threadpool_limits
 
     cv2.setNumThreads(1)
+    _limits = threadpool_limits(limits=1)
+    _pinned = True
+
+
+def _worker_init(initializer: Callable | None, initargs: tuple) -> None:
+    init_single_thread_worker()
+    if initializer is not None:
+        initializer(*initargs)
 
 
 @contextlib.contextmanager
-def map_chunks(fn: Callable, chunks: list, workers: int, initializer: Callable = init_single_thread_worker,
+def single_threaded() -> Iterator[None]:
+    """In this process, for the duration: one OpenCV thread and one BLAS thread (restored after)."""
+    import cv2
+    from threadpoolctl import threadpool_limits
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        cv2.setNumThreads(before)
+
+
+@contextlib.contextmanager
+def _one_thread_env() -> Iterator[None]:
+    """os.environ with the one-thread variables while workers are spawned (they inherit it), restored after."""
+    saved = {k: os.environ.get(k) for k in _ONE_THREAD_ENV}
+    os.environ.update(_ONE_THREAD_ENV)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def map_chunks(fn: Callable, chunks: list, workers: int, initializer: Callable | None = None,
                initargs: tuple = ()) -> Iterator[Iterator]:
-    """Yield the results of `fn` over `chunks`: in order in this process when `workers` <= 1, else as
-    they finish in `workers` spawned processes (OpenCV's and BLAS's thread pools are not fork-safe),
-    each set up by `initializer(*initargs)`; the pool is terminated on exit, error or interruption."""
+    """Yield the results of `fn` over `chunks`: in order in this process when `workers` is 1 (or there is
+    one chunk), else as they finish in spawned processes (OpenCV's and BLAS's thread pools are not
+    fork-safe); `workers` 0 = one per available core, never more than there are chunks. Every worker,
+    and this process while it maps serially, uses one OpenCV and one BLAS thread, and is set up by
+    `initializer(*initargs)`; the pool is terminated on exit, error or interruption."""
+    workers = min(resolve_workers(workers), max(1, len(chunks)))
     if workers <= 1:
-        yield map(fn, chunks)
+        with single_threaded():
+            if initializer is not None:
+                initializer(*initargs)
+            yield map(fn, chunks)
         return
     import multiprocessing as mp
 
-    pool = mp.get_context("spawn").Pool(workers, initializer=initializer, initargs=initargs)
+    with _one_thread_env():
+        pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(initializer, initargs))
     try:
         yield pool.imap_unordered(fn, chunks)
     finally:

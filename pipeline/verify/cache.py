@@ -1,20 +1,38 @@
-"""On-disk cache of local features: each image is extracted once per extractor configuration.
+"""On-disk cache of local features: each image FILE is extracted once per extractor configuration.
 
-Layout: `<cache_dir>/<config key>/<split>/<id[:2]>/<id>.npz` (plus `config.json` describing the key).
-Default `cache_dir`: `<data_dir>/.glr-features/`. Each entry is written to a temporary file
-beside it and renamed into place, so concurrent writers (workers, shards on a shared disk)
-and interrupted runs never leave a half-written entry that could be read back; a damaged
-entry (e.g. a disk error) is treated as missing and recomputed. Memory is bounded by a small
-in-process LRU.
+Layout, under `kind_dir(cache_root(data_dir, cache_dir), "features")` (pipeline.caches):
+
+    <extractor key>/config.json         the extractor settings the key stands for
+    <extractor key>/<k[:2]>/<k>.feat    one entry per image file
+
+`k` is the file's identity (`pipeline.caches.file_keys`: name, inode, size, mtime), not its id or
+split: a hard link or symlink to the same file (the local-validation folder's images) finds the
+same entry, and an image changed on disk is a new entry, never stale features.
+
+An entry holds only what matching uses (`pipeline.verify.matching`): keypoint locations, as
+uint16 fixed point over the keypoints' extent (≤ 0.03 px error on a 4,000-px photo), and
+quantised descriptors: RootSIFT (components in [0, 0.5)) as uint8 at a fixed scale of 512,
+DELF (unit 40-D, components in [-1, 1]) as int8 at 127, ORB's binary bytes as they are; the
+arrays are deflated and float descriptors are renormalised to unit length when read. About
+100 KB per 1,000 SIFT keypoints (float16 npz with scales and scores: 260 KB). Scales and scores
+are not kept (NaN when read back).
+
+Each entry is written to a temporary file beside it and renamed into place, so concurrent
+writers (workers, shards on a shared disk) and interrupted runs never leave a half-written
+entry; a damaged entry is deleted when read and recomputed by the next run. Memory is bounded
+by a small in-process LRU (bytes). Extraction builds the extractor once per process before the
+first image, so a module that does not load stops the run before anything is written, and
+catches per image only the errors of reading an image (`ImageReadError`).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
-import zipfile
+import struct
+import warnings
+import zlib
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -23,161 +41,233 @@ from pipeline.options import VERIFY
 from pipeline.verify.features import Extractor, ExtractorConfig, Features, make_config, make_extractor
 from submissions.files import atomic_path, atomic_write_text
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,120}$")
+FORMAT = 2
+_MAGIC = b"GLRF"
+_HEAD = struct.Struct("<4sBBHIffff")  # magic, format, codec, dim, n, work_scale, x0, y0, location step
+_RAW, _U8, _I8 = 0, 1, 2  # descriptor codecs: bytes as they are; non-negative ×512 → uint8; signed ×127 → int8
+_SCALE = {_U8: 512.0, _I8: 127.0}
+_CODEC = {"sift": _U8, "delf": _I8, "orb": _RAW}
 
 
-def _to_disk(desc: np.ndarray) -> np.ndarray:
-    """float32 descriptors are stored as float16: half the disk, no loss that matters for matching."""
-    return desc.astype(np.float16) if desc.dtype == np.float32 else desc
+class DamagedEntry(ValueError):
+    """An entry that cannot be decoded (a disk error, or not written by this version)."""
 
 
-def _from_disk(desc: np.ndarray) -> np.ndarray:
-    """float16 → float32; unit-norm descriptors (RootSIFT, DELF) are renormalised to exactly unit norm,
-    which lets matching skip the norm terms (see pipeline.verify.matching.match_descriptors)."""
-    if desc.dtype != np.float16:
-        return desc
-    out = desc.astype(np.float32)
-    if len(out):
-        norms = np.sqrt(np.einsum("ij,ij->i", out, out))
-        if np.abs(norms - 1).max() < 5e-3:
-            out /= norms[:, None]
-    return out
+def encode(feats: Features, codec: int) -> bytes:
+    """One entry's bytes (see the module docstring)."""
+    n = feats.n
+    loc = np.asarray(feats.locations, np.float64).reshape(n, 2)
+    lo = loc.min(axis=0) if n else np.zeros(2)
+    step = max(float((loc - lo).max()) if n else 0.0, 1e-3) / 65535
+    qloc = np.rint((loc - lo) / step).clip(0, 65535).astype("<u2")
+    desc = np.asarray(feats.descriptors)
+    if codec == _RAW:
+        qdesc = np.ascontiguousarray(desc, np.uint8)
+    elif codec == _U8:
+        qdesc = np.rint(desc * _SCALE[_U8]).clip(0, 255).astype(np.uint8)
+    else:
+        qdesc = np.rint(desc * _SCALE[_I8]).clip(-127, 127).astype(np.int8)
+    dim = desc.shape[1] if desc.ndim == 2 else 0
+    head = _HEAD.pack(_MAGIC, FORMAT, codec, dim, n, feats.work_scale, lo[0], lo[1], step)
+    return head + zlib.compress(qloc.tobytes() + qdesc.tobytes(), 6)
 
 
-def default_cache_dir(data_dir: str | os.PathLike) -> Path:
-    return Path(data_dir) / ".glr-features"
+def decode(blob: bytes) -> Features:
+    """Features from an entry's bytes (DamagedEntry if they are not a whole entry)."""
+    try:
+        magic, fmt, codec, dim, n, work_scale, x0, y0, step = _HEAD.unpack_from(blob)
+        body = zlib.decompress(blob[_HEAD.size:])
+    except (struct.error, zlib.error) as e:
+        raise DamagedEntry(str(e)) from None
+    if magic != _MAGIC or fmt != FORMAT or codec not in (_RAW, _U8, _I8) or len(body) != n * (4 + dim):
+        raise DamagedEntry("not a feature entry of this format")
+    qloc = np.frombuffer(body, "<u2", 2 * n).reshape(n, 2)
+    loc = (qloc * np.float64(step) + np.array([x0, y0])).astype(np.float32)
+    if codec == _RAW:
+        desc = np.frombuffer(body, np.uint8, n * dim, 4 * n).reshape(n, dim).copy()
+    else:
+        q = np.frombuffer(body, np.uint8 if codec == _U8 else np.int8, n * dim, 4 * n).reshape(n, dim)
+        desc = q.astype(np.float32)
+        norms = np.sqrt(np.einsum("ij,ij->i", desc, desc))
+        desc /= np.where(norms > 0, norms, 1)[:, None]  # unit length, as extracted (matching relies on it)
+    nan = np.full(n, np.nan, np.float32)
+    return Features(loc, desc, nan, nan.copy(), float(work_scale))
 
 
-def _file_stem(image_id: str) -> str:
-    image_id = str(image_id)
-    return image_id if _SAFE_ID.match(image_id) else "h-" + hashlib.sha1(image_id.encode()).hexdigest()
+def stored_form(feats: Features, extractor: str = "sift") -> Features:
+    """What the cache returns for `feats` of `extractor` (quantised and read back): benchmarks use it."""
+    return decode(encode(feats, _CODEC[extractor]))
+
+
+def entry_bytes_at_most(config: ExtractorConfig) -> int:
+    """Bound on one entry's size (before deflate), for the size shown before extracting."""
+    n = config.max_feature_num if config.name == "delf" else config.n_features
+    dim = {"sift": 128, "orb": 32, "delf": 40}[config.name]
+    return _HEAD.size + int(n) * (4 + dim)
+
+
+def image_keys(paths: Iterable[str | os.PathLike]) -> list[str | None]:
+    """Each image file's cache key (hex of `pipeline.caches.file_keys`); None for a file that does not exist."""
+    from pipeline.caches import file_keys
+
+    return [k.hex() if k else None for k in file_keys([Path(p) for p in paths])]
+
+
+def features_dir(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The local-feature cache folder: `<cache root>/features` (pipeline.caches)."""
+    from pipeline.caches import cache_root, kind_dir
+
+    return kind_dir(cache_root(data_dir, cache_dir), "features")
 
 
 class FeatureCache:
-    """Features by image id for one extractor configuration (disk + bounded LRU in memory)."""
+    """Features by image-file key for one extractor configuration (disk + LRU bounded in bytes)."""
 
-    def __init__(self, cache_dir: str | os.PathLike, config: ExtractorConfig, split: str = "train",
-                 memory_items: int = 512):
+    def __init__(self, folder: str | os.PathLike, config: ExtractorConfig, memory_mb: float = 64):
         self.config = config
-        self.base = Path(cache_dir) / config.key()
-        self.root = self.base / split  # train and test ids live apart (a synthetic id may repeat)
-        self.memory_items = int(memory_items)
+        self.codec = _CODEC[config.name]
+        self.base = Path(folder) / config.key()
+        self.memory_bytes = int(memory_mb * 2**20)
         self._lru: OrderedDict[str, Features] = OrderedDict()
-        self._extractor: Extractor | None = None
+        self._held = 0
 
-    def path(self, image_id: str) -> Path:
-        stem = _file_stem(image_id)
-        return self.root / stem[:2] / f"{stem}.npz"
+    get_stored_form = staticmethod(stored_form)  # what `get` returns for freshly extracted features
 
-    def _remember(self, image_id: str, feats: Features) -> None:
-        self._lru[image_id] = feats
-        self._lru.move_to_end(image_id)
-        while len(self._lru) > self.memory_items:
-            self._lru.popitem(last=False)
+    def path(self, key: str) -> Path:
+        return self.base / key[:2] / f"{key}.feat"
 
-    def get(self, image_id: str) -> Features | None:
-        """Cached features, or None when not cached (or the entry is damaged)."""
-        image_id = str(image_id)
-        if image_id in self._lru:
-            self._lru.move_to_end(image_id)
-            return self._lru[image_id]
-        path = self.path(image_id)
+    def has(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def _remember(self, key: str, feats: Features) -> None:
+        size = feats.locations.nbytes + feats.descriptors.nbytes
+        if size > self.memory_bytes:
+            return
+        if key in self._lru:
+            self._held -= _size(self._lru.pop(key))
+        self._lru[key] = feats
+        self._held += size
+        while self._held > self.memory_bytes:
+            self._held -= _size(self._lru.popitem(last=False)[1])
+
+    def get(self, key: str) -> Features | None:
+        """Cached features, or None when not cached (a damaged entry is deleted: the next run recomputes it)."""
+        if key in self._lru:
+            self._lru.move_to_end(key)
+            return self._lru[key]
+        path = self.path(key)
         try:
-            with np.load(path, allow_pickle=False) as z:
-                desc = z["descriptors"]
-                feats = Features(
-                    z["locations"].astype(np.float32), _from_disk(desc),
-                    z["scales"].astype(np.float32), z["scores"].astype(np.float32), float(z["work_scale"]),
-                )
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
-            return None  # not cached (FileNotFoundError is an OSError), or damaged: recompute and overwrite
-        self._remember(image_id, feats)
+            feats = decode(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, DamagedEntry):
+            path.unlink(missing_ok=True)  # our own entry, unreadable: never read garbage, recompute
+            return None
+        self._remember(key, feats)
         return feats
 
-    def put(self, image_id: str, feats: Features) -> Path:
+    def put(self, key: str, feats: Features) -> Path:
         """Store atomically (temp file + rename); last writer wins, readers see whole entries."""
-        image_id = str(image_id)
-        path = self.path(image_id)
         if not (self.base / "config.json").exists():
             self.base.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.base / "config.json", json.dumps(self.config.relevant(), indent=1, default=list))
-        desc = _to_disk(feats.descriptors)
-        with atomic_path(path, suffix=".npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, locations=feats.locations.astype(np.float32), descriptors=desc,
-                         scales=feats.scales.astype(np.float32), scores=feats.scores.astype(np.float32),
-                         work_scale=np.float32(feats.work_scale))
-        if self.memory_items > 0:  # workers keep nothing in memory: skip the float16 round trip
-            self._remember(image_id, self.get_stored_form(feats))
+            atomic_write_text(self.base / "config.json",
+                              json.dumps({"format": FORMAT, **self.config.relevant()}, indent=1, default=list))
+        path = self.path(key)
+        with atomic_path(path, suffix=".feat") as tmp:
+            tmp.write_bytes(encode(feats, self.codec))
         return path
 
-    @staticmethod
-    def get_stored_form(feats: Features) -> Features:
-        """What `get` will return for `feats` (descriptors round-tripped through float16)."""
-        return feats._replace(descriptors=_from_disk(_to_disk(feats.descriptors)))
 
-    @property
-    def extractor(self) -> Extractor:
-        if self._extractor is None:
-            self._extractor = make_extractor(self.config)
-        return self._extractor
+def _size(feats: Features) -> int:
+    return feats.locations.nbytes + feats.descriptors.nbytes
 
 
 # -- filling the cache (used by `glr features` and by `glr verify` before matching) -------------
 
-_worker_caches: dict = {}
+_extractors: dict[ExtractorConfig, Extractor] = {}  # one per process and config, built before its first image
+
+
+def _extractor(config: ExtractorConfig) -> Extractor:
+    if config not in _extractors:
+        _extractors[config] = make_extractor(config)
+    return _extractors[config]
 
 
 def _extract_chunk(args) -> list[tuple[str, str | None, int]]:
-    """Worker: extract and store each (id, path) not cached yet → (id, error or None, n keypoints)."""
+    """Worker: extract and store each (key, path) not cached yet → (key, error or None, n keypoints)."""
     from pipeline.images import ImageReadError
 
-    cache_dir, config, split, items = args
-    key = (str(cache_dir), config, split)
-    cache = _worker_caches.get(key)
-    if cache is None:
-        cache = _worker_caches[key] = FeatureCache(cache_dir, config, split, memory_items=0)
+    folder, config, items = args
+    cache = FeatureCache(folder, config, memory_mb=0)
+    extractor = _extractor(config)  # outside the per-image loop: a module that does not load fails the run
     out = []
-    for image_id, path in items:
-        if cache.path(image_id).exists() and cache.get(image_id) is not None:
-            out.append((image_id, None, -1))
+    for key, path in items:
+        if cache.has(key):  # another worker or shard got there first
+            out.append((key, None, -1))
             continue
         try:
-            feats = cache.extractor.extract_path(path)
-        except ImageReadError as e:
-            out.append((image_id, str(e), 0))
+            feats = extractor.extract_path(path)
+        except ImageReadError as e:  # this image cannot be decoded: the others go on
+            out.append((key, str(e), 0))
             continue
-        except Exception as e:  # a decoder crash on one image must not stop thousands
-            out.append((image_id, f"{path}: {e.__class__.__name__}: {e}", 0))
-            continue
-        cache.put(image_id, feats)
-        out.append((image_id, None, feats.n))
+        cache.put(key, feats)
+        out.append((key, None, feats.n))
     return out
 
 
-def extract_many(cache_dir: str | os.PathLike, config: ExtractorConfig, split: str,
-                 items: list[tuple[str, Path]], *, workers: int = 1, desc: str = "features",
-                 chunk: int = 8) -> dict[str, str]:
-    """Extract every (id, path) not cached yet, in parallel; return {id: error} for unreadable images."""
-    from pipeline.parallel import map_chunks
+def extract_images(folder: str | os.PathLike, config: ExtractorConfig, paths: dict, *,
+                   workers: int = VERIFY.default("workers"), desc: str = "features",
+                   chunk: int = 8) -> tuple[dict[str, str | None], dict[str, str], dict[str, int]]:
+    """Make sure the features of every image in `paths` ({id: file}) are cached.
+
+    Returns ({id: entry key, None for an unreadable or missing image}, {id: why unreadable}, counts of
+    image files extracted now and found cached). Before extracting: the extractor is built here (a DELF handle that does not
+    load stops the run now, with nothing written), then one line says how many images will be
+    extracted and how many bytes they take at most (pipeline.caches.announce, which also refuses
+    when the disk cannot hold them).
+    """
+    from pipeline.caches import announce
+    from pipeline.parallel import map_chunks, resolve_workers
     from pipeline.progress import progress
 
-    chunks = [(cache_dir, config, split, items[i:i + chunk]) for i in range(0, len(items), chunk)]
-    errors: dict[str, str] = {}
-    if not chunks:
-        return errors
+    folder = Path(folder)
+    cache = FeatureCache(folder, config, memory_mb=0)
+    ids = list(paths)
+    keys = dict(zip(ids, image_keys(paths[i] for i in ids)))
+    errors = {i: f"{paths[i]}: no such image file" for i, k in keys.items() if k is None}
+    todo = {k: paths[i] for i, k in keys.items() if k is not None and not cache.has(k)}  # one per file
+    n_files = len({k for k in keys.values() if k is not None})
+    failed: dict[str, str] = {}
+    if todo:
+        _extractor(config)
+        announce(cache.base, f"local features ({config.name})", len(todo), n_files - len(todo),
+                 entry_bytes_at_most(config))
+        if resolve_workers(workers) > 1 and len(todo) > chunk:
+            _extractors.pop(config, None)  # loaded to check it; the workers load their own
+        failed = _extract_all(folder, config, list(todo.items()), workers, desc, chunk, map_chunks, progress)
+        for i, k in keys.items():
+            if k in failed:
+                errors[i], keys[i] = failed[k], None
+    counts = {"extracted": len(todo) - len(failed), "already_cached": n_files - len(todo)}
+    return {i: (None if i in errors else k) for i, k in keys.items()}, errors, counts
+
+
+def _extract_all(folder, config, items, workers, desc, chunk, map_chunks, progress) -> dict[str, str]:
+    """{key: error} of the images that could not be read; the others are cached."""
+    chunks = [(str(folder), config, items[i:i + chunk]) for i in range(0, len(items), chunk)]
+    failed: dict[str, str] = {}
     bar = progress(range(len(items)), total=len(items), desc=desc, unit="img")
     try:
         with map_chunks(_extract_chunk, chunks, workers) as results:
             for res in results:
-                for image_id, err, _ in res:
+                for key, err, _ in res:
                     next(bar, None)
                     if err:
-                        errors[image_id] = err
+                        failed[key] = err
     finally:
         for _ in bar:  # close the bar
             pass
-    return errors
+    return failed
 
 
 def extract_split(data_dir: str | os.PathLike, split: str = "test", *, extractor: str = VERIFY.default("extractor"),
@@ -187,23 +277,20 @@ def extract_split(data_dir: str | os.PathLike, split: str = "test", *, extractor
                   delf_handle: str = VERIFY.default("delf_handle")) -> dict:
     """Fill the feature cache for one split (or one shard of it) ahead of `glr verify`.
 
-    Already-cached images are skipped, so an interrupted run resumes. Unreadable images are
-    reported (warning naming the id), not fatal. Returns counts for the CLI.
+    `cache_dir` is the cache root ([run] cache_dir; default DATA_DIR/.glr-cache). Already-cached
+    images are skipped, so an interrupted run resumes. Unreadable images are reported (warning
+    naming the id), not fatal. Returns counts for the CLI.
     """
-    import warnings
-
     from pipeline.acquire.competition import Competition
     from pipeline.parallel import in_shard, parse_shard
 
     comp = Competition(data_dir)
     config = make_config(extractor, max_side=max_side, n_features=n_features, handle=delf_handle)
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(data_dir)
+    folder = features_dir(data_dir, cache_dir)
     ids = in_shard(comp.ids(split), parse_shard(shard))
-    cache = FeatureCache(cache_dir, config, split, memory_items=0)
-    todo = [(i, comp.image_path(i, split)) for i in ids if not cache.path(i).exists()]
-    errors = extract_many(cache_dir, config, split, todo, workers=workers, desc=f"features {split}")
-    for image_id, err in errors.items():
+    _, errors, counts = extract_images(folder, config, {i: comp.image_path(i, split) for i in ids},
+                                       workers=workers, desc=f"features {split}")
+    for image_id, err in errors.items():  # never cached: each run tries (and reports) them again
         warnings.warn(f"image {image_id}: skipped ({err})", stacklevel=2)
-    return {"split": split, "images": len(ids), "extracted": len(todo) - len(errors),
-            "already_cached": len(ids) - len(todo), "unreadable": len(errors),
-            "cache": str(cache.base), "config": config.relevant()}
+    return {"split": split, "images": len(ids), **counts, "unreadable": len(errors),
+            "cache": str(FeatureCache(folder, config).base), "config": config.relevant()}

@@ -202,12 +202,74 @@ def _from_keypoints(kps, desc: np.ndarray) -> Features:
     return Features(loc, desc, size, resp, 1.0)
 
 
+DELF_INPUTS = ("image", "score_threshold", "image_scales", "max_feature_num")
+DELF_FORMAT = (
+    "glr needs DELF in TF-Hub's format, as https://tfhub.dev/google/delf/1 (TF1 Hub format: a folder with "
+    "saved_model.pb and tfhub_module.pb, signature 'default' with inputs " + ", ".join(DELF_INPUTS) + "); "
+    "to get a local copy, on a machine with internet run TFHUB_CACHE_DIR=DIR python -c \"import tensorflow_hub "
+    "as hub; print(hub.resolve('https://tfhub.dev/google/delf/1'))\" and pass the folder it prints with "
+    "--delf-handle ([verify] delf_handle); or use --extractor sift offline"
+)
+
+
+def import_hub():
+    """tensorflow_hub, or a UserError saying how to install it (0.16.1 imports pkg_resources at import)."""
+    try:
+        import tensorflow_hub as hub
+    except ImportError as e:
+        if e.name == "pkg_resources" or "pkg_resources" in str(e):
+            raise UserError("tensorflow-hub needs pkg_resources: pip install 'setuptools<82' (setuptools 82 "
+                            "removed it; tensorflow/hub#934), or use --extractor sift") from None
+        raise UserError(f"DELF needs tensorflow-hub ({e}): pip install tensorflow-hub, or use --extractor sift") from None
+    return hub
+
+
+def configure_tensorflow(tf) -> None:
+    """Before TensorFlow starts: one intra-/inter-op thread in a pinned worker process (the processes are
+    the parallelism), and GPU memory growth so several DELF workers can share one GPU. Settings that
+    come too late (TensorFlow already running in this process, e.g. after training) are left as they are."""
+    from pipeline.parallel import in_pinned_worker
+
+    if in_pinned_worker():
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(1)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:
+            pass
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except (RuntimeError, ValueError):
+            pass
+
+
+def _signature_inputs(fn) -> list[str]:
+    try:
+        args, kwargs = fn.structured_input_signature
+        return sorted(kwargs) or [getattr(a, "name", "?") for a in args]
+    except Exception:  # not a concrete function: its inputs cannot be read
+        return []
+
+
+def delf_signature(module, handle: str):
+    """The module's `default` signature, checked to take DELF's TF-Hub inputs; else a UserError naming what
+    the folder has (e.g. a SavedModel exported by the DELF repository: inputs input_image, input_abs_thres…)."""
+    sigs = getattr(module, "signatures", None) or {}
+    fn = sigs.get("default") if hasattr(sigs, "get") else None
+    have = _signature_inputs(fn) if fn is not None else []
+    if fn is not None and set(DELF_INPUTS) <= set(have):
+        return fn
+    found = "; ".join(f"{name}({', '.join(_signature_inputs(f))})" for name, f in sigs.items()) or "none"
+    raise UserError(f"{handle}: not a DELF module in TF-Hub format (its signatures: {found}); {DELF_FORMAT}")
+
+
 class DelfExtractor(Extractor):
     """DELF through TF-Hub: `hub.load(handle).signatures['default']` (handle: URL or folder).
 
     Called as the module expects: image float32 in [0, 1] (H×W×3), score_threshold,
     image_scales, max_feature_num. DELF returns locations as (y, x) in the input image;
-    they are flipped to (x, y) here.
+    they are flipped to (x, y) here. Loading checks the module's format, so that a wrong
+    handle stops a run with one line before any image is read.
     """
 
     def __init__(self, config: ExtractorConfig):
@@ -215,18 +277,18 @@ class DelfExtractor(Extractor):
         from pipeline.model.backbones import quiet_tf
 
         tf = quiet_tf()  # lazily: only DELF needs TensorFlow
-        import tensorflow_hub as hub
-
+        configure_tensorflow(tf)
+        hub = import_hub()
         self._tf = tf
         try:
             module = hub.load(config.handle)
         except Exception as e:
             raise UserError(
-                f"cannot load the DELF module from {config.handle!r} ({e.__class__.__name__}: {e}); "
-                "pass a local SavedModel folder with --delf-handle, or use --extractor sift offline"
+                f"cannot load the DELF module from {config.handle!r} ({e.__class__.__name__}: "
+                f"{' '.join(str(e).split())[:300]}); {DELF_FORMAT}"
             ) from None
         self._module = module  # keep the object alive: the signature refers to its variables
-        self._fn = module.signatures["default"]
+        self._fn = delf_signature(module, config.handle)
 
     def _extract(self, rgb: np.ndarray) -> Features:
         tf = self._tf

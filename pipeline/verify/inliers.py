@@ -46,29 +46,33 @@ class VerifyResult:
 _state: dict = {}
 
 
-def _init_match_worker(cache_dir, config, match_cfg, bad_query, bad_ref) -> None:
-    """Each matching process (or this one when serial): its caches, matching config and unreadable ids."""
-    from pipeline.parallel import init_single_thread_worker
+def _init_match_worker(features_dir, config, match_cfg) -> None:
+    """Each matching process (or this one when serial): its caches (references get the larger memory:
+    chunks are ordered so that one worker meets the same references again) and matching config."""
     from pipeline.verify.cache import FeatureCache
 
-    init_single_thread_worker()
-    _state.update(
-        query=FeatureCache(cache_dir, config, "test", memory_items=64),
-        ref=FeatureCache(cache_dir, config, "train", memory_items=2048),
-        match=match_cfg, delf=config.name == "delf", bad_query=set(bad_query), bad_ref=set(bad_ref),
-    )
+    _state.update(query=FeatureCache(features_dir, config, memory_mb=16),
+                  ref=FeatureCache(features_dir, config, memory_mb=128), match=match_cfg,
+                  delf=config.name == "delf")
 
 
-def _match_chunk(pairs: list[tuple[str, int, str]]) -> list[tuple[str, int, str, int]]:
-    """Worker: inlier count for each (query, class, ref); 0 where an image could not be read."""
+def _features(cache, key: str):
+    feats = cache.get(key)
+    if feats is None:  # extracted before matching began: removed (glr cache prune?) or damaged since
+        raise UserError(f"{cache.path(key)}: local-feature cache entry gone or damaged during the run; "
+                        "run glr verify again (it extracts the entry again and resumes)")
+    return feats
+
+
+def _match_chunk(pairs: list[tuple]) -> list[tuple[str, int, str, int]]:
+    """Worker: inlier count for each (query, class, ref, query key, ref key); 0 where an image could not
+    be read (its key is None)."""
     qc, rc, cfg = _state["query"], _state["ref"], _state["match"]
     out = []
-    for qid, lid, rid in pairs:
+    for qid, lid, rid, qkey, rkey in pairs:
         n = 0
-        if qid not in _state["bad_query"] and rid not in _state["bad_ref"]:
-            fq, fr = qc.get(qid), rc.get(rid)
-            if fq is not None and fr is not None:
-                n = match_features(fq, fr, cfg, delf=_state["delf"])["inliers"]
+        if isinstance(qkey, str) and isinstance(rkey, str):
+            n = match_features(_features(qc, qkey), _features(rc, rkey), cfg, delf=_state["delf"])["inliers"]
         out.append((qid, lid, rid, n))
     return out
 
@@ -80,10 +84,15 @@ def settings_fingerprint(data_dir: str | os.PathLike, config, match_cfg: MatchCo
     """(settings, short hash) of everything a pair's inlier count depends on besides the pair itself.
 
     Extractor and its relevant config, matching/RANSAC config (ratio, mutual, model, method,
-    threshold, iterations, confidence, seed) and the competition folder the ids are resolved in.
+    threshold as resolved for the extractor, iterations, confidence, seed), the feature cache's
+    format (v: quantised descriptors) and the competition folder the ids are resolved in.
     Which pairs are planned (candidates, k, refs, shard) is not part of it: rows are keyed by pair.
     """
-    settings = {"v": 1, "features": config.relevant(), "match": dataclasses.asdict(match_cfg),
+    from pipeline.verify.cache import FORMAT
+
+    if match_cfg.threshold is None:
+        match_cfg = match_cfg.for_extractor(config.name)
+    settings = {"v": 2, "feature_format": FORMAT, "features": config.relevant(), "match": dataclasses.asdict(match_cfg),
                 "data_dir": str(Path(data_dir).resolve())}
     blob = json.dumps(settings, sort_keys=True, default=list)
     return json.loads(blob), hashlib.sha1(blob.encode()).hexdigest()
@@ -156,27 +165,28 @@ def _plan(preds: pd.DataFrame, comp, *, candidates: int, k: int, refs: str, seed
                              ref_embeddings=remb)
 
 
-def _extract_missing(comp, cache_dir: Path, config, todo: pd.DataFrame, workers: int) -> tuple[dict, dict]:
-    """Fill the cache with the features of the queries and references `todo` needs → their unreadable ids."""
-    from pipeline.verify.cache import FeatureCache, extract_many
+def _extract_missing(comp, folder: Path, config, todo: pd.DataFrame, workers: int) -> tuple[dict, dict]:
+    """Make sure the features of the queries and references `todo` needs are cached (only those; one pool,
+    one line saying how many and how big) → ({query id: entry key}, {reference id: entry key}), None for an
+    unreadable image (0 inliers, a warning)."""
+    from pipeline.verify.cache import extract_images
 
-    bad = {}
-    for split, column, what in (("test", "id", "query"), ("train", "ref_id", "reference")):
-        cache = FeatureCache(cache_dir, config, split, 0)
-        items = [(i, comp.image_path(i, split)) for i in todo[column].unique().tolist() if not cache.path(i).exists()]
-        bad[split] = extract_many(cache_dir, config, split, items, workers=workers, desc=f"{what} features")
-        for i, err in bad[split].items():
-            warnings.warn(f"{what} {i}: 0 inliers ({err})", stacklevel=3)
-    return bad["test"], bad["train"]
+    paths = {(split, i): comp.image_path(i, split) for split, column in (("test", "id"), ("train", "ref_id"))
+             for i in todo[column].unique().tolist()}
+    keys, errors, _ = extract_images(folder, config, paths, workers=workers, desc="features")
+    for (split, i), err in errors.items():
+        warnings.warn(f"{'query' if split == 'test' else 'reference'} {i}: 0 inliers ({err})", stacklevel=3)
+    return ({i: k for (split, i), k in keys.items() if split == "test"},
+            {i: k for (split, i), k in keys.items() if split == "train"})
 
 
-def _chunks(preds: pd.DataFrame, todo: pd.DataFrame, chunk_size: int) -> list[list[tuple[str, int, str]]]:
-    """`todo`'s pairs in chunks of about `chunk_size`, never splitting one query's pairs; queries sorted
-    by their top class so that the chunks of one worker share references."""
+def _chunks(preds: pd.DataFrame, todo: pd.DataFrame, chunk_size: int) -> list[list[tuple]]:
+    """`todo`'s pairs (with the query's and reference's entry keys) in chunks of about `chunk_size`, never
+    splitting one query's pairs; queries sorted by their top class so that one worker's chunks share references."""
     first_class = preds[preds["rank"] == preds.groupby("id")["rank"].transform("min")].set_index("id")["landmark_id"]
     order = todo.assign(_c=todo["id"].map(first_class)).sort_values(["_c", "id"], kind="stable")
     chunks, cur = [], []
-    for t in zip(order["id"], order["landmark_id"].astype(int), order["ref_id"]):
+    for t in zip(order["id"], order["landmark_id"].astype(int), order["ref_id"], order["qkey"], order["rkey"]):
         if len(cur) >= chunk_size and t[0] != cur[-1][0]:
             chunks.append(cur)
             cur = []
@@ -191,8 +201,6 @@ def _match_into_parts(chunks: list, parts: Path, init_args: tuple, workers: int)
     from submissions.tables import write_inliers
 
     parts.mkdir(parents=True, exist_ok=True)
-    if workers <= 1:
-        _init_match_worker(*init_args)
     n_pairs = sum(map(len, chunks))
     with map_chunks(_match_chunk, chunks, workers, _init_match_worker, init_args) as results:
         bar = progress(range(n_pairs), total=n_pairs, desc="verify", unit="pair")
@@ -214,7 +222,9 @@ def verify(preds: str | os.PathLike | pd.DataFrame, data_dir: str | os.PathLike,
     """Verify each query's top candidate classes against reference training images; write the inliers table.
 
     Queries are the ids of `preds` (test split), restricted to `shard` ('i/n' by crc32 of the id).
-    Features come from the cache (default `<data_dir>/.glr-features/`), extracted once per image.
+    Features come from the cache under `cache_dir` (the cache root, default DATA_DIR/.glr-cache;
+    `pipeline.verify.cache`), extracted once per image file and only for the images of pairs to compute.
+    `workers` 0 = one process per available core; `threshold` None = the extractor's default.
     Finished chunks of pairs are kept in `.<out>.parts-<hash>/` next to `out`, so re-running after
     an interruption only computes the missing pairs. An existing `out` written with the same
     settings (`settings_fingerprint`: extractor config, matching/RANSAC config, data folder) lends
@@ -226,7 +236,7 @@ def verify(preds: str | os.PathLike | pd.DataFrame, data_dir: str | os.PathLike,
     computed and reused (also stored in the table's metadata).
     """
     from pipeline.acquire.competition import Competition
-    from pipeline.verify.cache import default_cache_dir
+    from pipeline.verify.cache import features_dir
     from pipeline.verify.features import make_config
     from submissions.tables import read_predictions, validate_inliers, validate_predictions, write_inliers
 
@@ -234,8 +244,9 @@ def verify(preds: str | os.PathLike | pd.DataFrame, data_dir: str | os.PathLike,
     preds = validate_predictions(preds) if isinstance(preds, pd.DataFrame) else read_predictions(preds)
     comp = Competition(data_dir)
     config = make_config(extractor, max_side=max_side, n_features=n_features, handle=delf_handle)
-    mcfg = match_config(ratio=ratio, mutual=mutual, model=model, method=method, threshold=threshold, seed=seed)
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(data_dir)
+    mcfg = match_config(extractor, ratio=ratio, mutual=mutual, model=model, method=method, threshold=threshold,
+                        seed=seed)
+    folder = features_dir(data_dir, cache_dir)
     preds, plan = _plan(preds, comp, candidates=candidates, k=k, refs=refs, seed=seed, shard=shard,
                         embeddings=embeddings, ref_embeddings=ref_embeddings)
 
@@ -248,9 +259,10 @@ def verify(preds: str | os.PathLike | pd.DataFrame, data_dir: str | os.PathLike,
     done_keys = set(zip(done["id"], done["landmark_id"], done["ref_id"]))
     todo = plan[np.array([t not in done_keys for t in zip(plan["id"], plan["landmark_id"], plan["ref_id"])], bool)]
 
-    bad_q, bad_r = _extract_missing(comp, cache_dir, config, todo, workers)  # features, once per image
+    qkeys, rkeys = _extract_missing(comp, folder, config, todo, workers)  # features, once per image file
     if len(todo):
-        init_args = (str(cache_dir), config, mcfg, list(bad_q), list(bad_r))
+        todo = todo.assign(qkey=todo["id"].map(qkeys), rkey=todo["ref_id"].map(rkeys))
+        init_args = (str(folder), config, mcfg)
         _match_into_parts(_chunks(preds, todo, chunk_size), parts, init_args, workers)
         done = _concat_pairs(done, _read_parts(parts))
 

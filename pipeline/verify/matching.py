@@ -9,6 +9,7 @@ is the study's reference path, kept only for tests and benchmarks.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -24,6 +25,9 @@ _V = VERIFY.default  # the user-facing settings' defaults are the schema's
 MODELS = VERIFY["model"].choices
 METHODS = VERIFY["method"].choices
 _MIN_POINTS = {"affine": 3, "homography": 4, "fundamental": 8}
+# reprojection threshold when none is set, in working-image pixels: 12 chosen on real photos for SIFT
+# (benchmarks/real_pairs.py); 20 for DELF, as its reference matcher (DELF's match_images.py) uses
+DEFAULT_THRESHOLD = {"sift": 12.0, "orb": 12.0, "delf": 20.0}
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class MatchConfig:
     delf_distance: float = 0.8  # delf: nearest neighbour accepted within this L2 distance
     model: str = _V("model")  # affine | homography | fundamental
     method: str = _V("method")  # ransac | magsac (OpenCV USAC_MAGSAC)
-    threshold: float = _V("threshold")  # reprojection threshold in working-image pixels
+    threshold: float | None = _V("threshold")  # reprojection threshold, working-image pixels; None: per extractor
     max_iters: int = 2000  # real photos: same AUC as 10000 (total inliers -0.4%), 5x cheaper on negatives
     confidence: float = 0.9999  # high, so adaptive termination does not stop at a weaker model
     seed: int = _V("seed")
@@ -47,8 +51,14 @@ class MatchConfig:
             raise UserError(f"unknown --method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if not 0 < self.ratio <= 1:
             raise UserError(f"--ratio must be in (0, 1], got {self.ratio}")
-        if self.threshold <= 0:
+        if self.threshold is not None and self.threshold <= 0:
             raise UserError(f"--threshold must be positive, got {self.threshold}")
+
+    def for_extractor(self, extractor: str) -> MatchConfig:
+        """This config with the threshold resolved: the one set, else `extractor`'s default (DEFAULT_THRESHOLD)."""
+        if self.threshold is not None:
+            return self
+        return dataclasses.replace(self, threshold=DEFAULT_THRESHOLD[extractor])
 
 
 def _top2(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -127,6 +137,8 @@ def ransac_inliers(src: np.ndarray, dst: np.ndarray, config: MatchConfig = Match
     import cv2
 
     n = len(src)
+    if config.threshold is None:  # unresolved: SIFT's default (match_features resolves it per extractor)
+        config = config.for_extractor("sift")
     if n < _MIN_POINTS[config.model]:
         return np.zeros(n, bool)
     src = np.ascontiguousarray(src, np.float32).reshape(-1, 1, 2)
@@ -179,6 +191,8 @@ def match_features(fa: Features, fb: Features, config: MatchConfig = MatchConfig
         matches = match_descriptors(fa.descriptors, fb.descriptors, ratio=None, max_distance=config.delf_distance)
     else:
         matches = match_descriptors(fa.descriptors, fb.descriptors, ratio=config.ratio, mutual=config.mutual)
+    if config.threshold is None:
+        config = config.for_extractor("delf" if delf else "sift")
     if len(matches):
         mask = ransac_inliers(fa.work_locations[matches[:, 0]], fb.work_locations[matches[:, 1]], config)
     else:
@@ -186,9 +200,11 @@ def match_features(fa: Features, fb: Features, config: MatchConfig = MatchConfig
     return {"inliers": int(mask.sum()), "tentative": int(len(matches)), "matches": matches, "inlier_mask": mask}
 
 
-def match_config(**options) -> MatchConfig:
-    """MatchConfig from keyword options where None means "the default"."""
-    return MatchConfig(**{k: v for k, v in options.items() if v is not None})
+def match_config(extractor: str | None = None, **options) -> MatchConfig:
+    """MatchConfig from keyword options where None means "the default"; with `extractor`, its threshold
+    resolved (so that a settings record names the threshold really used)."""
+    cfg = MatchConfig(**{k: v for k, v in options.items() if v is not None})
+    return cfg.for_extractor(extractor) if extractor else cfg
 
 
 def match_pair(img_a: str | os.PathLike, img_b: str | os.PathLike, *, extractor: str = _V("extractor"),
@@ -200,7 +216,8 @@ def match_pair(img_a: str | os.PathLike, img_b: str | os.PathLike, *, extractor:
     from pipeline.images import ImageReadError
 
     ext = make_extractor(make_config(extractor, max_side=max_side, n_features=n_features, handle=delf_handle))
-    cfg = match_config(ratio=ratio, mutual=mutual, model=model, method=method, threshold=threshold, seed=seed)
+    cfg = match_config(extractor, ratio=ratio, mutual=mutual, model=model, method=method, threshold=threshold,
+                       seed=seed)
     t0 = time.perf_counter()
     try:
         fa, fb = ext.extract_path(img_a), ext.extract_path(img_b)

@@ -1,7 +1,9 @@
 """Extractors (SIFT/RootSIFT, ORB) and the on-disk feature cache."""
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
+import os
 from pathlib import Path
 
 import numpy as np
@@ -77,39 +79,94 @@ def test_config_key_tracks_only_relevant_settings():
         ExtractorConfig(name="surf")
 
 
-def test_cache_roundtrip_lru_and_damaged_entry(tmp_path):
+def test_cache_roundtrip_quantised_bounded_and_damaged_entry(tmp_path):
     cfg = make_config("sift", n_features=200)
     ext = make_extractor(cfg)
-    cache = FeatureCache(tmp_path, cfg, "train", memory_items=2)
-    feats = {f"id{i}": ext.extract_array(textured(96, seed=i)) for i in range(4)}
+    feats = {f"k{i:02d}": ext.extract_array(textured(96, seed=i)) for i in range(4)}
+    one = next(iter(feats.values()))
+    entry = one.locations.nbytes + one.descriptors.nbytes
+    cache = FeatureCache(tmp_path, cfg, memory_mb=2.5 * entry / 2**20)
     for k, f in feats.items():
         cache.put(k, f)
-    assert len(cache._lru) <= 2  # bounded memory
-    fresh = FeatureCache(tmp_path, cfg, "train")
+        cache.get(k)
+    assert len(cache._lru) == 2 and cache._held <= cache.memory_bytes  # memory bounded in bytes
+    fresh = FeatureCache(tmp_path, cfg)
     for k, f in feats.items():
         g = fresh.get(k)
-        np.testing.assert_array_equal(g.locations, f.locations)
-        np.testing.assert_allclose(g.descriptors, f.descriptors, atol=2e-3)  # float16 on disk
+        assert g.n == f.n and g.work_scale == f.work_scale
+        np.testing.assert_allclose(g.locations, f.locations, atol=0.01)  # uint16 fixed point
+        np.testing.assert_allclose(g.descriptors, f.descriptors, atol=2.5e-3)  # uint8 at 1/512, renormalised
+        np.testing.assert_allclose(np.linalg.norm(g.descriptors, axis=1), 1, atol=1e-5)
         np.testing.assert_array_equal(g.descriptors, FeatureCache.get_stored_form(f).descriptors)
+        assert np.isnan(g.scales).all() and g.scales.shape == (f.n,)  # not kept: matching does not use them
+        assert fresh.path(k).stat().st_size < f.n * 132 + 64  # ≤ 4 bytes a location + 1 a component
     assert not list(tmp_path.rglob(".*"))  # no temp files left behind
-    assert (tmp_path / cfg.key() / "config.json").exists()
-    # a damaged entry reads as missing (recomputed), never as garbage
-    path = fresh.path("id0")
+    assert json.loads((tmp_path / cfg.key() / "config.json").read_text())["n_features"] == 200
+    # a damaged entry reads as missing and is deleted (the next run recomputes it), never read as garbage
+    path = fresh.path("k00")
     path.write_bytes(path.read_bytes()[:100])
-    assert FeatureCache(tmp_path, cfg, "train").get("id0") is None
-    # another config never sees these entries; nor does the other split
-    assert FeatureCache(tmp_path, make_config("sift", n_features=201), "train").get("id1") is None
-    assert FeatureCache(tmp_path, cfg, "test").get("id1") is None
-    # odd ids map to safe file names
-    cache.put("../a b/c", feats["id1"])
-    assert cache.path("../a b/c").parent.parent == cache.root
-    assert FeatureCache(tmp_path, cfg, "train").get("../a b/c") is not None
+    assert FeatureCache(tmp_path, cfg).get("k00") is None and not path.exists()
+    # another config never sees these entries
+    assert FeatureCache(tmp_path, make_config("sift", n_features=201)).get("k01") is None
+
+
+@pytest.mark.parametrize("name", ["sift", "orb", "delf"])
+def test_entry_codecs_keep_what_matching_uses(name):
+    from pipeline.verify.cache import decode, encode, _CODEC
+    from pipeline.verify.features import Features
+
+    rng = np.random.default_rng(0)
+    n = 300
+    loc = rng.uniform(-3, 3999, (n, 2)).astype(np.float32)
+    if name == "orb":
+        desc = rng.integers(0, 256, (n, 32), dtype=np.uint8)
+    else:
+        desc = rng.random((n, 128)).astype(np.float32) if name == "sift" else rng.normal(size=(n, 40)).astype(np.float32)
+        desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    f = Features(loc, desc, np.ones(n, np.float32), np.ones(n, np.float32), 0.25)
+    g = decode(encode(f, _CODEC[name]))
+    np.testing.assert_allclose(g.locations, loc, atol=0.04)  # ≤ extent/131070 on a 4,000-px photo
+    if name == "orb":
+        np.testing.assert_array_equal(g.descriptors, desc)  # binary: as it is
+    else:
+        assert g.descriptors.dtype == np.float32
+        np.testing.assert_allclose(g.descriptors, desc, atol=0.006 if name == "delf" else 0.0015)
+        np.testing.assert_allclose(np.linalg.norm(g.descriptors, axis=1), 1, atol=1e-5)
+    empty = decode(encode(Features(np.zeros((0, 2), np.float32), desc[:0], np.zeros(0), np.zeros(0), 1.0),
+                          _CODEC[name]))
+    assert empty.n == 0 and empty.descriptors.shape == (0, desc.shape[1])
+
+
+def test_entries_are_keyed_by_the_image_file(tmp_path):
+    """A hard link or symlink to an image (the local-validation folder's) shares its entry; a changed
+    image is a new entry, so its features are extracted again."""
+    from pipeline.verify.cache import extract_images
+
+    cfg = make_config("sift", n_features=100)
+    a = save(tmp_path / "comp" / "a.jpg", textured(64, seed=1))
+    (tmp_path / "val").mkdir()
+    os.link(a, tmp_path / "val" / "a.jpg")
+    (tmp_path / "sym").mkdir()
+    os.symlink(a, tmp_path / "sym" / "a.jpg")  # links keep the image's name (pipeline.run.localval)
+    folder = tmp_path / "cache"
+    keys, errors, counts = extract_images(folder, cfg, {"a": a})
+    assert counts == {"extracted": 1, "already_cached": 0} and not errors
+    keys2, _, counts2 = extract_images(folder, cfg, {"a": tmp_path / "val" / "a.jpg"})
+    assert counts2 == {"extracted": 0, "already_cached": 1} and keys2 == keys
+    keys3, _, counts3 = extract_images(folder, cfg, {"a": tmp_path / "sym" / "a.jpg"})
+    assert counts3["extracted"] == 0 and keys3 == keys
+    before = FeatureCache(folder, cfg).get(keys["a"])
+    save(a, textured(64, seed=2))  # the image changes on disk (in place: every link sees it)
+    keys4, _, counts4 = extract_images(folder, cfg, {"a": a})
+    assert counts4["extracted"] == 1 and keys4["a"] != keys["a"]
+    after = FeatureCache(folder, cfg).get(keys4["a"])
+    assert after.n != before.n or not np.array_equal(after.locations, before.locations)
 
 
 def _hammer(args):
     root, seed = args
     cfg = make_config("sift", n_features=200)
-    cache = FeatureCache(root, cfg, "train", memory_items=0)
+    cache = FeatureCache(root, cfg, memory_mb=0)
     f = make_extractor(cfg).extract_array(textured(96, seed=seed))
     for _ in range(30):
         cache.put("same", f)
@@ -121,15 +178,12 @@ def test_concurrent_writers_never_expose_partial_entries(tmp_path):
     ctx = mp.get_context("spawn")
     with ctx.Pool(2) as pool:
         res = pool.map_async(_hammer, [(str(tmp_path), 1), (str(tmp_path), 2)])
-        reader = FeatureCache(tmp_path, cfg, "train", memory_items=0)
-        seen = 0
+        reader = FeatureCache(tmp_path, cfg, memory_mb=0)
         while not res.ready():
-            path = reader.path("same")
-            if path.exists():
+            if reader.has("same"):
                 g = reader.get("same")
                 # a reader sees a whole entry from one writer or the other, never a torn one
                 assert g is not None and g.n in (_n(1), _n(2))
-                seen += 1
         res.get()
     assert reader.get("same").n in (_n(1), _n(2))
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
@@ -139,13 +193,9 @@ def _n(seed):
     return make_extractor(make_config("sift", n_features=200)).extract_array(textured(96, seed=seed)).n
 
 
-def _nothing():
-    import contextlib
+def test_extract_split_fills_cache_per_shard_and_skips_bad_images(tmp_path, capfd):
+    from pipeline.verify.cache import image_keys
 
-    return contextlib.nullcontext()
-
-
-def test_extract_split_fills_cache_per_shard_and_skips_bad_images(tmp_path):
     comp = tmp_path / "comp"
     ids = [f"{i:x}abc{i}" for i in range(6)]
     for i, x in enumerate(ids):
@@ -159,14 +209,24 @@ def test_extract_split_fills_cache_per_shard_and_skips_bad_images(tmp_path):
         r0 = extract_split(comp, "test", extractor="sift", shard="0/2", cache_dir=cache)
         r1 = extract_split(comp, "test", extractor="sift", shard="1/2", cache_dir=cache)
     assert r0["images"] == len(shard0) and r0["images"] + r1["images"] == 6
-    assert r0["unreadable"] + r1["unreadable"] == 1
+    assert r0["unreadable"] + r1["unreadable"] == 1 and r0["extracted"] + r1["extracted"] == 5
     assert any(ids[5] in str(w.message) for w in rec)
-    fc = FeatureCache(cache, make_config("sift"), "test")
-    assert all(fc.get(x) is not None for x in ids[:5]) and fc.get(ids[5]) is None
+    # one line before extracting: how many images and how many bytes at most
+    err = capfd.readouterr().err
+    assert "local features (sift)" in err and f"adding {len(shard0)}" in err and "KB each" in err
+    fc = FeatureCache(cache / "features", make_config("sift"))
+    keys = image_keys(comp / "test" / x[0] / x[1] / x[2] / f"{x}.jpg" for x in ids)
+    assert all(fc.get(k) is not None for k in keys[:5]) and fc.get(keys[5]) is None
     with pytest.warns(UserWarning, match=ids[5]):
         again = extract_split(comp, "test", extractor="sift", cache_dir=cache)  # resumes: nothing new
     assert again["already_cached"] == 5 and again["extracted"] == 0
-    # default cache folder lives in the data dir
+    # the default cache folder: DATA_DIR/.glr-cache/features
     with pytest.warns(UserWarning, match=ids[5]) if stable_shard(ids[5], 2) == 0 else _nothing():
         extract_split(comp, "test", extractor="orb", shard="0/2")
-    assert (comp / ".glr-features").is_dir()
+    assert (comp / ".glr-cache" / "features" / make_config("orb").key() / "config.json").is_file()
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
