@@ -260,11 +260,26 @@ def _run_stage(stage: Stage, ctx: Context, manifest: dict, rec: dict | None, con
     return digest
 
 
-def _echo_plan(run_dir: Path, rows: list[tuple[str, str, str]], echo: Callable[[str], None]) -> None:
+def plan_lines(run_dir: Path, rows: list[tuple[str, str, str]], *, headers: tuple[str, ...] = (),
+               extra: list[tuple[str, ...]] | None = None) -> list[str]:
+    """The dry-run plan as text: stage, run/skip/keep, why; then `extra` columns (e.g. costs) under `headers`."""
     width = max((len(n) for n, _, _ in rows), default=0)
-    echo(f"plan for {run_dir}:")
-    for name, what, why in rows:
-        echo(f"  {name:<{width}}  {what:<4}  {why}")
+    if not headers:
+        return [f"plan for {run_dir}:"] + [f"  {name:<{width}}  {what:<4}  {why}" for name, what, why in rows]
+    table = [(name, what, why, *cells) for (name, what, why), cells in zip(rows, extra or [])]
+    head = ("stage", "", "why", *headers)
+    widths = [max(len(str(r[i])) for r in [head, *table]) for i in range(len(head))]
+    widths[1] = 4
+
+    def line(r: tuple) -> str:
+        left = f"  {r[0]:<{widths[0]}}  {r[1]:<4}  {r[2]:<{widths[2]}}"
+        return left + "".join(f"  {c:>{w}}" for c, w in zip(r[3:], widths[3:]))
+    return [f"plan for {run_dir}:", line(head).rstrip()] + [line(r) for r in table]
+
+
+def _echo_plan(run_dir: Path, rows: list[tuple[str, str, str]], echo: Callable[[str], None]) -> None:
+    for text in plan_lines(run_dir, rows):
+        echo(text)
 
 
 def execute(stages: list[Stage], run_dir: str | os.PathLike, cfg: dict | None = None, *,
