@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,23 +251,67 @@ def seed_rules() -> dict:
 PRESETS = {"identity": identity, "seed-rules": seed_rules}
 
 
+# The keys each object of a policy may hold; any other key is refused (a misspelt `promote_at` must
+# not silently mean "never promote"). "study" is glr tune's record of how the policy was found.
+_COMMON_KEYS = ("format", "version", "kind", "swap", "frequency", "study")
+_KIND_KEYS = {
+    "identity": ("aggregator", "k"),  # used only with swap
+    "bands": ("aggregator", "edges", "bands"),
+    "blend": ("aggregator", "k", "a", "b", "floor"),
+}
+_BAND_KEYS = ("k", "demote_below", "demote", "demote_to", "promote_at", "promote_to")
+_SWAP_KEYS = ("margin",)
+_FREQUENCY_KEYS = ("max_share", "factor")
+
+
 def _need(d: dict, key: str, where: str, kind=None):
     if key not in d:
         raise UserError(f"{where}: missing key {key!r}")
     value = d[key]
-    if kind is not None and not isinstance(value, kind):
+    if kind is not None and (not isinstance(value, kind) or isinstance(value, bool)):
         raise UserError(f"{where}: key {key!r} is {value!r}, expected {getattr(kind, '__name__', kind)}")
     return value
 
 
+def _known_keys(d: dict, allowed: tuple[str, ...], where: str, what: str) -> None:
+    """Refuse a key `allowed` does not name, suggesting the nearest allowed one."""
+    import difflib
+
+    for key in d:
+        if key not in allowed:
+            near = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise UserError(f"{where}: unknown key {key!r}{hint}; {what} has the keys {', '.join(allowed)}")
+
+
+def _number(d: dict, key: str, where: str, lo: float | None = None, hi: float | None = None) -> float:
+    """A finite JSON number (not a bool), within [lo, hi] when given."""
+    value = _need(d, key, where)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{where}: key {key!r} is {value!r}, expected a finite number")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"from {lo} to {hi}" if lo is not None and hi is not None else f">= {lo}" if lo is not None else f"<= {hi}"
+        raise UserError(f"{where}: key {key!r} is {value!r}, expected a number {bounds}")
+    return value
+
+
+def _k(d: dict, where: str) -> int:
+    k = _need(d, "k", where)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_REFS:
+        raise UserError(f"{where}: k is {k!r}, expected an integer from 1 to {MAX_REFS} (references aggregated "
+                        "per candidate; glr keeps at most that many)")
+    return k
+
+
 def check_policy(policy: dict, where: str = "policy") -> dict:
-    """Validate a policy document (format, version, kind and its parameters) or raise UserError."""
+    """Validate a policy document or raise one UserError: format, version, kind, every key known
+    (module docstring), every number finite and in its range, k from 1 to MAX_REFS."""
     if not isinstance(policy, dict):
         raise UserError(f"{where}: a policy is a JSON object, got {type(policy).__name__}")
     if policy.get("format", FORMAT) != FORMAT:
         raise UserError(f"{where}: not a glr policy (format {policy.get('format')!r}, expected {FORMAT!r})")
     version = policy.get("version")
-    if version != VERSION:
+    if version != VERSION or isinstance(version, bool):
         raise UserError(
             f"{where}: policy version {version!r}, but this glr reads version {VERSION}: "
             f"re-run `glr tune` with this glr to make a new policy"
@@ -274,56 +319,87 @@ def check_policy(policy: dict, where: str = "policy") -> dict:
     kind = _need(policy, "kind", where, str)
     if kind not in KINDS:
         raise UserError(f"{where}: kind {kind!r} is not one of {', '.join(KINDS)}")
-    num = (int, float)
-    if kind in ("bands", "blend"):
+    _known_keys(policy, _COMMON_KEYS + _KIND_KEYS[kind], where, f"a {kind} policy")
+    if kind in ("bands", "blend") or "aggregator" in policy:
         agg = _need(policy, "aggregator", where, str)
         if agg not in AGGREGATORS:
             raise UserError(f"{where}: aggregator {agg!r} is not one of {', '.join(AGGREGATORS)}")
     if kind == "bands":
-        edges = _need(policy, "edges", where, list)
-        if any(not isinstance(e, num) for e in edges) or list(edges) != sorted(edges):
-            raise UserError(f"{where}: edges {edges!r} must be ascending numbers")
-        bands = _need(policy, "bands", where, list)
-        if len(bands) != len(edges) + 1:
-            raise UserError(f"{where}: {len(edges)} edges need {len(edges) + 1} bands, found {len(bands)}")
-        for i, b in enumerate(bands):
-            w = f"{where}: bands[{i}]"
-            if not isinstance(b, dict):
-                raise UserError(f"{w}: expected an object")
-            k = _need(b, "k", w, int)
-            if k < 1:
-                raise UserError(f"{w}: k must be >= 1, got {k}")
-            _need(b, "demote_below", w, num)
-            if _need(b, "demote", w, str) not in DEMOTE_MODES:
-                raise UserError(f"{w}: demote {b['demote']!r} is not one of {', '.join(DEMOTE_MODES)}")
-            _need(b, "demote_to", w, num)
-            if b.get("promote_at") is not None:
-                _need(b, "promote_at", w, num)
-            _need(b, "promote_to", w, num)
+        _check_bands(policy, where)
     elif kind == "blend":
-        if _need(policy, "k", where, int) < 1:
-            raise UserError(f"{where}: k must be >= 1")
-        for key in ("a", "b", "floor"):
-            _need(policy, key, where, num)
+        _k(policy, where)
+        _number(policy, "a", where)
+        _number(policy, "b", where)
+        _number(policy, "floor", where, 0.0, 1.0)
+    elif "k" in policy:
+        _k(policy, where)
+    _check_options(policy, kind, where)
+    return policy
+
+
+def _check_bands(policy: dict, where: str) -> None:
+    edges = _need(policy, "edges", where, list)
+    if any(isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) for e in edges) \
+            or list(edges) != sorted(edges):
+        raise UserError(f"{where}: edges {edges!r} must be ascending finite numbers")
+    bands = _need(policy, "bands", where, list)
+    if len(bands) != len(edges) + 1:
+        raise UserError(f"{where}: {len(edges)} edges need {len(edges) + 1} bands, found {len(bands)}")
+    for i, b in enumerate(bands):
+        w = f"{where}: bands[{i}]"
+        if not isinstance(b, dict):
+            raise UserError(f"{w}: expected an object")
+        _known_keys(b, _BAND_KEYS, w, "a band")
+        _k(b, w)
+        _number(b, "demote_below", w)
+        if _need(b, "demote", w, str) not in DEMOTE_MODES:
+            raise UserError(f"{w}: demote {b['demote']!r} is not one of {', '.join(DEMOTE_MODES)}")
+        _number(b, "demote_to", w, 0.0)
+        if _need(b, "promote_at", w) is not None:
+            _number(b, "promote_at", w)
+        _number(b, "promote_to", w, 0.0)
+
+
+def _check_options(policy: dict, kind: str, where: str) -> None:
+    """swap, frequency and study: null or an object of known keys."""
     swap = policy.get("swap")
     if swap is not None:
         if not isinstance(swap, dict):
             raise UserError(f"{where}: swap must be null or an object")
-        _need(swap, "margin", f"{where}: swap", num)
+        _known_keys(swap, _SWAP_KEYS, f"{where}: swap", "swap")
+        _number(swap, "margin", f"{where}: swap")
         if kind == "identity":
             _need(policy, "aggregator", where, str)
-            _need(policy, "k", where, int)
+            _k(policy, where)
     freq = policy.get("frequency")
     if freq is not None:
         if not isinstance(freq, dict):
             raise UserError(f"{where}: frequency must be null or an object")
-        _need(freq, "max_share", f"{where}: frequency", num)
-        _need(freq, "factor", f"{where}: frequency", num)
-    return policy
+        _known_keys(freq, _FREQUENCY_KEYS, f"{where}: frequency", "frequency")
+        _number(freq, "max_share", f"{where}: frequency", 0.0, 1.0)
+        _number(freq, "factor", f"{where}: frequency", 0.0)
+    study = policy.get("study")
+    if study is not None and not isinstance(study, dict):
+        raise UserError(f"{where}: study must be null or an object (glr tune's record of the search)")
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows; write a finite number")
+
+
+def _refuse_repeats(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"key {twice[0]!r} is given twice in one object; keep one")
+    return dict(pairs)
 
 
 def load_policy(policy) -> dict:
-    """A policy from a JSON path, a preset name ("identity", "seed-rules") or a dict; validated."""
+    """A policy from a JSON path, a preset name ("identity", "seed-rules") or a dict; validated.
+
+    Strict JSON: NaN/Infinity and a key given twice in one object are refused, as is every key the
+    policy format does not name (`check_policy`)."""
     if isinstance(policy, dict):
         return check_policy(copy.deepcopy(policy))
     if isinstance(policy, str) and policy in PRESETS:
@@ -331,10 +407,19 @@ def load_policy(policy) -> dict:
     path = Path(policy)
     if not path.exists():
         raise UserError(f"{path}: no such policy file (or preset; presets: {', '.join(PRESETS)})")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a policy JSON file (from `glr tune --out`)")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a JSON policy ({e})") from None
+        doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant,
+                         object_pairs_hook=_refuse_repeats)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: line {e.lineno}: not a JSON policy ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file, expected a policy JSON file") from None
+    except ValueError as e:  # _refuse_constant, _refuse_repeats
+        raise UserError(f"{path}: {e}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     return check_policy(doc, str(path))
 
 

@@ -185,7 +185,9 @@ def cases(draw):
             if draw(st.booleans()):
                 inl.append((f"q{i}", lm, draw(st.lists(st.integers(0, 30), min_size=1, max_size=4))))
     kind = draw(st.sampled_from(["bands", "blend", "identity"]))
-    pol = {**identity(), "kind": kind, "aggregator": draw(st.sampled_from(AGGREGATORS)), "k": draw(st.integers(1, 4))}
+    pol = {**identity(), "kind": kind, "aggregator": draw(st.sampled_from(AGGREGATORS))}
+    if kind != "bands":  # bands have a k per band
+        pol["k"] = draw(st.integers(1, 4))
     if kind == "bands":
         edges = sorted(draw(st.lists(st.floats(0, 1), min_size=0, max_size=3)))
         pol["edges"] = edges
@@ -251,3 +253,88 @@ def test_predictions_without_scores_or_with_negative_scores_are_refused():
     p.loc[0, "score"] = -0.2
     with pytest.raises(UserError, match="negative"):
         prepare(p, None)
+
+
+# ------------------------------------------------------------------ issue 15 class 7: wrong policy JSON
+
+
+def _band0(**change) -> str:
+    """seed_rules() as JSON text with bands[0] changed (None removes a key)."""
+    pol = seed_rules()
+    for key, value in change.items():
+        if value is None:
+            del pol["bands"][0][key]
+        else:
+            pol["bands"][0][key] = value
+    return json.dumps(pol)
+
+
+def _top(**change) -> str:
+    return json.dumps({**seed_rules(), **change})
+
+
+BAD_POLICIES = [
+    # values JSON should not hold, and values out of their range
+    (_band0(demote_to="NaNMARK"), "NaN is not a number JSON allows"),
+    (_band0(promote_to="InfMARK"), "Infinity is not a number JSON allows"),
+    (_band0(demote_below="-InfMARK"), "-Infinity is not a number JSON allows"),
+    (_band0(demote_to="1e400MARK"), "bands[0]: key 'demote_to' is inf, expected a finite number"),
+    (_band0(demote_to=-1), "bands[0]: key 'demote_to' is -1, expected a number >= 0.0"),
+    (_band0(k=0), "bands[0]: k is 0, expected an integer from 1 to 16"),
+    (_band0(k=1000), "bands[0]: k is 1000, expected an integer from 1 to 16"),
+    (_band0(k=2.5), "bands[0]: k is 2.5, expected an integer"),
+    (_band0(k=True), "bands[0]: k is True, expected an integer"),
+    (_band0(demote_below="3"), "bands[0]: key 'demote_below' is '3', expected a finite number"),
+    (_top(frequency={"max_share": 5, "factor": 0.5}), "frequency: key 'max_share' is 5, expected a number from 0.0 to 1.0"),
+    (json.dumps({**identity(), "kind": "blend", "aggregator": "max", "k": 2, "a": 1, "b": 2, "floor": 2}),
+     "key 'floor' is 2, expected a number from 0.0 to 1.0"),
+    (_top(version=True), "policy version True"),
+    (_top(edges=[0.4, "InfMARK", 0.8]), "Infinity is not a number JSON allows"),
+    # misspelt or unknown keys: never silently "never promote"
+    (_band0(promote_at=None, promte_at=10), "bands[0]: unknown key 'promte_at' (did you mean 'promote_at'?)"),
+    (_band0(promote_at=None), "bands[0]: missing key 'promote_at'"),
+    (_top(edgs=[0.5]), "unknown key 'edgs' (did you mean 'edges'?)"),
+    (_top(k=3), "unknown key 'k'"),  # a bands policy has a k per band
+    (_top(swap={"margn": 3}), "swap: unknown key 'margn' (did you mean 'margin'?)"),
+    (_top(frequency={"max_share": 0.1, "factr": 0.5}), "frequency: unknown key 'factr' (did you mean 'factor'?)"),
+    (_top(study="tuned by hand"), "study must be null or an object"),
+    (_top()[:-1] + ', "swap": null}', "key 'swap' is given twice in one object"),
+    # not a policy at all
+    ('{"format": "glr-policy", "version": 1, "kind": "bands",', "line 1: not a JSON policy"),
+    ("[1, 2]", "a policy is a JSON object, got list"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_POLICIES)
+def test_wrong_policy_json_is_one_line_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "policy.json"
+    for mark, constant in (("\"NaNMARK\"", "NaN"), ("\"-InfMARK\"", "-Infinity"), ("\"InfMARK\"", "Infinity"),
+                           ("\"1e400MARK\"", "1e400")):
+        text = text.replace(mark, constant)
+    path.write_text(text)
+    with pytest.raises(UserError) as e:
+        load_policy(path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError):  # rescore reads the policy before any table
+        rescore(preds_table([("a", 1, 0.5)]), None, str(path))
+
+
+def test_policy_path_that_is_a_directory_or_not_text(tmp_path):
+    (tmp_path / "policies").mkdir()
+    with pytest.raises(UserError, match=r"policies: is a directory, expected a policy JSON file"):
+        load_policy(tmp_path / "policies")
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe{\x00")
+    with pytest.raises(UserError, match=r"bin.json: not a UTF-8 text file"):
+        load_policy(tmp_path / "bin.json")
+
+
+def test_every_policy_glr_writes_reads_back(tmp_path):
+    """The strict checks refuse nothing glr itself writes: presets, and a tuned policy with its study record."""
+    for name in ("identity", "seed-rules"):
+        pol = load_policy(name)
+        assert load_policy(save_policy(pol, tmp_path / f"{name}.json")) == pol
+    tuned = {**seed_rules(), "swap": {"margin": 4}, "frequency": {"max_share": 0.2, "factor": 0.5},
+             "study": {"name": "s", "storage": "j", "best_trial": 3, "trials": 10, "gap_holdout": 0.5}}
+    assert load_policy(save_policy(tuned, tmp_path / "tuned.json")) == tuned
+    blend = {**identity(), "kind": "blend", "aggregator": "mean", "k": 16, "a": 0.5, "b": 3, "floor": 0.0}
+    assert load_policy(blend) == blend
