@@ -96,7 +96,7 @@ def main() -> None:
     n_pos = sum(1 for i, j in itertools.combinations(range(len(files)), 2) if labels[i] and labels[i] == labels[j])
     print(f"{len(files)} photos, {n_pairs} pairs ({n_pos} same-landmark)")
 
-    d_ext, d_match = ExtractorConfig(), MatchConfig()
+    d_ext, d_match = ExtractorConfig(), MatchConfig().for_extractor("sift")  # threshold: SIFT's default
     rows = []
 
     sample = all_pairs(labels, negatives=args.sweep_negatives)

@@ -64,3 +64,52 @@ def test_shards_are_stable_and_partition():
     for bad in ("4/4", "x", "1-4", "-1/2"):
         with pytest.raises(UserError, match="--shard"):
             parse_shard(bad)
+
+
+def test_workers_zero_is_one_per_available_core():
+    import os
+
+    from pipeline.parallel import available_cores, resolve_workers
+
+    assert available_cores() == len(os.sched_getaffinity(0))
+    assert resolve_workers(0) == available_cores() and resolve_workers(3) == 3
+    with pytest.raises(UserError, match="--workers"):
+        resolve_workers(-1)
+
+
+def _thread_settings(chunk):
+    """In a worker: (BLAS threads, OpenCV threads, pinned flag, the env TensorFlow reads)."""
+    import os
+
+    import cv2
+    from threadpoolctl import threadpool_info
+
+    from pipeline.parallel import in_pinned_worker
+
+    blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    return [(tuple(blas), cv2.getNumThreads(), in_pinned_worker(), os.environ.get("TF_NUM_INTRAOP_THREADS"))]
+
+
+def test_workers_and_serial_maps_use_one_blas_and_opencv_thread_and_serial_restores():
+    import os
+
+    import cv2
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from pipeline.parallel import _ONE_THREAD_ENV
+
+    env_before = {k: os.environ.get(k) for k in _ONE_THREAD_ENV}
+    with threadpool_limits(limits=2):  # as on a 2-core machine, whatever this one has
+        with map_chunks(_thread_settings, [0, 1], 2) as results:
+            got = sum(results, [])
+        assert got and all(blas and set(blas) == {1} and cv2_n == 1 and pinned and tf == "1"
+                           for blas, cv2_n, pinned, tf in got), got
+        assert {k: os.environ.get(k) for k in _ONE_THREAD_ENV} == env_before  # set only while spawning
+        before_cv2 = cv2.getNumThreads()
+        before_blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+        with map_chunks(_thread_settings, [0], 1) as results:  # serial: this process, pinned for the map
+            [[(blas, cv2_n, pinned, _)]] = list(results)
+        assert set(blas) == {1} and cv2_n == 1 and not pinned  # TensorFlow here is not reconfigured
+        assert cv2.getNumThreads() == before_cv2  # restored after the map
+        assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == before_blas
+

@@ -129,3 +129,38 @@ def test_warped_image_matches_unrelated_does_not():
     p = np.c_[fa.locations[m[:, 0]], np.ones(len(m))] @ h.T
     err = np.linalg.norm(p[:, :2] / p[:, 2:] - fb.locations[m[:, 1]], axis=1)
     assert np.median(err) < 2.0
+
+
+def test_threshold_defaults_per_extractor_and_is_recorded_in_the_fingerprint(tmp_path):
+    """None = the extractor's default (DELF's reference matcher uses 20 px); the resolved value is what the
+    settings record holds, so inliers counted for one extractor are never reused for another."""
+    from pipeline.verify.features import make_config
+    from pipeline.verify.inliers import settings_fingerprint
+    from pipeline.verify.matching import DEFAULT_THRESHOLD, match_config
+
+    assert MatchConfig().threshold is None
+    assert match_config("delf").threshold == 20.0 == DEFAULT_THRESHOLD["delf"]
+    assert match_config("sift").threshold == 12.0 == match_config("orb").threshold
+    assert match_config("delf", threshold=7.5).threshold == 7.5  # an explicit threshold wins
+    sift, delf = make_config("sift"), make_config("delf")
+    s_set, s_fp = settings_fingerprint(tmp_path, sift, MatchConfig())
+    d_set, d_fp = settings_fingerprint(tmp_path, delf, MatchConfig())
+    assert s_set["match"]["threshold"] == 12.0 and d_set["match"]["threshold"] == 20.0 and s_fp != d_fp
+    assert settings_fingerprint(tmp_path, sift, match_config("sift"))[1] == s_fp  # resolved or not: same record
+    # the unresolved config's RANSAC uses the extractor's threshold: 15-px-off matches are inliers for DELF only
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 400, (60, 2)).astype(np.float32)
+    dst = src + np.float32([30, -10])
+    dst[:20] += rng.choice([-1, 1], (20, 2)).astype(np.float32) * 11  # 15.6 px off the model
+    assert ransac_inliers(src, dst, match_config("delf")).sum() == 60
+    assert 40 <= ransac_inliers(src, dst, match_config("sift")).sum() <= 45  # the offset ones (bar a few) are out
+    assert match_features(_feats(src), _feats(dst), MatchConfig(), delf=True)["inliers"] == 60  # None → 20 px
+
+
+def _feats(loc):
+    from pipeline.verify.features import Features
+
+    n = len(loc)
+    desc = np.random.default_rng(7).normal(size=(n, 40)).astype(np.float32)  # the same for both sets: i ↔ i
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    return Features(loc, desc, np.ones(n, np.float32), np.ones(n, np.float32), 1.0)
