@@ -78,7 +78,10 @@ TRAIN_ROW_RAM = 200  # train.csv rows in pandas while selecting and splitting
 TF_BASE_RAM = 1.5 * GB  # a Python process with TensorFlow, Keras and one compiled graph
 PY_BASE_RAM = 0.3 * GB  # a Python process with numpy, pandas, pyarrow
 VERIFY_WORKER_RAM = {"sift": 0.3 * GB, "orb": 0.25 * GB, "delf": 2.5 * GB}  # one verify worker process
-LOCAL_FEATURE_BYTES = {"sift": 128 + 8, "orb": 32 + 8, "delf": 40 + 8}  # per keypoint, quantised, with its location
+# per keypoint in the local-feature cache (pipeline.verify.cache): quantised descriptor + uint16 location,
+# deflated (SIFT: ~100 KB per 1,000 keypoints); plus half a 4 KB block per entry file
+LOCAL_FEATURE_BYTES = {"sift": 100, "orb": 32 + 4, "delf": 40 + 4}
+FEATURE_FILE_BYTES = 2048
 DELF_FEATURES = 1000  # DELF keeps its own top 1000 keypoints
 PREDICT_FACTOR = 4  # copies of a batch's class scores alive in a predict step (logits, softmax, top-k, cast)
 LOSS_FACTOR = 3  # copies of a batch's class scores alive in a training step (scores, softmax grad, loss)
@@ -439,7 +442,7 @@ def _verify_cost(p: _Plan, part: str) -> Cost:
     c = Cost(images=queries + refs, pairs=pairs)
     c.seconds = (c.images / r.extract(v["extractor"], v["max_side"], workers)
                  + pairs / r.match(v["extractor"], v["n_features"], workers))
-    c.parts = {"local features": c.images * n * LOCAL_FEATURE_BYTES[v["extractor"]],
+    c.parts = {"local features": c.images * (n * LOCAL_FEATURE_BYTES[v["extractor"]] + FEATURE_FILE_BYTES),
                "inliers": pairs * INLIER_ROW_BYTES + PARQUET_FILE_BYTES}
     c.ram = (PY_BASE_RAM + pairs * PAIR_ROW_RAM + p.counts.rows * TRAIN_ROW_RAM
              + workers * VERIFY_WORKER_RAM[v["extractor"]])
@@ -684,7 +687,7 @@ def warnings_of(plan: dict) -> list[str]:
                          f"{fmt_bytes(pr['have'])}: lower {' or '.join(pr['options'])}")
         else:
             what = f" (the largest part: {pr['biggest']}, {fmt_bytes(pr['biggest_bytes'])})" if pr["biggest"] else ""
-            lines.append(f"warning: disk: by the end of {pr['stage']} the {pr['where']} need(s) "
+            lines.append(f"warning: disk: by the end of {pr['stage']} the {pr['where']} will hold "
                          f"{fmt_bytes(pr['need'])}, {fmt_bytes(pr['have'])} free{what}: set "
                          f"{' or '.join(pr['options'])}")
     if plan["fixes"]:

@@ -205,7 +205,7 @@ def test_warnings_name_the_option_that_makes_it_fit(synth_comp, tmp_path):
     # the cache on its own, small disk: its largest part (the local features here) names the options
     plan, text = _plan(tmp_path / "b", synth_comp, Limits(BIG, BIG, BIG, 1.0e5, False), "[verify]\nextractor = \"orb\"\n")
     disk = [l for l in text.splitlines() if l.startswith("warning: disk:")]
-    assert len(disk) == 1 and "the cache need(s)" in disk[0] and "local features" in disk[0], text
+    assert len(disk) == 1 and "the cache will hold" in disk[0] and "local features" in disk[0], text
     assert "[verify] n_features" in disk[0] and "[run] cache_dir on a bigger disk" in disk[0], text
 
 
