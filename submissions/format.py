@@ -192,6 +192,19 @@ def _read_csv(path: str | os.PathLike, header: list[str]) -> _Csv:
     return _Csv(path, header, columns, lines[:n], problems)
 
 
+def read_csv_text(path: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray]:
+    """A CSV table read as text (every cell a str, nothing guessed or called missing) and the file
+    line of each row; one UserError naming the lines whose field count is wrong. For hand-made
+    tables, whose validators then read the text by their own contract."""
+    path = Path(path)
+    header = read_csv_header(path)
+    csv = _read_csv(path, header)
+    if csv.problems:
+        raise UserError(_summary(path, _format_problems(csv.problems)))
+    frame = pd.DataFrame({c: pd.Series(csv.columns[c].to_pandas(), dtype=object) for c in header})
+    return frame.reset_index(drop=True), csv.lines
+
+
 def _read_id_csv(path: Path) -> _Csv:
     """A CSV that must have an `id` column (a sample submission), read as strings; its contract:
     every row has every field, ids are non-empty and unique (else one UserError naming the lines)."""

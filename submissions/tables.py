@@ -33,12 +33,13 @@ INLIERS = {"id": "str", "landmark_id": "int64", "ref_id": "str", "inliers": "int
 
 # the values each integer column may hold: [low, high) — high a power of two, exact as a float too
 _INT_RANGE = {"landmark_id": (0, 2**63), "rank": (0, 2**15), "inliers": (0, 2**31)}
-_CSV_LINE_ATTR = "glr_csv_source"  # set by `_read` on a frame read from a CSV: rows are named by file line
+_CSV_LINES_ATTR = "glr_csv_lines"  # set by `_read` on a frame read from a CSV: the file line of each row
 
 
 def _row_name(df: pd.DataFrame, row: int) -> str:
     """`line N` (file line, header = 1) for a table read from a CSV, `row N` (0-based) otherwise."""
-    return f"line {row + 2}" if df.attrs.get(_CSV_LINE_ATTR) else f"row {row}"
+    lines = df.attrs.get(_CSV_LINES_ATTR)
+    return f"line {int(lines[row])}" if lines is not None else f"row {row}"
 
 
 def _at(df: pd.DataFrame, source: str, row: int) -> str:
@@ -49,6 +50,11 @@ def integer_values(values: pd.Series, lo: int, hi: int) -> tuple[np.ndarray, int
     """(the column as int64, the first row that is not an integer in [lo, hi), or None) — exact for
     every dtype (no float rounding near 2^63, no wrap-around of uint64 or Python ints)."""
     arr = values.to_numpy()
+    if arr.dtype.kind not in "iuf":  # text (a CSV) or Python ints: numbers where they all are, exact
+        try:
+            arr = pd.to_numeric(values).to_numpy()
+        except (ValueError, TypeError, OverflowError):
+            pass
     kind = arr.dtype.kind
     if kind == "i":
         wide = arr.astype(np.int64)
@@ -80,7 +86,9 @@ def _is_int_in(v, lo: int, hi: int) -> bool:
 
 
 def show_value(value) -> str:
-    """A cell as a person wrote it: numpy scalars as plain numbers."""
+    """A cell as a person wrote it: numpy scalars as plain numbers, a CSV's text as it stands."""
+    if isinstance(value, str):
+        return value if value.strip() else f"empty ({value!r})"
     return repr(value.item() if isinstance(value, np.generic) else value)
 
 
@@ -138,7 +146,10 @@ def _check_ranks(out: pd.DataFrame, df: pd.DataFrame, source: str) -> None:
     over = rank >= counts[codes]
     slot = np.where(over, 0, starts[codes] + rank)
     seen = np.bincount(slot[~over], minlength=len(out))
-    repeated = ~over & (seen[slot] > 1)
+    repeated = np.zeros(len(out), dtype=bool)
+    if (seen > 1).any():  # name the second row of a repeated rank, not the first
+        kept = np.flatnonzero(~over)
+        repeated[kept] = pd.Series(slot[kept]).duplicated().to_numpy()
     bad = over | repeated
     if not bad.any():
         return
@@ -191,27 +202,25 @@ def _read(path: str | os.PathLike) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises many types for a non-Parquet file
-        raise UserError(f"{path}: cannot read as a Parquet table ({e.__class__.__name__}: {e})") from None
-    names = table.schema.names
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise UserError(f"{path}: column {', '.join(map(repr, twice))} appears more than once; keep one of each")
-    return table.to_pandas()
+        names = pq.read_schema(path).names
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise UserError(f"{path}: column {', '.join(map(repr, twice))} appears more than once; keep one of each")
+        return pq.read_table(path).to_pandas()
+    except UserError:
+        raise
+    except Exception as e:  # pyarrow raises many types for a non-Parquet file; its text may span lines
+        detail = " ".join(str(e).split())
+        raise UserError(f"{path}: cannot read as a Parquet table ({e.__class__.__name__}: {detail})") from None
 
 
 def _read_csv_table(path: Path) -> pd.DataFrame:
-    from submissions.format import read_csv_header
+    """A hand-made CSV table as text (the validators read each column by its type), with the file
+    line of each row for their messages; a short or long row, a repeated column: one line."""
+    from submissions.format import read_csv_text
 
-    header = read_csv_header(path)  # empty, binary or repeated column names: one line
-    try:
-        df = pd.read_csv(path, dtype={"id": str, "ref_id": str}, keep_default_na=False, na_values=[""], index_col=False)
-    except (ValueError, OSError) as e:  # ParserError, EmptyDataError, UnicodeDecodeError are ValueErrors
-        raise UserError(f"{path}: cannot read as a CSV table ({e.__class__.__name__}: {e})") from None
-    if len(header) != len(df.columns):
-        raise UserError(f"{path}: line 1: header has {len(header)} columns but the rows have {len(df.columns)}")
-    df.attrs[_CSV_LINE_ATTR] = True
+    df, lines = read_csv_text(path)
+    df.attrs[_CSV_LINES_ATTR] = lines
     return df
 
 
