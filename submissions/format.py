@@ -350,10 +350,11 @@ def _empty_ids(ids, lines: np.ndarray) -> list[tuple[int, str]]:
 
 
 def _check_header(path: Path, header: list[str]) -> None:
-    if tuple(header) != SUBMISSION_HEADER:
-        raise _HeaderError(
-            f"line 1: header is {','.join(header)!r}, expected {','.join(SUBMISSION_HEADER)!r}"
-        )
+    """The header exactly as Kaggle writes it (a BOM and CRLF allowed; no spaces, no other case)."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        raw = f.readline().rstrip("\r\n")
+    if raw not in (",".join(SUBMISSION_HEADER), ",".join(f'"{c}"' for c in SUBMISSION_HEADER)):
+        raise _HeaderError(f"line 1: header is {raw!r}, expected {','.join(SUBMISSION_HEADER)!r}")
 
 
 class _HeaderError(Exception):
