@@ -86,9 +86,7 @@ def _is_int_in(v, lo: int, hi: int) -> bool:
 
 
 def show_value(value) -> str:
-    """A cell as a person wrote it: numpy scalars as plain numbers, a CSV's text as it stands."""
-    if isinstance(value, str):
-        return value if value.strip() else f"empty ({value!r})"
+    """A cell as a person wrote it: numpy scalars as plain numbers, a CSV's text quoted."""
     return repr(value.item() if isinstance(value, np.generic) else value)
 
 

@@ -6,6 +6,8 @@ different commands (evaluate vs write-submission vs rescore vs ensemble), never 
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -88,8 +90,9 @@ def test_every_reader_refuses_a_broken_predictions_table_the_same_way(tmp_path, 
     df.to_parquet(path) if suffix == ".parquet" else df.to_csv(path, index=False)
     at = (lambda r: f"line {r + 2}") if suffix == ".csv" else (lambda r: f"row {r}")
     expected = f"{path}: " + message.format(at0=at(0), at1=at(1))
-    if suffix == ".csv":  # a CSV's cells are named as written: NaN is an empty cell there
-        expected = expected.replace("is nan:", "is empty (''):")
+    if suffix == ".csv":  # a CSV's cells are named as written, quoted: NaN is an empty cell there
+        expected = re.sub(r"column '(\w+)' is ([^:,]+)([:,])", r"column '\1' is '\2'\3", expected)
+        expected = expected.replace("is 'nan':", "is '':")
     for got in every_reader(path, comp, tmp_path):
         assert "\n" not in got
         assert got.startswith(expected), (got, expected)
@@ -162,7 +165,7 @@ def test_csv_tables_repeated_columns_header_only_and_literal_ids(tmp_path):
                                         r"found 5; line 3: expected 4 fields .*found 3$"):
         read_predictions(path)
     path.write_text("id,landmark_id,score,rank\nq1,5,0.5,0\nq1,abc,0.25,1\n")
-    with pytest.raises(UserError, match=r"preds\.csv: line 3: column 'landmark_id' is abc, expected an integer"):
+    with pytest.raises(UserError, match=r"preds\.csv: line 3: column 'landmark_id' is 'abc', expected an integer"):
         read_predictions(path)
     (tmp_path / "dir.parquet").mkdir()
     with pytest.raises(UserError, match=r"dir\.parquet: is a directory"):
