@@ -365,7 +365,8 @@ def train_command(data_dir: str, as_json: bool, **options) -> None:
     m = train(data_dir, **options)
     if as_json:
         echo_json({"out": options["out"], "best": m["best"], "final": m["final"], "precision": m["precision"],
-                   "timings": m["timings"], "skipped_images": m["data"]["skipped_images"]})
+                   "timings": m["timings"], "skipped_images": m["data"]["skipped_images"],
+                   "caches": m.get("caches")})
         return
     best = m["best"]
     click.echo(f"{options['out']}: {m['backbone']} on {m['n_classes']} classes, {m['data']['train_images']} train / "

@@ -293,9 +293,9 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
     class_index = {int(c): i for i, c in enumerate(classes)}
     labels = rows["landmark_id"].map(class_index).to_numpy(dtype=np.int32)
 
-    t0 = time.perf_counter()
     root = cache_root(comp.root, cache_dir)
     paths = comp.image_paths(rows["id"].tolist(), "train")
+    t0 = time.perf_counter()
     images, img_rows, img_keys, skipped, img_stats = decode_images(rows["id"].tolist(), paths, image_size, root)
     decode_s = time.perf_counter() - t0
     state["timings"].setdefault("decode_s", decode_s)

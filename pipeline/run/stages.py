@@ -89,7 +89,7 @@ def train_stage(ctx: Context, model: dict, full: bool) -> dict:
     # one cache for both fits: the local-validation folder's images are links to the competition's
     cache_dir = ctx.cfg["run"]["cache_dir"] or cache_root(_data_dir(ctx))
     m = train(source, backbone=model["backbone"], out=out, resume=ctx.resume, cache_dir=cache_dir, **options)
-    return jsonable({k: m.get(k) for k in ("final", "best", "timings", "n_classes", "resumed")})
+    return jsonable({k: m.get(k) for k in ("final", "best", "timings", "n_classes", "resumed", "caches")})
 
 
 def predict_stage(ctx: Context, model: str, embeddings: bool) -> dict:
