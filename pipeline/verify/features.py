@@ -205,7 +205,8 @@ def _from_keypoints(kps, desc: np.ndarray) -> Features:
 DELF_INPUTS = ("image", "score_threshold", "image_scales", "max_feature_num")
 DELF_FORMAT = (
     "glr needs DELF in TF-Hub's format, as https://tfhub.dev/google/delf/1 (TF1 Hub format: a folder with "
-    "saved_model.pb and tfhub_module.pb, signature 'default' with inputs " + ", ".join(DELF_INPUTS) + "); "
+    "saved_model.pb and tfhub_module.pb, signature 'default' with inputs " + ", ".join(DELF_INPUTS) +
+    " and outputs locations, descriptors, scales, attention); "
     "to get a local copy, on a machine with internet run TFHUB_CACHE_DIR=DIR python -c \"import tensorflow_hub "
     "as hub; print(hub.resolve('https://tfhub.dev/google/delf/1'))\" and pass the folder it prints with "
     "--delf-handle ([verify] delf_handle); or use --extractor sift offline"
@@ -257,9 +258,12 @@ def delf_signature(module, handle: str):
     sigs = getattr(module, "signatures", None) or {}
     fn = sigs.get("default") if hasattr(sigs, "get") else None
     have = _signature_inputs(fn) if fn is not None else []
-    if fn is not None and set(DELF_INPUTS) <= set(have):
+    outputs = getattr(fn, "structured_outputs", None) or {}
+    if fn is not None and set(DELF_INPUTS) <= set(have) and {"locations", "descriptors"} <= set(outputs):
         return fn
-    found = "; ".join(f"{name}({', '.join(_signature_inputs(f))})" for name, f in sigs.items()) or "none"
+    found = "; ".join(f"{name}({', '.join(_signature_inputs(f))}) -> "
+                      f"{', '.join(sorted(getattr(f, 'structured_outputs', None) or {})) or '?'}"
+                      for name, f in sigs.items()) or "none"
     raise UserError(f"{handle}: not a DELF module in TF-Hub format (its signatures: {found}); {DELF_FORMAT}")
 
 
