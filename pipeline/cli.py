@@ -664,7 +664,8 @@ def write_submission_command(preds: str, data_dir: str, out: str, as_json: bool)
     """Write the id,landmarks submission from a predictions table (rank 0 of each id).
 
     Exactly the ids of the competition's sample_submission.csv, in its order; ids without a
-    prediction are written empty. The file is validated before the command returns.
+    prediction are written empty. The file is checked (the format's grammar, the sample's ids)
+    before it replaces --out: a failed check leaves the previous file as it was.
 
     \b
     Example:
