@@ -143,8 +143,11 @@ def test_head_on_augmented_images_without_bottleneck(tiny_comp, tmp_path):
     from pipeline.model.backbones import find_base, load_model
     from pipeline.model.train import train
 
-    m = train(tiny_comp, out=tmp_path / "r", epochs=1, fine_tune_epochs=0, bottleneck=False,
-              cache_dir=tmp_path / "cache", **{**TINY, "backbone": "resnet50"})
+    from pipeline.model.data import ImageSkipped
+
+    with pytest.warns(ImageSkipped, match=(tiny_comp / "corrupt_id.txt").read_text()):
+        m = train(tiny_comp, out=tmp_path / "r", epochs=1, fine_tune_epochs=0, bottleneck=False,
+                  cache_dir=tmp_path / "cache", **{**TINY, "backbone": "resnet50"})
     assert [(h["phase"], h["epoch"]) for h in m["history"]] == [("head", 1)]
     assert "bottleneck" not in m["caches"] and not (tmp_path / "cache" / "bottleneck").exists()
     init = load_model(tmp_path / "r" / "checkpoints" / "init.keras")
