@@ -91,7 +91,35 @@ def measure(code: Path, run: Path, comp: Path, ids: list[str], n: int, work: Pat
     assert rows == 5 * n, (rows, n)
     for f in (out, emb, emb.with_name(emb.stem + ".ids.txt")):
         f.unlink()
-    return {"images": n, "peak_rss_mb": usage.ru_maxrss / 1024, "images_per_s": stats["images_per_s"]}
+    return {"images": n, "peak_rss_mb": usage.ru_maxrss / 1024, "images_per_s": stats["images_per_s"],
+            "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def describe(args, rows: list[dict], table: list[str]) -> str:
+    """The section's text: the setup, the table, the spread after and the growth per image before."""
+    after = [r for r in rows if r["code"] == "after"]
+    before = sorted((r for r in rows if r["code"] == "before"), key=lambda r: r["images"])
+    old = ""
+    if args.old is not None:
+        rev = subprocess.run(["git", "-C", str(args.old), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip()
+        old = f" (commit {rev})" if rev else ""
+    text = (f"{args.backbone}, untrained, {args.size} px, top-k 5, batch 64, embeddings on; each size in a fresh "
+            "process (peak RSS from the kernel, images/s from predict: decode + inference + top-k, on a machine "
+            "shared with other jobs, so images/s is indicative only; process CPU s, the child's user + system "
+            "time including start-up and model loading, is steadier). "
+            f"before{old} = the code that kept every batch's N×C probabilities and took top-k at the end; "
+            "after = top-k inside the compiled step, embeddings streamed to a memory-mapped .npy.\n\n"
+            + "\n".join(table))
+    if after:
+        spread = max(r["peak_rss_mb"] for r in after) - min(r["peak_rss_mb"] for r in after)
+        text += (f"\n\nAfter: peak RSS spread {spread:,.0f} MB from {min(r['images'] for r in after):,} to "
+                 f"{max(r['images'] for r in after):,} images — flat, memory does not grow with images × classes.")
+    if len(before) >= 2:
+        per = (before[-1]["peak_rss_mb"] - before[0]["peak_rss_mb"]) / (before[-1]["images"] - before[0]["images"])
+        text += (f" Before: {per:.2f} MB more per image, i.e. ~{per * 10:.0f} GB at 10,000 images and "
+                 f"~{per * 117.577:.0f} GB for GLDv2's ~117k test queries (not run here).")
+    return text
 
 
 def main() -> None:
@@ -116,25 +144,15 @@ def main() -> None:
                 r = {"code": label, **measure(code.resolve(), work / "run", work / "comp", ids, n, work)}
                 print(json.dumps(r), flush=True)
                 rows.append(r)
-    lines = ["| code | images | peak RSS | images/s |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['code']} | {r['images']:,} | {r['peak_rss_mb']:,.0f} MB | {r['images_per_s']:,.0f} |" for r in rows]
+    lines = ["| code | images | peak RSS | images/s | process CPU s |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['code']} | {r['images']:,} | {r['peak_rss_mb']:,.0f} MB | {r['images_per_s']:,.0f} | "
+              f"{r['cpu_s']:,.0f} |" for r in rows]
     print("\n".join(lines))
     if args.write:
         from benchmarks._results import write_section
 
-        after = [r for r in rows if r["code"] == "after"]
-        spread = max(r["peak_rss_mb"] for r in after) - min(r["peak_rss_mb"] for r in after)
-        body = (
-            "## predict-memory — `glr predict` peak RSS with an 81,313-class head (issue 11)\n\n"
-            f"{args.backbone}, untrained, {args.size} px, top-k 5, batch 64, embeddings on; each size in a fresh "
-            "process (peak RSS from the kernel, images/s from predict: decode + inference + top-k). "
-            "before = the code that kept every batch's N×C probabilities and took top-k at the end; "
-            "after = top-k inside the compiled step, embeddings streamed to a memory-mapped .npy.\n\n"
-            + "\n".join(lines)
-            + f"\n\nAfter: peak RSS spread across sizes {spread:,.0f} MB (flat: memory does not grow with images × "
-            "classes). Before: about 1.8 MB more per image, so ~18 GB at 10,000 images and ~210 GB for "
-            "GLDv2's 117k test queries (not run here)."
-        )
+        body = ("## predict-memory — `glr predict` peak RSS with an 81,313-class head (issue 11)\n\n"
+                + describe(args, rows, lines))
         cmd = "python benchmarks/predict_memory.py " + " ".join(a for a in sys.argv[1:])
         write_section("predict-memory", body, cmd)
 
