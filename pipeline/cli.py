@@ -236,7 +236,8 @@ def fetch_cmd(competition: str, data_dir: str, files: str | None, force: bool, a
 @click.option("--size", default=96, show_default=True, type=click.IntRange(min=0),
               help="Longest side in pixels (asked of Google's servers, else resized here); 0 = original.")
 @click.option("--workers", default=16, show_default=True, type=click.IntRange(1, 256), help="Parallel downloads.")
-@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.01), help="Seconds per request.")
+@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="Seconds allowed to connect, to each read, and to each whole image answer.")
 @click.option("--retries", default=3, show_default=True, type=click.IntRange(min=0),
               help="Retries of a timed-out / refused / 5xx request, with back-off.")
 @quiet_option

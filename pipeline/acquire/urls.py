@@ -12,11 +12,14 @@ saves most of the bandwidth. Other images are resized here.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import os
 import random
 import re
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -62,12 +65,93 @@ class _Fail(Exception):
         self.reason, self.retry = reason, retry
 
 
+_inflight = threading.local()  # per download thread: the socket its current request went out on
+
+
+@functools.cache
+def _adapter_class():
+    """A requests adapter whose connections say which one a thread's request uses, so a deadline can cut it.
+
+    Built on first use (requests and urllib3 load only when a download starts).
+    """
+    from requests.adapters import HTTPAdapter
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    class Tracked:  # the socket itself: a response read until close keeps it after the connection lets go
+        def connect(self):
+            super().connect()
+            _inflight.sock = self.sock
+
+        def request(self, *args, **kwargs):
+            _inflight.sock = self.sock  # a kept-alive connection (None: connect() will say)
+            return super().request(*args, **kwargs)
+
+    class HTTPPool(HTTPConnectionPool):
+        ConnectionCls = type("HTTPConn", (Tracked, HTTPConnection), {})
+
+    class HTTPSPool(HTTPSConnectionPool):
+        ConnectionCls = type("HTTPSConn", (Tracked, HTTPSConnection), {})
+
+    pools = {"http": HTTPPool, "https": HTTPSPool}
+
+    class DeadlineAdapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pools
+
+        def proxy_manager_for(self, proxy, **kwargs):
+            manager = super().proxy_manager_for(proxy, **kwargs)
+            manager.pool_classes_by_scheme = pools
+            return manager
+
+    return DeadlineAdapter
+
+
+class _Deadline:
+    """Cut this thread's connection once `seconds` have passed, whatever read it is blocked in.
+
+    A per-read socket timeout alone lets a host that trickles one byte a second (in the headers or
+    the body) hold a download forever; shutting the socket down wakes the blocked read at once.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds, self.expired = seconds, False
+        self._done = threading.Event()
+        _inflight.sock = None
+        self._slot = _inflight.__dict__  # this thread's slot, read from the timer thread
+        self._timer = threading.Thread(target=self._cut, daemon=True, name="glr-fetch-deadline")
+
+    def __enter__(self) -> "_Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+
+    def _cut(self) -> None:
+        if self._done.wait(self.seconds):
+            return
+        self.expired = True
+        while True:  # the socket may not exist yet (still connecting): try until it does or we are done
+            sock = self._slot.get("sock")
+            sock = sock if isinstance(sock, socket.socket) else getattr(sock, "socket", None)  # TLS in TLS
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's, also under TLS
+                return
+            if self._done.wait(0.05):
+                return
+
+
 def _get(session, url: str, timeout: float) -> bytes:
+    """The body of `url`; connecting, each read and the whole answer each get at most `timeout` seconds."""
     import requests
 
-    deadline = time.monotonic() + max(6 * timeout, timeout + 5)  # a server trickling bytes forever
+    deadline = _Deadline(timeout)
+    too_slow = _Fail(f"timeout (no complete answer within {timeout:g} s)", True)
     try:
-        with session.get(url, timeout=(timeout, timeout), stream=True) as r:
+        with deadline, session.get(url, timeout=(timeout, timeout), stream=True) as r:
             if r.status_code != 200:
                 raise _Fail(f"HTTP {r.status_code}", r.status_code in RETRY_STATUS)
             ctype = r.headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -81,12 +165,14 @@ def _get(session, url: str, timeout: float) -> bytes:
                 buf += chunk
                 if len(buf) > MAX_BYTES:
                     raise _Fail(f"too large (> {MAX_BYTES} bytes)", False)
-                if time.monotonic() > deadline:
-                    raise _Fail("timeout (body too slow)", True)
-            return bytes(buf)
+        if deadline.expired:  # the cut can look like a normal end of a body without Content-Length
+            raise too_slow
+        return bytes(buf)
     except requests.Timeout:
-        raise _Fail("timeout", True) from None
+        raise too_slow from None
     except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+        if deadline.expired:
+            raise too_slow from None
         raise _Fail(f"connection error ({type(e).__name__})", True) from None
     except requests.RequestException as e:
         raise _Fail(f"bad request ({type(e).__name__})", False) from None
@@ -150,7 +236,7 @@ def fetch_urls(
     """Download every `id,url` row of `csv` into `out/a/b/c/<id>.jpg`; return counts and images/s.
 
     Images already in `out` are skipped (resume). `size` is the longest side kept (0 = as
-    served), `timeout` applies to connecting and to each read, `retries` to timeouts,
+    served), `timeout` bounds connecting, each read and each whole answer, `retries` to timeouts,
     connection errors, 429 and 5xx answers, with exponential back-off. Rows that fail are
     written to `out/failed.csv` (id,url,reason); the file is removed when nothing failed.
     """
@@ -192,8 +278,8 @@ def fetch_urls(
     def session():
         if not hasattr(local, "s"):
             s = requests.Session()
-            s.mount("http://", requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0))
-            s.mount("https://", requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0))
+            for scheme in ("http://", "https://"):
+                s.mount(scheme, _adapter_class()(pool_connections=4, pool_maxsize=4, max_retries=0))
             s.headers["User-Agent"] = "glr-fetch-urls"
             local.s = s
         return local.s

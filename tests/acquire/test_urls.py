@@ -1,11 +1,14 @@
 """`glr fetch-urls` against a loopback image host with dead, hanging, flaky and HTML answers."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
+import socketserver
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -62,7 +65,7 @@ def test_fetch_urls_mixed_failures_resize_and_resume(tmp_path, monkeypatch):
         failed = (out / "failed.csv").read_text().splitlines()
         assert failed[0] == "id,url,reason"
         reasons = {line.split(",")[0]: line.split(",", 2)[2] for line in failed[1:]}
-        assert reasons == {ids[10]: "HTTP 404", ids[11]: "not an image (text/html)", ids[12]: "timeout"}
+        assert reasons == {ids[10]: "HTTP 404", ids[11]: "not an image (text/html)", ids[12]: "timeout (no complete answer within 0.5 s)"}
         for i in ids[10:]:
             assert not (out / hashed_relpath(i)).exists()
         c = dict(srv.counts)
@@ -124,3 +127,103 @@ def test_fetch_urls_kill9_then_rerun_completes_without_duplicate_work(tmp_path):
         assert first - before <= workers
         assert max(srv.counts.values()) <= 2
         assert not (out / ".glr-tmp").exists() and not list(out.rglob("*.part"))
+
+
+# -- issue 15 class 3: every network read has a deadline, enforced while it blocks -------------------
+
+class _TrickleHandler(socketserver.BaseRequestHandler):
+    """A host that answers by path: `/ok/…` a JPEG at once; `/body/…` headers with a Content-Length, then one
+    body byte every 0.5 s; `/nolength/…` the same without a length (body ends at close); `/headers/…` the
+    status line, then one header byte every 0.5 s; `/silent/…` reads the request and says nothing."""
+
+    def handle(self):
+        sock = self.request
+        data = b""
+        while b"\r\n\r\n" not in data:
+            got = sock.recv(4096)
+            if not got:
+                return
+            data += got
+        path = data.split(b" ", 2)[1].decode()
+        stop = self.server.stop
+        try:
+            if path.startswith("/ok/"):
+                body = self.server.jpeg
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(body)
+                             + body)
+                return
+            if path.startswith("/silent/"):
+                stop.wait(30)
+                return
+            if path.startswith("/body/"):
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n")
+                drip = self.server.jpeg * 100
+            elif path.startswith("/nolength/"):
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nConnection: close\r\n\r\n")
+                drip = self.server.jpeg * 100
+            else:
+                sock.sendall(b"HTTP/1.1 200 OK\r\n")
+                drip = b"X-Slow: " + b"a" * 5000 + b"\r\n"
+            for k in range(len(drip)):
+                if stop.wait(0.5):
+                    return
+                sock.sendall(drip[k:k + 1])
+        except OSError:  # the client gave up and closed: what we want
+            return
+
+
+@pytest.fixture
+def trickle_host(monkeypatch):
+    from PIL import Image
+
+    for k in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _TrickleHandler)
+    server.daemon_threads = True
+    server.stop = threading.Event()
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(buf, "JPEG")
+    server.jpeg = buf.getvalue()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.stop.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_fetch_urls_gives_up_on_a_trickling_host_within_the_timeout(tmp_path, trickle_host):
+    """A host sending a byte every 0.5 s never trips a per-read timeout; the per-answer deadline must."""
+    kinds = ["ok", "body", "nolength", "headers", "silent", "ok"]
+    ids = _ids(len(kinds), 7)
+    csv = tmp_path / "list.csv"
+    csv.write_text("id,url\n" + "".join(f"{i},{trickle_host}/{k}/{i}.jpg\n" for i, k in zip(ids, kinds)))
+    out = tmp_path / "imgs"
+    timeout = 1.5
+    t0 = time.monotonic()
+    res = fetch_urls(csv, out, size=0, workers=len(kinds), timeout=timeout, retries=0)
+    elapsed = time.monotonic() - t0
+    assert elapsed < timeout + 2.0, elapsed  # all in parallel: one deadline plus slack, not forever
+    assert (res["downloaded"], res["failed"]) == (2, 4)
+    reasons = {line.split(",")[0]: line.split(",", 2)[2] for line in (out / "failed.csv").read_text().splitlines()[1:]}
+    assert set(reasons) == {i for i, k in zip(ids, kinds) if k != "ok"}
+    assert all(r.startswith("timeout") for r in reasons.values()), reasons
+    for i, k in zip(ids, kinds):
+        assert (out / hashed_relpath(i)).exists() == (k == "ok")
+    assert not (out / ".glr-tmp").exists()
+
+
+def test_fetch_urls_cli_timeout_on_a_trickling_host_is_one_line_per_url(tmp_path, trickle_host):
+    csv = tmp_path / "list.csv"
+    ids = _ids(2, 8)
+    csv.write_text(f"id,url\n{ids[0]},{trickle_host}/body/a.jpg\n{ids[1]},{trickle_host}/ok/b.jpg\n")
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(no_proxy="127.0.0.1", PYTHONPATH=str(ROOT))
+    t0 = time.monotonic()
+    done = subprocess.run([GLR, "fetch-urls", str(csv), "--out", str(tmp_path / "o"), "--timeout", "1", "--retries",
+                           "0", "-q"], env=env, capture_output=True, text=True, timeout=30)
+    assert time.monotonic() - t0 < 15
+    assert done.returncode == 0, done.stderr
+    assert "1 downloaded, 0 already there, 1 failed" in done.stdout
+    assert "timeout (no complete answer within 1 s)" in (tmp_path / "o" / "failed.csv").read_text()
