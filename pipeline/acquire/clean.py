@@ -1,7 +1,7 @@
 """`glr clean`: move images that no stage can use into quarantine, with a report of why.
 
-Unusable: zero bytes, not an image, decompression-bomb sized (more pixels than the loader
-accepts), truncated / corrupt data, or a mode the loader cannot turn into RGB. Such files are
+Unusable: zero bytes, not an image, decompression-bomb sized (more pixels than
+`pipeline.images.MAX_PIXELS`, told from the header without decoding), truncated / corrupt data, or a mode the loader cannot turn into RGB. Such files are
 moved (never deleted) to the quarantine folder, keeping their relative path, and a row is
 added to `QUARANTINE/report.csv` (path, reason, detail, moved_to) *before* the move, so an
 interrupted run never loses track of a file. Odd but usable images (palette with transparency,
@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -22,66 +21,37 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 REPORT_COLUMNS = ["path", "reason", "detail", "moved_to"]
 
 
-def _bomb_pixels() -> int:
-    """What the loader refuses: Pillow's error limit (2 × MAX_IMAGE_PIXELS, about 179 Mpx)."""
-    from PIL import Image
-
-    return 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
-
-
-def _oddity(img) -> str | None:
-    if img.mode in ("P", "PA") and ("transparency" in img.info or img.mode == "PA"):
+def _oddity(head) -> str | None:
+    if head.mode in ("P", "PA") and (head.transparency or head.mode == "PA"):
         return "palette+transparency"
-    if img.mode == "CMYK":
+    if head.mode == "CMYK":
         return "CMYK"
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+    if head.mode.startswith("I;16") or head.mode in ("I", "F"):
         return "16-bit"
-    if img.mode in ("L", "LA", "1"):
+    if head.mode in ("L", "LA", "1"):
         return "grayscale"
-    try:
-        if img.getexif().get(0x0112, 1) not in (1, None):
-            return "EXIF-rotated"
-    except Exception:  # a broken EXIF block is the loader's business, not a reason to quarantine
-        pass
+    if head.orientation not in (0, 1):
+        return "EXIF-rotated"
     return None
 
 
 def inspect_image(path: str | os.PathLike) -> tuple[str | None, str, str | None]:
-    """(reason it is unusable or None, detail, oddity or None) for one image file."""
-    from PIL import Image, UnidentifiedImageError
+    """(reason it is unusable or None, detail, oddity or None) for one image file.
 
-    from pipeline.images import ImageReadError, open_rgb
+    Reads the header, then decodes at `CHECK_SIDE` through `pipeline.images.open_rgb` (what every stage
+    does): an image over the pixel budget is refused from its header, never decoded.
+    """
+    from pipeline.images import CHECK_SIDE, ImageReadError, open_rgb, read_header
 
     path = Path(path)
     if path.stat().st_size == 0:
         return "zero bytes", "", None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(path) as img:
-                w, h = img.size
-                mode, odd = img.mode, _oddity(img)
-        except Image.DecompressionBombError as e:
-            return "decompression bomb", str(e)[:120], None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-            cut = "truncated" in str(e).lower() and not isinstance(e, UnidentifiedImageError)
-            return ("truncated" if cut else "not an image"), str(e)[:120], None
-        if w * h > _bomb_pixels():
-            return "decompression bomb", f"{w}x{h} pixels", None
-        if w == 0 or h == 0:
-            return "not an image", f"{w}x{h} pixels", None
-        try:
-            open_rgb(path)  # exactly what every stage does
-            return None, "", odd
-        except ImageReadError as e:
-            first = str(e)
-        try:  # tell a broken file from a mode the loader cannot convert
-            with Image.open(path) as img:
-                img.load()
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            msg = str(e)
-            return ("truncated" if "truncated" in msg.lower() else "corrupt"), msg[:120], None
-        return "unsupported mode", f"{mode}: {first.split('(', 1)[-1].rstrip(')')[:100]}", None
+    try:
+        head = read_header(path)
+        open_rgb(path, max_side=CHECK_SIDE)
+    except ImageReadError as e:
+        return e.reason, e.detail, None
+    return None, "", _oddity(head)
 
 
 def _images(root: Path, skip: Path | None):

@@ -179,18 +179,20 @@ def _get(session, url: str, timeout: float) -> bytes:
 
 
 def _encode(data: bytes, size: int) -> bytes:
-    """The bytes to keep: the original JPEG when it fits, else a re-encoded RGB JPEG."""
-    from PIL import Image
+    """The bytes to keep: the original JPEG when it fits, else a re-encoded RGB JPEG.
 
-    from pipeline.images import ImageReadError, open_rgb
+    Decoded through `pipeline.images` (header first: an image over the pixel budget is refused before
+    decoding); a JPEG kept as served is still decoded whole, at `CHECK_SIDE`, to prove it complete.
+    """
+    from pipeline.images import CHECK_SIDE, ImageReadError, open_rgb, read_header
 
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            fmt, dims = probe.format, probe.size
-        img = open_rgb(io.BytesIO(data), max_side=size or None)  # full decode: truncation shows here
-    except (ImageReadError, OSError, Image.DecompressionBombError) as e:
-        raise _Fail(f"not an image ({str(e).split('(', 1)[-1].rstrip(')')[:80]})", False) from None
-    if fmt == "JPEG" and (size <= 0 or max(dims) <= size) and img.size == dims:
+        head = read_header(io.BytesIO(data))
+        keep = head.format == "JPEG" and (size <= 0 or max(head.width, head.height) <= size)
+        img = open_rgb(io.BytesIO(data), max_side=size or (CHECK_SIDE if keep else None))
+    except ImageReadError as e:
+        raise _Fail(f"{e.reason} ({e.detail[:120]})", False) from None
+    if keep:
         return data
     out = io.BytesIO()
     img.save(out, "JPEG", quality=90)

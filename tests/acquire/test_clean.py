@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline.acquire.clean import clean, inspect_image
 from pipeline.images import load_rgb
-from tests.test_images import odd_images
+from tests.test_images import flat_png, odd_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,3 +121,16 @@ def test_clean_cli_json(tmp_path):
 
     out = json.loads(proc.stdout)
     assert out["quarantined"] == 6 and out["report"] == str(tmp_path / "q" / "report.csv")
+
+
+def test_clean_quarantines_an_image_over_the_pixel_budget_from_its_header(tmp_path):
+    """Issue 15 class 8: a 0.2 MB single-colour 7000×7000 PNG is refused before decoding (~150 MB otherwise)."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    (root / "flat.png").write_bytes(flat_png(7000, 7000))
+    (root / "fine.png").write_bytes(flat_png(600, 400))
+    reason, detail, _ = inspect_image(root / "flat.png")
+    assert reason == "decompression bomb" and "7000x7000 = 49.0 Mpx" in detail and "MAX_PIXELS" in detail
+    res = clean(root, workers=2)
+    assert res["reasons"] == {"decompression bomb": 1} and (tmp_path / "imgs-quarantine" / "flat.png").exists()
+    assert (root / "fine.png").exists()

@@ -1,6 +1,7 @@
 """`glr fetch-urls` against a loopback image host with dead, hanging, flaky and HTML answers."""
 from __future__ import annotations
 
+import csv as csv_module
 import io
 import json
 import os
@@ -19,6 +20,7 @@ from pipeline.acquire.competition import hashed_relpath
 from pipeline.acquire.urls import fetch_urls, resized_url
 from pipeline.images import load_rgb
 from tests.fake_kaggle import ImageServer
+from tests.test_images import flat_png
 
 ROOT = Path(__file__).resolve().parents[1]
 GLR = str(Path(sys.executable).with_name("glr"))
@@ -132,7 +134,7 @@ def test_fetch_urls_kill9_then_rerun_completes_without_duplicate_work(tmp_path):
 # -- issue 15 class 3: every network read has a deadline, enforced while it blocks -------------------
 
 class _TrickleHandler(socketserver.BaseRequestHandler):
-    """A host that answers by path: `/ok/…` a JPEG at once; `/body/…` headers with a Content-Length, then one
+    """A host that answers by path: `/ok/…` a JPEG at once; `/huge/…` a 49 Mpx single-colour PNG; `/body/…` headers with a Content-Length, then one
     body byte every 0.5 s; `/nolength/…` the same without a length (body ends at close); `/headers/…` the
     status line, then one header byte every 0.5 s; `/silent/…` reads the request and says nothing."""
 
@@ -150,6 +152,11 @@ class _TrickleHandler(socketserver.BaseRequestHandler):
             if path.startswith("/ok/"):
                 body = self.server.jpeg
                 sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(body)
+                             + body)
+                return
+            if path.startswith("/huge/"):  # 7000×7000 single colour: 49 Mpx, over the pixel budget
+                body = self.server.huge
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n" % len(body)
                              + body)
                 return
             if path.startswith("/silent/"):
@@ -186,6 +193,7 @@ def trickle_host(monkeypatch):
     buf = io.BytesIO()
     Image.new("RGB", (40, 30), (200, 30, 30)).save(buf, "JPEG")
     server.jpeg = buf.getvalue()
+    server.huge = flat_png(7000, 7000)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.stop.set()
@@ -227,3 +235,18 @@ def test_fetch_urls_cli_timeout_on_a_trickling_host_is_one_line_per_url(tmp_path
     assert done.returncode == 0, done.stderr
     assert "1 downloaded, 0 already there, 1 failed" in done.stdout
     assert "timeout (no complete answer within 1 s)" in (tmp_path / "o" / "failed.csv").read_text()
+
+
+def test_fetch_urls_refuses_an_image_over_the_pixel_budget_without_decoding_it(tmp_path, trickle_host):
+    """Issue 15 class 8: a small PNG declaring 49 Mpx is listed as failed, for every --size."""
+    ids = _ids(2, 9)
+    csv = tmp_path / "list.csv"
+    csv.write_text(f"id,url\n{ids[0]},{trickle_host}/huge/a.png\n{ids[1]},{trickle_host}/ok/b.jpg\n")
+    for size in (0, 96):
+        out = tmp_path / f"o{size}"
+        res = fetch_urls(csv, out, size=size, workers=2, timeout=5, retries=0)
+        assert (res["downloaded"], res["failed"]) == (1, 1)
+        (row,) = csv_module.DictReader(open(out / "failed.csv"))
+        assert row["reason"] == ("decompression bomb (7000x7000 = 49.0 Mpx to decode, over the 40 Mpx budget "
+                                 "(pipeline.images.MAX_PIXELS))"), row
+        assert not (out / hashed_relpath(ids[0])).exists()
