@@ -33,6 +33,22 @@ quiet_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 
 
+class Output(click.Path):
+    """A path a command writes: checked writable while the command line is read, before any work starts."""
+
+    def __init__(self, folder: bool = False):
+        super().__init__(file_okay=not folder, dir_okay=folder)
+        self.folder = folder
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        from submissions.files import check_writable
+
+        check_writable(value, folder=self.folder, what=param.opts[0] if param and param.opts[0].startswith("-")
+                       else None)
+        return value
+
+
 def echo_json(obj: dict) -> None:
     """Print one JSON object on stdout (numpy scalars and paths allowed)."""
     from submissions.files import json_default
@@ -72,6 +88,11 @@ def main() -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
+    except OSError as e:
+        if not e.filename:  # not about a path the user gave or glr writes: a bug, keep its traceback
+            raise
+        click.echo(f"Error: {e.filename}: {e.strerror or e}; check the path and its permissions", err=True)
+        sys.exit(1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -135,7 +156,7 @@ def gap_command(submission: str, solution: str, usage: str, bootstrap: int, seed
 
 
 @cli.command("synth")
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=Output(folder=True))
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Everything follows from it: the same seed gives the same bytes.")
 @click.option("--landmarks", type=click.IntRange(1, 200_000), default=20, show_default=True,
@@ -199,7 +220,7 @@ def _echo_summary(summary: dict | None) -> None:
 
 @cli.command("fetch")
 @click.argument("competition")
-@click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="Where the competition's files go.")
+@click.option("--data-dir", required=True, type=Output(folder=True), help="Where the competition's files go.")
 @click.option("--files", default=None, metavar="A,B,…",
               help="Fetch only these files (comma-separated, e.g. train.csv,sample_submission.csv).")
 @click.option("--force", is_flag=True, help="Download again even if the files are already there.")
@@ -232,7 +253,7 @@ def fetch_cmd(competition: str, data_dir: str, files: str | None, force: bool, a
 
 @cli.command("fetch-urls")
 @click.argument("csv", type=click.Path(dir_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Image folder (hashed layout a/b/c/<id>.jpg).")
+@click.option("--out", required=True, type=Output(folder=True), help="Image folder (hashed layout a/b/c/<id>.jpg).")
 @click.option("--size", default=96, show_default=True, type=click.IntRange(min=0),
               help="Longest side in pixels (asked of Google's servers, else resized here); 0 = original.")
 @click.option("--workers", default=16, show_default=True, type=click.IntRange(1, 256), help="Parallel downloads.")
@@ -339,7 +360,7 @@ def _warnings_to_stderr() -> None:
 @click.argument("data_dir", type=click.Path(file_okay=False))
 @click.option("--backbone", type=click.Choice(BACKBONES), required=True,
               help="ImageNet backbone (keras.applications) with its conventional head.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory, e.g. runs/vgg16.")
+@click.option("--out", required=True, type=Output(folder=True), help="Run directory, e.g. runs/vgg16.")
 @click_options(TRAIN)
 @click_option(RUN["cache_dir"])
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last finished epoch.")
@@ -383,8 +404,8 @@ def train_command(data_dir: str, as_json: bool, **options) -> None:
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="Competition directory.")
 @click.option("--split", type=click.Choice(["test", "train", "val"]), default="test", show_default=True,
               help="Images to predict; val = the run's stored validation split.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Predictions table (Parquet).")
-@click.option("--embeddings", type=click.Path(dir_okay=False), default=None,
+@click.option("--out", required=True, type=Output(), help="Predictions table (Parquet).")
+@click.option("--embeddings", type=Output(), default=None,
               help="Also save the penultimate-layer descriptors here (.npy, ids in .ids.txt beside it).")
 @click_options(PREDICT)
 @quiet_option
@@ -410,7 +431,7 @@ def predict_command(run_dir: str, as_json: bool, **options) -> None:
 
 @cli.command("ensemble")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Ensembled predictions table.")
+@click.option("--out", required=True, type=Output(), help="Ensembled predictions table.")
 @click_options(ENSEMBLE)
 def ensemble_command(paths: tuple[str, ...], weights: list[float] | None, out: str, top_k: int) -> None:
     """Weighted average of several models' predictions tables, top-k out.
@@ -490,7 +511,7 @@ def features_cmd(data_dir: str, split: str, as_json: bool, **options) -> None:
 @cli.command("verify")
 @click.argument("preds", type=click.Path(dir_okay=False))
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="Competition directory.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Inliers table to write (Parquet).")
+@click.option("--out", required=True, type=Output(), help="Inliers table to write (Parquet).")
 @click_options(VERIFY, ("extractor", "candidates", "k", "refs"))
 @click.option("--embeddings", type=click.Path(dir_okay=False), default=None,
               help="Query embeddings (glr predict --split test --embeddings) for --refs nearest.")
@@ -538,7 +559,7 @@ def verify_cmd(preds: str, as_json: bool, **options) -> None:
 
 @cli.command("merge")
 @click.argument("parts", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Joined inliers table.")
+@click.option("--out", required=True, type=Output(), help="Joined inliers table.")
 def merge_cmd(parts: tuple[str, ...], out: str) -> None:
     """Join the inliers tables of `glr verify --shard` runs into one.
 
@@ -557,7 +578,7 @@ def merge_cmd(parts: tuple[str, ...], out: str) -> None:
 @click.argument("img_b", type=click.Path(dir_okay=False))
 @_extractor_options
 @_match_options
-@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+@click.option("--plot", type=Output(), default=None,
               help="Write a PNG of both images with the inlier matches drawn.")
 @json_option
 def match_cmd(img_a: str, img_b: str, as_json: bool, **options) -> None:
@@ -587,7 +608,7 @@ def match_cmd(img_a: str, img_b: str, as_json: bool, **options) -> None:
 @click.argument("inliers", type=click.Path(dir_okay=False))
 @click.option("--solution", required=True, type=click.Path(dir_okay=False),
               help="Ground truth of the validation queries (id,landmarks,Usage).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Policy JSON to write (plots go beside it).")
+@click.option("--out", required=True, type=Output(), help="Policy JSON to write (plots go beside it).")
 @click_options(TUNE)
 @quiet_option
 @json_option
@@ -630,7 +651,7 @@ def tune_command(preds: str, inliers: str, solution: str, out: str, as_json: boo
 @click.argument("inliers", type=click.Path(dir_okay=False))
 @click.option("--policy", "policy", required=True,
               help="Policy JSON from `glr tune`, or a preset: identity, seed-rules.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Rescored predictions table (Parquet).")
+@click.option("--out", required=True, type=Output(), help="Rescored predictions table (Parquet).")
 @json_option
 def rescore_command(preds: str, inliers: str, policy: str, out: str, as_json: bool) -> None:
     """Apply a rescoring policy to a predictions table, writing a predictions table.
@@ -659,7 +680,7 @@ def rescore_command(preds: str, inliers: str, policy: str, out: str, as_json: bo
 @click.argument("preds", type=click.Path(dir_okay=False))
 @click.option("--data-dir", required=True, type=click.Path(exists=True),
               help="Competition directory holding sample_submission.csv (or that file itself).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Submission CSV to write (id,landmarks).")
+@click.option("--out", required=True, type=Output(), help="Submission CSV to write (id,landmarks).")
 @json_option
 def write_submission_command(preds: str, data_dir: str, out: str, as_json: bool) -> None:
     """Write the id,landmarks submission from a predictions table (rank 0 of each id).
@@ -844,7 +865,7 @@ def config_example_cmd() -> None:
 
 
 @cli.command("demo")
-@click.option("--out", default="demo", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", default="demo", show_default=True, type=Output(folder=True),
               help="Folder for the synthetic competition, the config and the run.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the synthetic competition and the run.")
 @click.option("--overwrite", is_flag=True,

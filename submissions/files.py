@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from submissions.errors import UserError
+
 
 def _read_umask() -> int:
     umask = os.umask(0)
@@ -49,6 +51,30 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def check_writable(path: str | os.PathLike, *, folder: bool = False, what: str | None = None) -> None:
+    """Refuse, before any work, an output glr could not write: one line naming the folder and why.
+
+    The folder probed is where the output will land: `path` itself for an existing output folder,
+    else its nearest existing ancestor (folders on the way are created). A real file is created and
+    removed there (permission bits say nothing on a read-only mount or for root).
+    """
+    path = Path(path)
+    label = f"{what} {path}" if what else str(path)
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"{label}: exists and is {'not ' if folder else ''}a folder; choose another path")
+    probe = path if folder and path.is_dir() else path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{label}: {probe} is not a folder; choose another path")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".glr-probe.", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UserError(f"{label}: cannot write in {probe} ({e.strerror}); choose a writable place") from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -84,6 +84,7 @@ def clean(data_dir: str | os.PathLike, *, quarantine: str | os.PathLike | None =
     """
     from pipeline.parallel import bounded_map
     from pipeline.progress import progress
+    from submissions.files import check_writable
 
     root = Path(data_dir)
     if not root.is_dir():
@@ -91,6 +92,8 @@ def clean(data_dir: str | os.PathLike, *, quarantine: str | os.PathLike | None =
     qdir = Path(quarantine) if quarantine else root.parent / f"{root.resolve().name}-quarantine"
     if qdir.resolve() == root.resolve():
         raise UserError(f"--quarantine {qdir}: must not be the folder being cleaned")
+    check_writable(root, folder=True, what="DATA_DIR")  # files are moved out of it
+    check_writable(qdir, folder=True, what="--quarantine")
     report = qdir / "report.csv"
     files = list(_images(root, qdir.resolve()))
     reasons: Counter = Counter()
