@@ -36,10 +36,53 @@ def _member_problem(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
+NAME_MAX = 255  # bytes per path component on Linux/macOS file systems
+PATH_MAX = 4096
+
+
+def _folders_of(name: str) -> list[str]:
+    parts = PurePosixPath(name).parts
+    return ["/".join(parts[:k]) for k in range(1, len(parts))]
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def _place_problem(root: str, name: str, is_dir: bool, under: set[str], cache: dict[str, str | None]) -> str | None:
+    """Why `name` cannot be written at its place in `root`: too long, or in the way of what is there."""
+    parts = PurePosixPath(name).parts
+    if any(len(os.fsencode(p)) > NAME_MAX for p in parts) or len(os.fsencode(os.path.join(root, name))) >= PATH_MAX:
+        return f"has a name too long for the file system (over {NAME_MAX} bytes a part or {PATH_MAX} in all)"
+    if not is_dir and name in under:
+        return "is a file, but other members of the archive lie under it"
+    parent = os.path.dirname(name)
+    if parent not in cache:  # once per folder: a symlink or a file already in `dest` could be in the way
+        where = os.path.join(root, parent)
+        real = os.path.realpath(where)
+        if os.path.commonpath([root, real]) != root:
+            cache[parent] = "would land outside the destination (through a symlink in it)"
+        else:
+            have = _nearest_existing(where)
+            cache[parent] = None if os.path.isdir(have) else f"would need a folder where the file {have} is"
+    if cache[parent]:
+        return cache[parent]
+    target = os.path.join(root, name)
+    if not is_dir and os.path.isdir(target):
+        return f"would replace the folder {target}"
+    if is_dir and os.path.lexists(target) and not os.path.isdir(target):
+        return f"would replace the file {target}"
+    return None
+
+
 def check_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> list[zipfile.ZipInfo]:
     """The archive's file members, after checking every member is safe to extract into `dest`.
 
-    Raises UserError naming the first unsafe member; nothing is written.
+    Refused (UserError naming the first such member; nothing is written): names that leave `dest`
+    or are not plain files/folders, names too long for the file system, a file that other members
+    lie under, and a member whose place in `dest` holds a folder where a file goes or the reverse.
     """
     archive, dest = Path(archive), Path(dest)
     try:
@@ -48,20 +91,15 @@ def check_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> list[z
     except zipfile.BadZipFile as e:
         raise UserError(f"{archive}: not a valid zip archive ({e}); delete it and re-run to download again") from None
     root = os.path.realpath(dest)
+    under = {f for info in infos for f in _folders_of(info.filename.rstrip("/"))}
+    under |= {info.filename.rstrip("/") for info in infos if info.is_dir()}
     files = []
-    inside: dict[str, bool] = {}  # per parent folder: a symlink already in `dest` could lead out
+    cache: dict[str, str | None] = {}
     for info in infos:
-        problem = _member_problem(info)
-        if problem is None:
-            parent = os.path.dirname(info.filename.rstrip("/"))
-            if parent not in inside:
-                real = os.path.realpath(os.path.join(root, parent))
-                inside[parent] = os.path.commonpath([root, real]) == root
-            if not inside[parent]:
-                problem = "would land outside the destination (through a symlink in it)"
+        problem = _member_problem(info) or _place_problem(root, info.filename.rstrip("/"), info.is_dir(), under, cache)
         if problem:
             raise UserError(
-                f"{archive}: member {info.filename!r} {problem}; refusing to extract this archive "
+                f"{archive}: member {info.filename[:120]!r} {problem}; refusing to extract this archive "
                 f"(nothing was written to {dest})"
             )
         if not info.is_dir():
@@ -84,9 +122,6 @@ def safe_extract(
     archive, dest = Path(archive), Path(dest)
     members = check_archive(archive, dest)
     tmp = Path(tmp_dir) if tmp_dir else dest / ".glr-extract"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # leftovers of an interrupted run: never complete files
-    tmp.mkdir(parents=True)
     todo, skipped = [], 0
     for info in members:
         target = dest / info.filename
@@ -102,7 +137,10 @@ def safe_extract(
             "free some space and re-run (finished files are kept)"
         )
     written = 0
+    if tmp.exists():
+        shutil.rmtree(tmp)  # leftovers of an interrupted run: never complete files
     try:
+        tmp.mkdir(parents=True)
         with zipfile.ZipFile(archive) as zf:
             for k, info in enumerate(progress(todo, total=len(todo), desc=desc, unit="file")):
                 target = dest / info.filename

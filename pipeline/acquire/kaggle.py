@@ -43,6 +43,29 @@ def _credential_source() -> str:
     return _config_path()
 
 
+def _config_problem(path: str) -> str | None:
+    """Why the credentials file at `path` cannot serve (the client silently ignores a broken one), or None."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except IsADirectoryError:
+        return "is a folder, not a file"
+    except OSError as e:
+        return f"cannot be read: {e.strerror}"
+    except UnicodeDecodeError:
+        return "is not UTF-8 text"
+    except json.JSONDecodeError as e:
+        return f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+    if not isinstance(data, dict):
+        return f"holds a JSON {type(data).__name__}, not an object with username and key"
+    for field in ("username", "key"):
+        if not isinstance(data.get(field), str) or not data[field].strip():
+            return f"has no {field!r} (a non-empty string)"
+    return None
+
+
 def _no_credentials() -> UserError:
     if os.environ.get("KAGGLE_API_TOKEN"):
         return UserError(
@@ -56,7 +79,17 @@ def _no_credentials() -> UserError:
 
 
 def _api():
-    """An authenticated `KaggleApi`; its chatter on stdout is kept off ours."""
+    """An authenticated `KaggleApi`; its chatter on stdout is kept off ours.
+
+    A credentials file the client cannot use is named first: the client would ignore it silently
+    ("no credentials") or fail inside with a traceback, depending on how it is broken.
+    """
+    problem = _config_problem(_config_path())
+    if problem:
+        raise UserError(
+            f"{_config_path()}: malformed Kaggle credentials file: it {problem}; fix or remove it — download a "
+            f"new API token at {TOKEN_PAGE} and save it there (chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY"
+        )
     sink = io.StringIO()
     try:
         with contextlib.redirect_stdout(sink):

@@ -369,3 +369,28 @@ def test_check_archive_rejects_member_under_symlinked_folder(tmp_path):
     with pytest.raises(UserError, match="symlink"):
         safe_extract(z, out)
     assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('{"username": "alice", "key": "secret-key"', "is not valid JSON (Expecting ',' delimiter at line 1"),
+    ("", "is not valid JSON (Expecting value at line 1 column 1)"),
+    ('["alice", "secret-key"]', "holds a JSON list, not an object with username and key"),
+    ('{"username": "alice"}', "has no 'key'"),
+    ('{"user": "alice", "key": "secret-key"}', "has no 'username'"),
+    (b"\xff\xfe{}", "is not UTF-8 text"),
+    (None, "is a folder, not a file"),
+])
+def test_malformed_kaggle_json_is_named_not_reported_as_missing(tmp_path, bundle, content, problem):
+    """Issue 15 class 9: the client ignores a broken kaggle.json silently; glr says what is wrong with it."""
+    with FakeKaggle(archives={COMP: bundle}) as fake:
+        home = _home(tmp_path, None)
+        cfg = home / ".kaggle" / "kaggle.json"
+        if content is None:
+            cfg.mkdir()
+        else:
+            cfg.write_bytes(content if isinstance(content, bytes) else content.encode())
+            cfg.chmod(0o600)
+        proc = glr(["fetch", COMP, "--data-dir", str(tmp_path / "d")], _env(fake, home))
+        line = _one_line_error(proc, str(cfg), "malformed Kaggle credentials file", problem)
+        assert "no Kaggle credentials" not in line
+        assert not fake.file_hits() and not fake.stray()
