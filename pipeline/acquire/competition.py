@@ -159,18 +159,24 @@ class Competition:
 
     def image_path(self, image_id: str, split: str = "train") -> Path:
         """Path of an image in the split's layout (hashed or flat); it may not exist."""
-        if split not in SPLITS:
-            raise UserError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
-        image_id = str(image_id)
-        if _bad_image_id(pd.Series([image_id]))[0]:  # ids from any table (predictions, inliers) pass here
-            raise UserError(f"image id {image_id!r} is not a plain file name (no '/', '\\', NUL, '.' or '..'): "
-                            f"it would name a file outside {self.root / split}")
-        if self._detect_layout(split, image_id) == "hashed" and len(image_id) >= 3:
-            return self.root / split / hashed_relpath(image_id)
-        return self.root / split / f"{image_id}.jpg"
+        return self.image_paths([image_id], split)[0]
 
     def image_paths(self, ids: list[str], split: str = "train") -> list[Path]:
-        return [self.image_path(i, split) for i in ids]
+        """Paths of images in the split's layout. Ids come from any table (predictions, inliers), so
+        each is checked to be a plain file name — all at once (1.58M ids: ~7 s, mostly building the paths)."""
+        if split not in SPLITS:
+            raise UserError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+        ids = [str(i) for i in ids]
+        if not ids:
+            return []
+        bad = np.flatnonzero(_bad_image_id(pd.Series(ids, dtype=object)))
+        if len(bad):
+            raise UserError(f"image id {ids[bad[0]]!r} is not a plain file name (no '/', '\\', NUL, '.' or '..'): "
+                            f"it would name a file outside {self.root / split}")
+        base = self.root / split
+        if self._detect_layout(split, ids[0]) == "hashed":
+            return [base / hashed_relpath(i) if len(i) >= 3 else base / f"{i}.jpg" for i in ids]
+        return [base / f"{i}.jpg" for i in ids]
 
     def missing_images(self, split: str = "train", ids: list[str] | None = None) -> list[str]:
         """Ids of the split whose image file does not exist."""
