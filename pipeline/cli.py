@@ -7,6 +7,7 @@ Errors a user can fix are `UserError`s: printed as one line, exit status 1, no t
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 import click
@@ -70,11 +71,24 @@ def cli() -> None:
     """
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is: every `finally` runs, so temp files go with the process."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
 def main() -> None:
-    """Console-script entry point: user errors become one line and exit status 1."""
+    """Console-script entry point: user errors become one line and exit status 1; SIGTERM cleans up."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:  # click's wrapper of KeyboardInterrupt (and of our SIGTERM)
+        if isinstance(e.__context__, Terminated):
+            click.echo("Terminated; finished work is kept, re-run to resume.", err=True)
+            sys.exit(143)
         click.echo("Aborted.", err=True)
         sys.exit(130)
     except click.ClickException as e:
@@ -83,9 +97,10 @@ def main() -> None:
     except UserError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("Interrupted; finished work is kept, re-run to resume.", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        click.echo(f"{'Terminated' if isinstance(e, Terminated) else 'Interrupted'}; finished work is kept, "
+                   "re-run to resume.", err=True)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
     except BrokenPipeError:
         sys.exit(0)
     except OSError as e:

@@ -1,12 +1,22 @@
-"""Atomic file writes: a reader never sees a half-written artefact."""
+"""Atomic file writes: a reader never sees a half-written artefact, and no temp file outlives its writer.
+
+Every temp file or folder glr makes is named `.<output>.glr-<pid>-<random>.<suffix>` beside its
+output (`temp_prefix`). A writer that dies without its `finally` (SIGKILL, a crash, a pool child
+terminated) leaves one behind; the next glr process that writes in that folder removes it
+(`remove_stale_temps`): only names of that pattern, only when the process named in it is gone and
+the file has been untouched for `STALE_AFTER_S`. SIGTERM is turned into an exception by the CLI, so
+the writer's own `finally` cleans up.
+"""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -30,6 +40,63 @@ def _default_mode(folder: bool = False) -> int:
     return (0o777 if folder else 0o666) & ~_UMASK
 
 
+STALE_AFTER_S = 10 * 60  # a live writer touches its temp file far more often (and its pid still runs)
+_TEMP_NAME = re.compile(r"^\..+\.glr-(?P<pid>\d+)-[a-z0-9_]{8}\.[\w.]+$")  # mkstemp's 8 random characters
+_swept: set[str] = set()
+
+
+def temp_prefix(name: str) -> str:
+    """The start of every glr temp name for output `name`: recognisable as glr's, with the writer's pid."""
+    return f".{name}.glr-{os.getpid()}-"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove glr temp files and folders in `folder` whose writer is gone; return what was removed.
+
+    Only names of glr's pattern (`temp_prefix`), whose pid no longer runs here, untouched for
+    `STALE_AFTER_S`; anything else in the folder is never looked at twice.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        m = _TEMP_NAME.match(entry.name)
+        if not m or _running(int(m["pid"])):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < STALE_AFTER_S:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:  # gone meanwhile, or not ours to remove: leave it
+            continue
+    return removed
+
+
+def _sweep_once(folder: Path) -> None:
+    """`remove_stale_temps` the first time this process writes in `folder` (a scan per folder, not per file)."""
+    key = os.path.abspath(folder)
+    if key not in _swept:
+        _swept.add(key)
+        remove_stale_temps(folder)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it over `path`.
@@ -39,7 +106,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    _sweep_once(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=suffix or ".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -70,7 +138,7 @@ def check_writable(path: str | os.PathLike, *, folder: bool = False, what: str |
     if not probe.is_dir():
         raise UserError(f"{label}: {probe} is not a folder; choose another path")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".glr-probe.", dir=probe)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix("probe"), suffix=".tmp", dir=probe)
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
@@ -128,13 +196,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _sweep_once(path.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, _default_mode(folder=True))
     try:
         yield tmp
         old = None
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), suffix=".old", dir=path.parent))
             os.replace(path, old / "x")
         os.replace(tmp, path)
         if old is not None:

@@ -1,15 +1,18 @@
 """`glr clean`: move images that no stage can use into quarantine, with a report of why.
 
 Unusable: zero bytes, not an image, decompression-bomb sized (more pixels than
-`pipeline.images.MAX_PIXELS`, told from the header without decoding), truncated / corrupt data, or a mode the loader cannot turn into RGB. Such files are
-moved (never deleted) to the quarantine folder, keeping their relative path, and a row is
-added to `QUARANTINE/report.csv` (path, reason, detail, moved_to) *before* the move, so an
-interrupted run never loses track of a file. Odd but usable images (palette with transparency,
-CMYK, 16-bit, grayscale, EXIF-rotated) stay where they are and are only counted.
+`pipeline.images.MAX_PIXELS`, told from the header without decoding), truncated / corrupt data,
+a mode the loader cannot turn into RGB, or a symbolic link that leads nowhere (dangling, or a
+loop; moved as a link, whatever its name). Such files are moved (never deleted) to the
+quarantine folder, keeping their relative path, and a row is added to `QUARANTINE/report.csv`
+(path, reason, detail, moved_to) *before* the move, so an interrupted run never loses track of
+a file. Odd but usable images (palette with transparency, CMYK, 16-bit, grayscale,
+EXIF-rotated) stay where they are and are only counted.
 """
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import shutil
 from collections import Counter
@@ -35,6 +38,18 @@ def _oddity(head) -> str | None:
     return None
 
 
+def _broken_link(path: Path) -> tuple[str, str, None] | None:
+    """('dangling symlink' | 'symlink loop', target, None) for a link that leads to no file, else None."""
+    if not path.is_symlink():
+        return None
+    try:
+        os.stat(path)
+        return None
+    except OSError as e:
+        target = os.readlink(path)
+        return ("symlink loop" if e.errno == errno.ELOOP else "dangling symlink"), f"-> {target}"[:120], None
+
+
 def inspect_image(path: str | os.PathLike) -> tuple[str | None, str, str | None]:
     """(reason it is unusable or None, detail, oddity or None) for one image file.
 
@@ -44,6 +59,9 @@ def inspect_image(path: str | os.PathLike) -> tuple[str | None, str, str | None]
     from pipeline.images import CHECK_SIDE, ImageReadError, open_rgb, read_header
 
     path = Path(path)
+    broken = _broken_link(path)
+    if broken:
+        return broken
     if path.stat().st_size == 0:
         return "zero bytes", "", None
     try:
@@ -60,17 +78,17 @@ def _images(root: Path, skip: Path | None):
         dirnames[:] = sorted(
             n for n in dirnames if not n.startswith(".") and (skip is None or (d / n).resolve() != skip)
         )
-        for name in sorted(filenames):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTS:
+        for name in sorted(filenames):  # links that lead nowhere are listed here too, whatever their name
+            if not name.startswith(".") and (Path(name).suffix.lower() in IMAGE_EXTS or _broken_link(d / name)):
                 yield d / name
 
 
 def _free_name(dest: Path) -> Path:
-    if not dest.exists():
+    if not os.path.lexists(dest):  # a quarantined broken link counts as taken
         return dest
     for k in range(1, 10_000):
         cand = dest.with_name(f"{dest.stem}.{k}{dest.suffix}")
-        if not cand.exists():
+        if not os.path.lexists(cand):
             return cand
     raise UserError(f"{dest}: too many quarantined files with this name; empty the quarantine folder")
 
@@ -114,7 +132,7 @@ def clean(data_dir: str | os.PathLike, *, quarantine: str | os.PathLike | None =
                 if oddity:
                     odd[oddity] += 1
                 continue
-            if not path.exists():
+            if not os.path.lexists(path):  # vanished meanwhile (a broken link is still there: moved as such)
                 continue
             rel = path.relative_to(root)
             dest = _free_name(qdir / rel)

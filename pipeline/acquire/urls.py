@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -109,14 +110,14 @@ def _adapter_class():
 
 
 class _Deadline:
-    """Cut this thread's connection once `seconds` have passed, whatever read it is blocked in.
+    """Cut this thread's connection once `seconds` have passed, or `stop` is set, whatever read it is blocked in.
 
     A per-read socket timeout alone lets a host that trickles one byte a second (in the headers or
     the body) hold a download forever; shutting the socket down wakes the blocked read at once.
     """
 
-    def __init__(self, seconds: float):
-        self.seconds, self.expired = seconds, False
+    def __init__(self, seconds: float, stop: threading.Event):
+        self.seconds, self.expired, self._stop = seconds, False, stop
         self._done = threading.Event()
         _inflight.sock = None
         self._slot = _inflight.__dict__  # this thread's slot, read from the timer thread
@@ -130,8 +131,10 @@ class _Deadline:
         self._done.set()
 
     def _cut(self) -> None:
-        if self._done.wait(self.seconds):
-            return
+        end = time.monotonic() + self.seconds
+        while not self._stop.is_set() and (left := end - time.monotonic()) > 0:
+            if self._done.wait(min(left, 0.2)):
+                return
         self.expired = True
         while True:  # the socket may not exist yet (still connecting): try until it does or we are done
             sock = self._slot.get("sock")
@@ -144,11 +147,11 @@ class _Deadline:
                 return
 
 
-def _get(session, url: str, timeout: float) -> bytes:
+def _get(session, url: str, timeout: float, stop: threading.Event) -> bytes:
     """The body of `url`; connecting, each read and the whole answer each get at most `timeout` seconds."""
     import requests
 
-    deadline = _Deadline(timeout)
+    deadline = _Deadline(timeout, stop)
     too_slow = _Fail(f"timeout (no complete answer within {timeout:g} s)", True)
     try:
         with deadline, session.get(url, timeout=(timeout, timeout), stream=True) as r:
@@ -209,8 +212,9 @@ def _write(final: Path, data: bytes, tmp_dir: Path) -> None:
     os.replace(part, final)
 
 
-def _download(session, url: str, final: Path, tmp_dir: Path, size: int, timeout: float, retries: int) -> str | None:
-    """Fetch one image into `final`; None on success, else the reason it failed."""
+def _download(session, url: str, final: Path, tmp_dir: Path, size: int, timeout: float, retries: int,
+              stop: threading.Event) -> str | None:
+    """Fetch one image into `final`; None on success, else the reason it failed (`stop`: give up now)."""
     urls = [resized_url(url, size)]
     if urls[0] != url:
         urls.append(url)  # a host that ignores the size segment: fall back to the original
@@ -218,17 +222,49 @@ def _download(session, url: str, final: Path, tmp_dir: Path, size: int, timeout:
     for u in urls:
         for attempt in range(retries + 1):
             try:
-                _write(final, _encode(_get(session, u, timeout), size), tmp_dir)
+                if stop.is_set():
+                    return "interrupted"
+                _write(final, _encode(_get(session, u, timeout, stop), size), tmp_dir)
                 return None
             except _Fail as f:
                 reason = f.reason
                 if not f.retry:
                     break
                 if attempt < retries:
-                    time.sleep(min(MAX_BACKOFF_S, BACKOFF_S * 2**attempt) * (0.5 + random.random()))
+                    stop.wait(min(MAX_BACKOFF_S, BACKOFF_S * 2**attempt) * (0.5 + random.random()))
         if not reason.startswith("HTTP 4"):
             break  # only a refused resized URL is worth trying in its original size
     return reason
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event):
+    """Set `stop` the moment SIGINT or SIGTERM arrives, then let the usual handler raise.
+
+    The exception unwinds through the thread pool, which waits for the downloads in flight: with
+    `stop` set they are cut at once instead of running to their deadline and retrying.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        stop.set()
+        before = previous[signum]
+        if callable(before):
+            before(signum, frame)
+        elif before != signal.SIG_IGN:  # the default action: end the process as it would have
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before if before is not None else signal.SIG_DFL)
 
 
 def fetch_urls(
@@ -288,20 +324,24 @@ def fetch_urls(
 
     def job(item):
         i, u, final = item
-        return i, u, _download(session(), u, final, tmp_dir, size, timeout, retries)
+        return i, u, _download(session(), u, final, tmp_dir, size, timeout, retries, stop)
 
     def results():
         return bounded_map(job, todo, workers)
 
     t0 = time.monotonic()
     downloaded = 0
-    for i, u, reason in progress(results(), total=len(todo), desc="fetch-urls", unit="img"):
-        if reason is None:
-            downloaded += 1
-        else:
-            failures.append((i, u, reason))
+    stop = threading.Event()
+    try:
+        with _stop_on_signals(stop):
+            for i, u, reason in progress(results(), total=len(todo), desc="fetch-urls", unit="img"):
+                if reason is None:
+                    downloaded += 1
+                else:
+                    failures.append((i, u, reason))
+    finally:  # also on Ctrl-C / SIGTERM: the pieces in flight are never complete
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     seconds = time.monotonic() - t0
-    shutil.rmtree(tmp_dir, ignore_errors=True)
 
     failed_csv = out / "failed.csv"
     if failures:
