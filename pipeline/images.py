@@ -87,8 +87,17 @@ def _check_budget(path: Source, img: Image.Image) -> None:
 
 
 def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation, from what the header gave (`getexif()` on a PNG decodes every pixel to look
+    for an eXIf chunk after them: a 13000×13000 one would cost 0.5 GB just to learn its orientation)."""
     try:
-        return int(img.getexif().get(0x0112, 1) or 1)
+        if "exif" in img.info:  # JPEG, WebP, and PNGs whose eXIf chunk precedes the pixels
+            exif = Image.Exif()
+            exif.load(img.info["exif"])
+        elif img.format == "TIFF":  # tags come with the header
+            exif = img.getexif()
+        else:
+            return 1
+        return int(exif.get(0x0112, 1) or 1)
     except Exception:  # a broken EXIF block: the image is read as stored
         return 1
 
