@@ -98,8 +98,9 @@ def settings_fingerprint(data_dir: str | os.PathLike, config, match_cfg: MatchCo
     return json.loads(blob), hashlib.sha1(blob.encode()).hexdigest()
 
 
-def _parts_dir(out: Path, fingerprint: str) -> Path:
-    return out.parent / f".{out.name}.parts-{fingerprint[:10]}"
+def _parts_dir(out: Path, fingerprint: str, images: str) -> Path:
+    """Finished chunks of an interrupted run: they count only for the same settings and image files."""
+    return out.parent / f".{out.name}.parts-{hashlib.sha1((fingerprint + images).encode()).hexdigest()[:10]}"
 
 
 def table_settings(path: str | os.PathLike) -> dict | None:
@@ -118,8 +119,23 @@ def _concat_pairs(*frames: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).drop_duplicates(PAIR, keep="last")
 
 
-def _reusable_rows(out: Path, fingerprint: str) -> pd.DataFrame | None:
-    """Rows of an existing `out` written by `verify` with the same settings, else None."""
+def images_digest(comp, table: pd.DataFrame) -> str:
+    """Digest of the identity (name, inode, size, mtime) of every image a table's pairs read: its
+    queries (test split) and references (train split). A count is reused only while it is unchanged,
+    so an image replaced in place is never matched from stale features or counts."""
+    from pipeline.verify.cache import image_keys
+
+    h = hashlib.blake2b(digest_size=16)
+    for split, column in (("test", "id"), ("train", "ref_id")):
+        ids = sorted(table[column].astype(str).unique().tolist())
+        for i, key in zip(ids, image_keys(comp.image_paths(ids, split))):
+            h.update(f"{split}\0{i}\0{key}\n".encode())
+    return h.hexdigest()
+
+
+def _reusable_rows(out: Path, fingerprint: str, comp) -> pd.DataFrame | None:
+    """Rows of an existing `out` written by `verify` with the same settings from the same image files,
+    else None."""
     from submissions.tables import read_inliers
 
     if not out.is_file():
@@ -128,10 +144,13 @@ def _reusable_rows(out: Path, fingerprint: str) -> pd.DataFrame | None:
     if not info or info.get("fingerprint") != fingerprint:
         return None  # other settings (or not written by verify): its counts do not apply
     try:
-        return read_inliers(out)
+        rows = read_inliers(out)
     except UserError as e:
         warnings.warn(f"{out}: existing table not reused ({e}); its pairs are recomputed", stacklevel=3)
         return None
+    if info.get("images") != images_digest(comp, rows):
+        return None  # an image changed since (or a table from before images were recorded): recount all
+    return rows
 
 
 def _read_parts(parts: Path) -> pd.DataFrame:
@@ -231,8 +250,9 @@ def verify(preds: str | os.PathLike | pd.DataFrame, data_dir: str | os.PathLike,
     its counts for the pairs of this run's plan, so a re-run, or one with more candidates / queries,
     computes only the pairs not yet counted; with other settings every pair is recomputed. The
     table written holds exactly this run's planned pairs. A query or reference whose image is
-    missing or unreadable gets 0 inliers and a warning naming its id (that 0 is reused too: delete
-    `out` after fixing images). Returns the table written to `out` with the numbers of pairs
+    missing or unreadable gets 0 inliers and a warning naming its id; counts are reused only while
+    every image of the earlier table is the same file (name, inode, size, mtime), so fixing or
+    replacing an image recounts. Returns the table written to `out` with the numbers of pairs
     computed and reused (also stored in the table's metadata).
     """
     from pipeline.acquire.competition import Competition
@@ -251,9 +271,9 @@ def verify(preds: str | os.PathLike | pd.DataFrame, data_dir: str | os.PathLike,
                         embeddings=embeddings, ref_embeddings=ref_embeddings)
 
     settings, fingerprint = settings_fingerprint(comp.root, config, mcfg)
-    parts = _parts_dir(out, fingerprint)
+    parts = _parts_dir(out, fingerprint, images_digest(comp, plan))
     done = _read_parts(parts)
-    previous = _reusable_rows(out, fingerprint)
+    previous = _reusable_rows(out, fingerprint, comp)
     if previous is not None and len(previous):  # a finished run with the same settings: keep its counts
         done = _concat_pairs(previous, done)
     done_keys = set(zip(done["id"], done["landmark_id"], done["ref_id"]))
@@ -271,7 +291,7 @@ def verify(preds: str | os.PathLike | pd.DataFrame, data_dir: str | os.PathLike,
         raise RuntimeError("internal error: some planned pairs have no inlier count")
     result = validate_inliers(result)
     stats = {"computed_pairs": int(len(todo)), "reused_pairs": int(len(plan) - len(todo))}
-    record = {"fingerprint": fingerprint, "settings": settings, **stats}
+    record = {"fingerprint": fingerprint, "settings": settings, "images": images_digest(comp, result), **stats}
     write_inliers(result, out, {META_KEY: json.dumps(record, sort_keys=True)})
     if parts.exists():
         shutil.rmtree(parts, ignore_errors=True)

@@ -80,11 +80,13 @@ def test_verify_separates_same_landmark_from_others(verified, synth_comp):
 def test_rerun_is_identical_and_resumes_from_parts(verified, synth_comp):
     tmp, preds, cache, table = verified
     # simulate an interrupted run: a parts folder holding a finished chunk with a marked count
-    from pipeline.verify.inliers import _parts_dir, settings_fingerprint
+    from pipeline.acquire.competition import Competition
+    from pipeline.verify.inliers import _parts_dir, images_digest, settings_fingerprint
     from pipeline.verify.matching import match_config
 
     out = tmp / "resume.parquet"
-    parts = _parts_dir(out, settings_fingerprint(synth_comp, make_config("sift"), match_config(seed=0))[1])
+    fingerprint = settings_fingerprint(synth_comp, make_config("sift"), match_config(seed=0))[1]
+    parts = _parts_dir(out, fingerprint, images_digest(Competition(synth_comp), table))
     parts.mkdir()
     marked = table.iloc[:4].assign(inliers=np.int32(12345))
     marked.to_parquet(parts / "chunk-old.parquet", index=False)
@@ -317,3 +319,33 @@ def test_the_one_inliers_writer_keeps_metadata_and_the_empty_frame_has_the_schem
     assert table_settings(tmp_path / "r.parquet") is None  # no record: never reused by verify
     with pytest.raises(Exception, match="negative|inliers.* -1"):
         write_inliers(rows.assign(inliers=-1), tmp_path / "bad.parquet")
+
+
+def test_an_image_fixed_or_replaced_in_place_is_recounted(synth_comp, tmp_path):
+    """Counts are reused only from the same image files: fixing a broken query or replacing a
+    reference in place recounts (issue 15: never reuse a stale result)."""
+    from PIL import Image
+
+    from pipeline.acquire.competition import Competition
+
+    comp = tmp_path / "comp"
+    shutil.copytree(synth_comp, comp)
+    c = Competition(comp)
+    query = next(q for q, t in _solution(comp).items() if t is not None)
+    good = c.image_path(query, "test").read_bytes()
+    c.image_path(query, "test").write_bytes(b"\xff\xd8 truncated")
+    preds, out = _preds(comp), tmp_path / "out.parquet"
+    with pytest.warns(UserWarning, match=query):
+        first = verify(preds, comp, out, candidates=2, k=2)
+    assert first.table.loc[first.table["id"] == query, "inliers"].eq(0).all()
+    assert verify(preds, comp, out, candidates=2, k=2).computed_pairs == 0  # nothing changed: all reused
+
+    c.image_path(query, "test").write_bytes(good)  # fixed in place
+    fixed = verify(preds, comp, out, candidates=2, k=2)
+    assert fixed.computed_pairs == len(fixed.table) and fixed.reused_pairs == 0
+    assert fixed.table.loc[fixed.table["id"] == query, "inliers"].max() > 10
+
+    ref = fixed.table["ref_id"].iloc[0]
+    path = c.image_path(ref, "train")
+    Image.open(path).transpose(Image.Transpose.ROTATE_90).save(path)  # replaced in place: same name
+    assert verify(preds, comp, out, candidates=2, k=2).computed_pairs == len(fixed.table)
