@@ -103,16 +103,10 @@ def make_config(extractor: str = "sift", **overrides) -> ExtractorConfig:
 
 
 def original_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) after EXIF rotation, from the header only (no decoding)."""
-    from PIL import Image
+    """(width, height) after EXIF rotation, from the header only (pipeline.images: the one reader)."""
+    from pipeline.images import read_header
 
-    with Image.open(path) as img:
-        w, h = img.size
-        try:
-            orientation = img.getexif().get(0x0112, 1)
-        except Exception:  # a broken EXIF block: load_rgb ignores it too
-            orientation = 1
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return read_header(path).oriented_size
 
 
 # -- extractors ---------------------------------------------------------------------------------
