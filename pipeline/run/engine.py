@@ -155,8 +155,14 @@ def _run_lock(run_dir: Path):
     """One `glr run` per run folder; the OS drops the lock when the process dies (kill -9)."""
     import fcntl
 
+    lay = Layout(run_dir)
+    if run_dir.is_dir() and not lay.manifest.exists():  # glr deletes and overwrites only what it wrote
+        foreign = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
+        if foreign:
+            raise UserError(f"{run_dir}: exists and holds files glr did not write ({', '.join(foreign[:3])}"
+                            f"{', …' if len(foreign) > 3 else ''}); choose another [run] name or root")
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(Layout(run_dir).lock, "w") as f:
+    with open(lay.lock, "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

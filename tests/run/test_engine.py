@@ -123,3 +123,22 @@ def test_stage_kind_selects_all_of_its_kind(tmp_path):
     calls.clear()
     execute(stages, tmp_path, {}, only="train", echo=lambda s: None)
     assert calls == ["train:x", "train:y"]
+
+
+@pytest.mark.parametrize("names", [["notes.txt"], ["photos", "a.csv"], ["submission.csv"]])
+def test_a_run_folder_glr_did_not_write_is_refused_untouched(tmp_path, names):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for n in names:
+        (run_dir / n).mkdir() if "." not in n else (run_dir / n).write_text("mine")
+    before = sorted(p.name for p in run_dir.iterdir())
+    calls = []
+    with pytest.raises(UserError, match="glr did not write"):
+        run(tmp_path, {"a": 1, "b": 1, "c": 1, "d": 1}, calls)
+    assert calls == [] and sorted(p.name for p in run_dir.iterdir()) == before
+    # an empty folder, or one a run was killed in before its manifest (only the lock), is fine
+    empty = tmp_path / "empty" / "run"
+    empty.mkdir(parents=True)
+    (empty / ".glr-run.lock").write_text("")
+    execute(make_stages(calls, {"a": 1, "b": 1, "c": 1, "d": 1}), empty, {}, echo=lambda s: None)
+    assert calls == ["a", "b", "c", "d"]
