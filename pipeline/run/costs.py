@@ -32,6 +32,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.parallel import available_cores
+
 KB, MB, GB = 1e3, 1e6, 1e9
 
 # -- rates, measured ---------------------------------------------------------------------------------
@@ -308,6 +310,7 @@ class _Rates:
 
 
 def _verify_workers(v: dict, cores: int) -> int:
+    """The processes verify will use (pipeline.parallel.resolve_workers), for a machine of `cores`."""
     return max(1, min(v["workers"] or cores, cores))
 
 
@@ -493,13 +496,6 @@ def stage_costs(cfg: dict, counts: Counts, rates: dict | None = None, cores: int
 
 
 # -- the machine ---------------------------------------------------------------------------------------
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
 
 def memory() -> dict:
     """{"total", "available"} bytes of RAM (/proc/meminfo, else sysconf)."""
