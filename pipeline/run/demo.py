@@ -37,6 +37,7 @@ image_size = 64
 epochs = 40                  # head epochs on bottleneck features: cheap
 fine_tune_epochs = 0
 batch_size = 32
+head_batch_size = 32         # a few hundred images: small steps (the default 256 suits tens of thousands of classes)
 lr = 0.003                   # any `glr train` option can be set here
 patience = 10
 seed = {seed}
