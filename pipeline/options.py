@@ -84,6 +84,20 @@ TRAIN = Section("train", "`glr train`: transfer learning, head on the frozen bas
     Option("flip", False, "Also random horizontal flips.", type=bool, flag="--flip/--no-flip", advanced=True),
     Option("bottleneck", True, "Train the head on cached base features (fast) instead of on images.",
            type=bool, advanced=True),
+    Option("head", "softmax", "Classifier head: softmax (the study's Dense + softmax) or arcface (additive angular "
+           "margin on L2-normalised embeddings, for retrieval; predicts softmax(scale·cosine) without the margin).",
+           choices=("softmax", "arcface")),
+    Option("pooling", "auto", "Pooling of the base's feature map: auto = the backbone's own (Flatten for vgg16/"
+           "vgg19, average for resnet50), avg, or gem (generalised mean, learnable p, initialised 3).",
+           choices=("auto", "avg", "gem")),
+    Option("embedding_dim", 0, "Width of a Dense + BatchNorm neck before the head, whose output becomes the "
+           "embedding (0 = no neck: the backbone's own embedding).", type=int, min=0),
+    Option("arcface_margin", 0.3, "ArcFace additive angular margin m (radians; training only).", type=float,
+           min=0, max=1.5, advanced=True),
+    Option("arcface_scale", 30.0, "ArcFace scale s of the cosine logits (training and prediction).", type=float,
+           min=0, min_open=True, advanced=True),
+    Option("arcface_subcentres", 1, "ArcFace centres per class (sub-centre ArcFace; a class's cosine is its "
+           "largest).", type=int, min=1, advanced=True),
     Option("seed", 0, "Seed of the split, the sampling and the initial weights.", type=int),
     Option("final_fit", "all", "Models that predict the real test set: all = each model retrained with these "
            "settings on the FULL training set (stages train_all:<model>), so the classes and images held out "

@@ -11,6 +11,12 @@ whatever the mixed-precision policy). Its layers, in order:
     resnet50: GlobalAveragePooling "embedding" → Dropout(0.5) → Dense(n, softmax)
 
 The layer named "embedding" is the penultimate global descriptor `glr predict --embeddings` saves.
+The head options (`glr train --head/--pooling/--embedding-dim`, `HEAD_KEYS`) change this head:
+`pooling` avg|gem replaces Flatten (vgg) or the average pooling (resnet50) with "head_pool"
+(GeM: pipeline.model.heads); `embedding_dim` > 0 adds a neck Dense(dim) "head_neck" →
+BatchNormalization, and the BatchNormalization becomes "embedding"; `head = arcface` replaces the
+softmax Dense with ArcFace cosines "arcface" → softmax(s·cos) "predictions" (the margin is in the
+training loss only; see pipeline.model.heads).
 
 BatchNorm (ResNet50's base) never learns here, in either phase: its layers keep
 `trainable = False` (`unfreeze_top` skips them), and a Keras 3 BatchNormalization that is not
@@ -33,7 +39,8 @@ from pipeline.options import BACKBONES, PRECISIONS
 from submissions.errors import UserError
 
 _POLICY = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16", "fp32": "float32"}
-HEAD_LAYERS = ("head_flatten", "head_fc1", "head_dropout", "embedding", "predictions")
+HEAD_LAYERS = ("head_flatten", "head_pool", "head_fc1", "head_fc2", "head_dropout", "head_neck", "embedding",
+               "arcface", "predictions")
 MIN_SIZE = 32
 
 
@@ -217,24 +224,57 @@ def _short(e: Exception, limit: int = 200) -> str:
     return f"{e.__class__.__name__}: {text[:limit]}{'…' if len(text) > limit else ''}"
 
 
-def _head(backbone: str, n_classes: int, x):
-    """Apply the backbone's conventional head to tensor `x`; return the probabilities tensor."""
+HEAD_KEYS = ("head", "pooling", "embedding_dim", "arcface_scale", "arcface_subcentres")
+
+
+def head_spec(options: dict) -> dict:
+    """The head-building options (`HEAD_KEYS`) of a train config; absent keys (runs of older glr)
+    take the schema's defaults, i.e. the study's softmax heads."""
+    from pipeline.options import TRAIN
+
+    return {k: options.get(k, TRAIN.default(k)) for k in HEAD_KEYS}
+
+
+def _pool(kind: str, x, name: str):
+    import keras
+
+    if kind == "gem":
+        from pipeline.model.heads import register
+
+        return register()["GeM"](name=name)(x)
+    return keras.layers.GlobalAveragePooling2D(name=name)(x)
+
+
+def _head(backbone: str, n_classes: int, x, head: str = "softmax", pooling: str = "auto", embedding_dim: int = 0,
+          arcface_scale: float = 30.0, arcface_subcentres: int = 1):
+    """Apply the backbone's head to tensor `x` (see the module docstring); return the probabilities tensor."""
     import keras
 
     L = keras.layers
+    neck = int(embedding_dim) > 0
     if backbone in ("vgg16", "vgg19"):
         width = 256 if backbone == "vgg16" else 1024
-        x = L.Flatten(name="head_flatten")(x)
+        x = L.Flatten(name="head_flatten")(x) if pooling == "auto" else _pool(pooling, x, "head_pool")
         x = L.Dense(width, activation="relu", name="head_fc1")(x)
-        x = L.Dense(width, activation="relu", name="embedding")(x)
+        x = L.Dense(width, activation="relu", name="head_fc2" if neck else "embedding")(x)
     else:
-        x = L.GlobalAveragePooling2D(name="embedding")(x)
+        x = _pool("avg" if pooling == "auto" else pooling, x, "head_pool" if neck else "embedding")
         x = L.Dropout(0.5, name="head_dropout")(x)
+    if neck:
+        x = L.Dense(int(embedding_dim), name="head_neck")(x)
+        x = L.BatchNormalization(name="embedding")(x)
+    if head == "arcface":
+        from pipeline.model.heads import register
+
+        layers = register()
+        cos = layers["ArcFace"](n_classes, arcface_subcentres, arcface_scale, name="arcface")(x)
+        return layers["ScaledSoftmax"](arcface_scale, name="predictions")(cos)
     return L.Dense(int(n_classes), activation="softmax", dtype="float32", name="predictions")(x)
 
 
-def build_model(backbone: str, n_classes: int, image_size: int = 96, weights: str | None = "imagenet"):
-    """The full classifier (see the module docstring) under the current precision policy."""
+def build_model(backbone: str, n_classes: int, image_size: int = 96, weights: str | None = "imagenet", **head):
+    """The full classifier (see the module docstring) under the current precision policy;
+    `head`: the head options (`HEAD_KEYS`; default the study's softmax head)."""
     if int(n_classes) < 2:
         raise UserError(f"need at least 2 classes to train a classifier, got {n_classes}")
     _register()
@@ -245,7 +285,7 @@ def build_model(backbone: str, n_classes: int, image_size: int = 96, weights: st
     inputs = keras.Input(shape=(int(image_size), int(image_size), 3), name="image")
     x = globals()["BackbonePreprocess"](name="preprocess")(inputs)
     x = base(x, training=False)
-    return keras.Model(inputs, _head(backbone, n_classes, x), name=f"glr_{backbone}")
+    return keras.Model(inputs, _head(backbone, n_classes, x, **head), name=f"glr_{backbone}")
 
 
 def find_base(model):
@@ -262,13 +302,13 @@ def feature_shape(model) -> tuple[int, ...]:
     return tuple(int(d) for d in find_base(model).output.shape[1:])
 
 
-def build_head(backbone: str, n_classes: int, feature_shape: tuple[int, ...]):
+def build_head(backbone: str, n_classes: int, feature_shape: tuple[int, ...], **head):
     """The head alone, on base features (for training over cached bottleneck features)."""
     _register()
     import keras
 
     inputs = keras.Input(shape=tuple(feature_shape), name="features")
-    return keras.Model(inputs, _head(backbone, n_classes, inputs), name=f"head_{backbone}")
+    return keras.Model(inputs, _head(backbone, n_classes, inputs, **head), name=f"head_{backbone}")
 
 
 def feature_extractor(model):
@@ -304,9 +344,12 @@ def unfreeze_top(model, n_layers: int) -> int:
 
 
 def load_model(path: str | os.PathLike, compile: bool = False):
-    """Load a `.keras` model written by `glr train` (registers the custom layer first).
+    """Load a `.keras` model written by `glr train` (registers the custom layers first).
     `compile=True` restores the optimizer and its state too (for --resume)."""
+    from pipeline.model.heads import register
+
     _register()
+    register()
     import keras
 
     path = Path(path)

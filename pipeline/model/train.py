@@ -181,22 +181,40 @@ def _optimizer(lr: float, decay: float):
     return keras.optimizers.Adam(learning_rate=schedule)
 
 
-def _compile(model, lr: float, decay: float) -> None:
-    model.compile(optimizer=_optimizer(lr, decay), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+def _compile(model, lr: float, decay: float, cfg: dict) -> None:
+    """Compile a training view (pipeline.model.heads) with its head's loss: softmax cross-entropy, or
+    ArcFace's margin loss on the cosines."""
+    from pipeline.model.heads import compile_for
+
+    compile_for(model, _optimizer(lr, decay), head=cfg.get("head", "softmax"),
+                margin=cfg.get("arcface_margin", _T("arcface_margin")),
+                scale=cfg.get("arcface_scale", _T("arcface_scale")))
 
 
-def _apply_head_best(model, head_best: Path, backbone: str, n_classes: int, fshape, bottleneck: bool) -> None:
-    """Put the best weights of the head phase into the full model."""
+def _load_view(path: Path):
+    """A training view saved by a checkpoint, with its optimizer state; and the full model over it."""
+    from pipeline.model import backbones as M
+    from pipeline.model.heads import with_predictions
+
+    view = M.load_model(path, compile=True)
+    return view, with_predictions(view)
+
+
+def _apply_head_best(model, head_best: Path, backbone: str, n_classes: int, fshape, bottleneck: bool,
+                     spec: dict) -> None:
+    """Put the best weights of the head phase (saved from a training view) into the full model."""
+    from pipeline.model.heads import training_view
+
     if not head_best.exists():
         return
     if bottleneck:
         from pipeline.model import backbones as M
 
-        head = M.build_head(backbone, n_classes, fshape)
+        head = training_view(M.build_head(backbone, n_classes, fshape, **spec))
         head.load_weights(head_best)
         M.copy_head(head, model)
     else:
-        model.load_weights(head_best)
+        training_view(model).load_weights(head_best)
 
 
 def _best_record(state: dict) -> dict:
@@ -227,26 +245,37 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
           min_per_class: int = _T("min_per_class"), val_frac: float = _T("val_frac"), seed: int = _T("seed"),
           resume: bool = False, augment: bool = _T("augment"), flip: bool = _T("flip"),
           bottleneck: bool = _T("bottleneck"), patience: int = _T("patience"),
+          head: str = _T("head"), pooling: str = _T("pooling"), embedding_dim: int = _T("embedding_dim"),
+          arcface_margin: float = _T("arcface_margin"), arcface_scale: float = _T("arcface_scale"),
+          arcface_subcentres: int = _T("arcface_subcentres"),
           cache_dir: str | os.PathLike | None = None) -> dict:
     """Train `backbone` on the competition in `data_dir` into the run directory `out`; return
     the manifest. `cache_dir`: the cache root (default DATA_DIR/.glr-cache; `glr run` passes the
-    competition's, so the local-validation fit shares it). See the module docstring for the phases
-    and the files written."""
+    competition's, so the local-validation fit shares it). `head`, `pooling`, `embedding_dim`,
+    `arcface_*`: the head (pipeline.model.backbones, pipeline.model.heads). See the module docstring
+    for the phases and the files written."""
     config = dict(locals())  # the options: taken before any other local name exists
     t_start = time.perf_counter()
     from pipeline.acquire.competition import Competition
     from pipeline.caches import cache_root
     from pipeline.model.data import decode_images, stratified_split, select_rows
     from pipeline.model import backbones as M
+    from pipeline.model.heads import training_view
 
     config["data_dir"], config["out"] = str(data_dir), str(out)
     config["cache_dir"] = None if cache_dir is None else str(cache_dir)
     for key in ("epochs", "fine_tune_epochs", "fine_tune_layers", "patience"):
         if config[key] < 0:
             raise UserError(f"--{key.replace('_', '-')} {config[key]}: must be 0 or more")
-    for key in ("batch_size", "head_batch_size"):
+    for key in ("batch_size", "head_batch_size", "arcface_subcentres"):
         if config[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} {config[key]}: must be at least 1")
+    for key in ("head", "pooling"):
+        if config[key] not in TRAIN[key].choices:
+            raise UserError(f"--{key} {config[key]!r}: choose one of {', '.join(TRAIN[key].choices)}")
+    if embedding_dim < 0 or arcface_margin < 0 or arcface_scale <= 0:
+        raise UserError(f"--embedding-dim {embedding_dim}, --arcface-margin {arcface_margin}, --arcface-scale "
+                        f"{arcface_scale}: the first two must be 0 or more, the scale above 0")
     M._check(backbone, image_size)
     M.check_single_machine()  # before hours of decoding, not after
     M.resolve_precision(precision)
@@ -290,6 +319,9 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
         rows = read_split(out)
         classes = read_labels(out)
     cfg = state["config"]
+    spec = M.head_spec(cfg)  # a run of older glr has no head keys: the softmax head it was trained with
+    loss_cfg = {"head": spec["head"], "arcface_margin": cfg.get("arcface_margin", _T("arcface_margin")),
+                "arcface_scale": spec["arcface_scale"]}
     class_index = {int(c): i for i, c in enumerate(classes)}
     labels = rows["landmark_id"].map(class_index).to_numpy(dtype=np.int32)
 
@@ -321,7 +353,7 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
         if init_path.exists():
             model = M.load_model(init_path)
         else:
-            model = M.build_model(backbone, len(classes), image_size, weights)
+            model = M.build_model(backbone, len(classes), image_size, weights, **spec)
             _save_keras(model, init_path)
     run.save_state(state)
     fshape = M.feature_shape(model)
@@ -350,10 +382,11 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
                 state["timings"]["features_s"] = secs
                 state["timings"]["features_images_per_s"] = round(computed / max(secs, 1e-9), 1)
             with strategy.scope():
-                head = M.load_model(head_last, compile=True) if head_last.exists() else None
-                if head is None:
-                    head = M.build_head(backbone, len(classes), fshape)
-                    _compile(head, cfg["lr"], cfg["decay"])
+                if head_last.exists():
+                    head = M.load_model(head_last, compile=True)
+                else:
+                    head = training_view(M.build_head(backbone, len(classes), fshape, **spec))
+                    _compile(head, cfg["lr"], cfg["decay"], loss_cfg)
             cb = _make_callback(run, state, "head", head, monitor=monitor, patience=max(1, cfg["patience"]),
                                 n_images=len(tr_idx), last=head_last, best=head_best)
             if state["epoch"] < ep_target and not state["stopped_early"]:
@@ -370,21 +403,22 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
 
             with strategy.scope():
                 if head_last.exists():
-                    model = M.load_model(head_last, compile=True)
+                    view, model = _load_view(head_last)
                 else:
-                    _compile(model, cfg["lr"], cfg["decay"])
+                    view = training_view(model)
+                    _compile(view, cfg["lr"], cfg["decay"], loss_cfg)
             aug = augmenter(seed, flip=flip) if augment else None
             ds = image_dataset(images, labels[tr_idx], img_rows[tr_idx], batch_size=cfg["batch_size"], shuffle=True,
                                augment=aug, seed=seed)
             vds = image_dataset(images, labels[va_idx], img_rows[va_idx], batch_size=cfg["batch_size"]) \
                 if has_val else None
-            cb = _make_callback(run, state, "head", model, monitor=monitor, patience=max(1, cfg["patience"]),
+            cb = _make_callback(run, state, "head", view, monitor=monitor, patience=max(1, cfg["patience"]),
                                 n_images=len(tr_idx), last=head_last, best=head_best)
             if state["epoch"] < ep_target and not state["stopped_early"]:
-                model.fit(ds, validation_data=vds, epochs=ep_target, initial_epoch=state["epoch"], verbose=0,
-                          shuffle=False, callbacks=[cb])
+                view.fit(ds, validation_data=vds, epochs=ep_target, initial_epoch=state["epoch"], verbose=0,
+                         shuffle=False, callbacks=[cb])
             if head_best.exists():
-                model.load_weights(head_best)
+                view.load_weights(head_best)
         state.update(phase="fine_tune", epoch=0, wait=0, stopped_early=False)
         run.save_state(state)
 
@@ -396,32 +430,33 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
         if cfg["fine_tune_epochs"] > 0 and cfg["fine_tune_layers"] > 0:
             with strategy.scope():
                 if ft_last.exists():
-                    model = M.load_model(ft_last, compile=True)
+                    view, model = _load_view(ft_last)
                 else:
-                    _apply_head_best(model, head_best, backbone, len(classes), fshape, bottleneck)
+                    _apply_head_best(model, head_best, backbone, len(classes), fshape, bottleneck, spec)
                     M.unfreeze_top(model, cfg["fine_tune_layers"])
-                    _compile(model, cfg["fine_tune_lr"], cfg["decay"])
+                    view = training_view(model)
+                    _compile(view, cfg["fine_tune_lr"], cfg["decay"], loss_cfg)
             aug = augmenter(seed + 10, flip=flip) if augment else None
             ds = image_dataset(images, labels[tr_idx], img_rows[tr_idx], batch_size=cfg["batch_size"], shuffle=True,
                                augment=aug, seed=seed + 10)
             vds = image_dataset(images, labels[va_idx], img_rows[va_idx], batch_size=cfg["batch_size"]) \
                 if has_val else None
-            cb = _make_callback(run, state, "fine_tune", model, monitor=monitor,
+            cb = _make_callback(run, state, "fine_tune", view, monitor=monitor,
                                 patience=max(1, cfg["patience"]), n_images=len(tr_idx), last=ft_last, best=ft_best)
             if state["epoch"] < cfg["fine_tune_epochs"] and not state["stopped_early"]:
-                model.fit(ds, validation_data=vds, epochs=cfg["fine_tune_epochs"], initial_epoch=state["epoch"],
+                view.fit(ds, validation_data=vds, epochs=cfg["fine_tune_epochs"], initial_epoch=state["epoch"],
                           verbose=0, shuffle=False, callbacks=[cb])
         state.update(phase="finish")
         run.save_state(state)
 
     # -- the best model, history, curve, manifest ---------------------------------------------
     if state["best"].get("phase") == "fine_tune" and ft_best.exists():
-        model.load_weights(ft_best)
+        training_view(model).load_weights(ft_best)
     elif state["best"].get("phase") == "head" and head_best.exists():
         if bottleneck:  # the base may have been fine-tuned since: start again from its initial weights
             with strategy.scope():
                 model = M.load_model(init_path)
-        _apply_head_best(model, head_best, backbone, len(classes), fshape, bottleneck)
+        _apply_head_best(model, head_best, backbone, len(classes), fshape, bottleneck, spec)
     with strategy.scope():  # saved without the optimizer's state: a clean model for inference
         final = M.load_model(init_path)
     final.set_weights(model.get_weights())
@@ -444,6 +479,7 @@ def train(data_dir: str | os.PathLike, *, backbone: str, out: str | os.PathLike,
         "backbone": backbone,
         "image_size": image_size,
         "n_classes": int(len(classes)),
+        "head": spec,
         "precision": resolved,
         "strategy": type(strategy).__name__,
         "replicas": int(strategy.num_replicas_in_sync),
