@@ -7,6 +7,9 @@ absolute-form requests (`POST http://localhost/api/... HTTP/1.0`) and answers th
 would: Basic auth for username/key, Bearer for `KAGGLE_API_TOKEN` (checked through
 `security.OAuthService/IntrospectToken`), downloads as a 302 to a file URL that honours `Range`
 (so the client can resume), submissions as StartSubmissionUpload → PUT → CreateSubmission.
+Code competitions too: datasets (StartBlobUpload → PUT per file, then CreateDataset or
+CreateDatasetVersion; a folder uploaded as `<folder>.zip` is unpacked, as Kaggle does), kernels
+(SaveKernel, GetKernelSessionStatus, ListKernelSessionOutput) and CreateCodeSubmission.
 
 Everything is bounded: the server binds 127.0.0.1 only, stops itself after `lifetime` seconds,
 handler sockets time out, and a CONNECT (a stray https request) is refused and recorded so a
@@ -96,12 +99,17 @@ class FakeKaggle(_Loopback):
     throttle: tuple[int, float] | None = None
     cut_after: int | None = None
     fail_upload: bool = False  # PUT answers 500 (a storage failure during the upload)
+    kernel_polls: int = 2  # status answers RUNNING this many times before the outcome
+    kernel_error: str | None = None  # when set, a pushed kernel ends in ERROR with this log
     lifetime: float = 180.0
 
     def __post_init__(self) -> None:
         self.hits: list[Hit] = []
         self.uploads: dict[str, bytes] = {}
         self.submissions: list[dict] = []
+        self.blob_names: dict[str, str] = {}  # upload token → file name given to StartBlobUpload
+        self.datasets: dict[str, dict] = {}  # "owner/slug" → {"owner", "title", "license", "versions": [{name: bytes}]}
+        self.kernels: dict[str, list[dict]] = {}  # "owner/slug" → pushed versions (the SaveKernel request + state)
         self.lock = threading.Lock()
         self._cut_done: set[str] = set()
         self._server: ThreadingHTTPServer | None = None
@@ -151,9 +159,160 @@ class FakeKaggle(_Loopback):
         with self.lock:
             return [h for h in self.hits if h.method == "CONNECT" or h.path.startswith("!")]
 
+    def dataset_files(self, ref: str, version: int = -1) -> dict[str, bytes]:
+        """The files of one version of a dataset (folders unpacked), by relative path."""
+        return self.datasets[ref]["versions"][version]
+
     def known(self, competition: str) -> bool:
         return competition in self.archives or any(c == competition for c, _ in self.files) \
             or competition in self.code_competitions
+
+
+class _CodeCompetitions:
+    """Datasets, kernels and code submissions, answered as Kaggle's API would (one request each)."""
+
+    def __init__(self, handler: "_Handler", hit: Hit, user: str):
+        self.h, self.hit, self.user, self.fake = handler, hit, user, handler.fake
+
+    def ok(self, obj: dict) -> None:
+        self.h._json(self.hit, 200, obj)
+
+    def error(self, status: int, message: str) -> None:
+        self.h._error(self.hit, status, message)
+
+    def handle(self, service: str, name: str, req: dict) -> None:
+        fake = self.fake
+        with fake.lock:
+            if name == "StartBlobUpload":
+                token = f"blob-{len(fake.uploads) + 1}"
+                fake.uploads[token] = b""
+                fake.blob_names[token] = req.get("name", "")
+                return self.ok({"token": token, "createUrl": f"http://localhost/upload/{token}"})
+            if name == "GetDatasetStatus":
+                ref = f"{req.get('ownerSlug')}/{req.get('datasetSlug')}"
+                if ref not in fake.datasets:
+                    return self.error(404, f"Dataset {ref} not found")
+                return self.ok({"status": "READY"})
+            if name == "CreateDataset":
+                return self.create_dataset(req)
+            if name == "CreateDatasetVersion":
+                return self.create_version(req)
+            if name == "SaveKernel":
+                return self.save_kernel(req)
+            if name in ("GetKernelSessionStatus", "ListKernelSessionOutput"):
+                return self.kernel_session(name, req)
+        return self.error(404, f"fake Kaggle does not implement {service}/{name}")
+
+    # -- datasets ---------------------------------------------------------------------------------
+    def _files(self, files: list[dict]) -> dict[str, bytes] | str:
+        """The uploaded files by name; a `<folder>.zip` is unpacked into `<folder>/…` as Kaggle does."""
+        import zipfile
+
+        out: dict[str, bytes] = {}
+        for f in files:
+            token = f.get("token", "")
+            if token not in self.fake.blob_names:
+                return f"unknown upload token {token!r}"
+            name, data = self.fake.blob_names[token], self.fake.uploads[token]
+            if name.endswith(".zip"):
+                with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                    for m in zf.infolist():
+                        if not m.is_dir():
+                            out[f"{name[:-4]}/{m.filename}"] = zf.read(m)
+            else:
+                out[name] = data
+        return out
+
+    def create_dataset(self, req: dict) -> None:
+        ref = f"{req.get('ownerSlug')}/{req.get('slug')}"
+        if req.get("ownerSlug") != self.user:
+            return self.error(403, f"user {self.user} may not create datasets owned by {req.get('ownerSlug')}")
+        if ref in self.fake.datasets:
+            return self.ok({"status": "error", "error": f"The requested slug \"{req.get('slug')}\" is already in use"})
+        files = self._files(req.get("files") or [])
+        if isinstance(files, str):
+            return self.error(400, files)
+        self.fake.datasets[ref] = {"owner": self.user, "title": req.get("title"), "license": req.get("licenseName"),
+                                   "private": req.get("isPrivate", False), "versions": [files]}
+        return self.ok({"ref": ref, "url": f"https://www.kaggle.com/datasets/{ref}", "status": "ok"})
+
+    def create_version(self, req: dict) -> None:
+        ref = f"{req.get('ownerSlug')}/{req.get('datasetSlug')}"
+        ds = self.fake.datasets.get(ref)
+        if ds is None:
+            return self.error(404, f"Dataset {ref} not found")
+        if ds["owner"] != self.user:
+            return self.error(403, f"user {self.user} may not write to dataset {ref}")
+        files = self._files((req.get("body") or {}).get("files") or [])
+        if isinstance(files, str):
+            return self.error(400, files)
+        ds["versions"].append(files)
+        return self.ok({"ref": ref, "url": f"https://www.kaggle.com/datasets/{ref}", "status": "ok"})
+
+    # -- kernels ----------------------------------------------------------------------------------
+    def save_kernel(self, req: dict) -> None:
+        fake = self.fake
+        ref = req.get("slug") or ""
+        owner = ref.split("/")[0]
+        if owner != self.user:
+            return self.error(403, f"user {self.user} may not push kernels owned by {owner}")
+        comps = req.get("competitionDataSources") or []
+        datasets = req.get("datasetDataSources") or []
+        bad_comps = [c for c in comps if not fake.known(c)]
+        bad_ds = [d for d in datasets if d not in fake.datasets]
+        if any(c in fake.code_competitions for c in comps) and req.get("enableInternet", True):
+            return self.ok({"error": "Notebooks submitted to this competition must have internet access disabled"})
+        versions = fake.kernels.setdefault(ref, [])
+        versions.append({**req, "polls": 0, "error": fake.kernel_error})
+        n = len(versions)
+        return self.ok({"ref": f"/code/{ref}", "url": f"https://www.kaggle.com/code/{ref}", "versionNumber": n,
+                        "invalidCompetitionSources": bad_comps, "invalidDatasetSources": bad_ds})
+
+    def _version(self, owner: str, slug: str, label) -> dict | None:
+        versions = self.fake.kernels.get(f"{owner}/{slug}") or []
+        if not versions:
+            return None
+        if label in (None, "", 0):
+            return versions[-1]
+        i = int(label)
+        return versions[i - 1] if 1 <= i <= len(versions) else None
+
+    def kernel_session(self, name: str, req: dict) -> None:
+        v = self._version(req.get("userName"), req.get("kernelSlug"), req.get("versionLabel"))
+        if v is None:
+            return self.error(404, f"Notebook {req.get('userName')}/{req.get('kernelSlug')} not found")
+        if name == "GetKernelSessionStatus":
+            v["polls"] += 1
+            if v["polls"] <= self.fake.kernel_polls:
+                return self.ok({"status": "RUNNING"})
+            if v["error"]:
+                return self.ok({"status": "ERROR", "failureMessage": "Your notebook hit an unhandled error while "
+                                "executing"})
+            return self.ok({"status": "COMPLETE"})
+        log = v["error"] or "glr infer: wrote /kaggle/working/submission.csv\n"
+        log_json = json.dumps([{"stream_name": "stdout", "time": 1.0, "data": line + "\n"}
+                               for line in log.splitlines()])
+        files = [] if v["error"] else [{"fileName": "submission.csv", "url": "http://localhost/files/out/submission.csv"}]
+        return self.ok({"files": files, "log": log_json})
+
+    def code_submission(self, req: dict) -> None:
+        fake = self.fake
+        comp = req.get("competitionName", "")
+        if comp not in fake.code_competitions:
+            return self.error(400, f"Competition '{comp}' does not accept code submissions")
+        v = self._version(req.get("kernelOwner"), req.get("kernelSlug"), req.get("kernelVersion"))
+        if v is None:
+            return self.error(404, f"Notebook {req.get('kernelOwner')}/{req.get('kernelSlug')} version "
+                                   f"{req.get('kernelVersion')} not found")
+        if comp not in (v.get("competitionDataSources") or []):
+            return self.error(400, f"The notebook does not have competition '{comp}' as a data source")
+        if v["error"] or v["polls"] <= fake.kernel_polls:
+            return self.error(400, "The notebook version has not completed successfully")
+        if v.get("enableInternet", True):
+            return self.error(400, "Notebooks submitted to this competition must have internet access disabled")
+        ref = 1000 + len(fake.submissions)
+        fake.submissions.append({**req, "ref": ref})
+        return self.ok({"message": "Your submission was successfully saved", "ref": ref})
 
 
 def _etag(data: bytes) -> str:
@@ -225,11 +384,16 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "security.OAuthService/IntrospectToken":
             user = self.fake.tokens.get(req.get("token", ""))
             return self._json(hit, 200, {"active": True, "username": user} if user else {"active": False})
-        if not method.startswith("competitions.CompetitionApiService/"):
+        service = method.split("/", 1)[0]
+        if service not in ("competitions.CompetitionApiService", "blobs.BlobApiService", "datasets.DatasetApiService",
+                           "kernels.KernelsApiService"):
             return self._error(hit, 404, f"fake Kaggle does not implement {method}")
-        if self._user() is None:
+        user = self._user()
+        if user is None:
             return self._error(hit, 401, "Unauthenticated: the request does not have valid credentials")
         name = method.split("/", 1)[1]
+        if service != "competitions.CompetitionApiService":
+            return _CodeCompetitions(self, hit, user).handle(service, name, req)
         comp = req.get("competitionName", "")
         fake = self.fake
         if not fake.known(comp):
@@ -251,6 +415,9 @@ class _Handler(BaseHTTPRequestHandler):
             token = f"blob-{len(fake.uploads) + 1}"
             fake.uploads[token] = b""
             return self._json(hit, 200, {"token": token, "createUrl": f"http://localhost/upload/{token}"})
+        if name == "CreateCodeSubmission":
+            with fake.lock:
+                return _CodeCompetitions(self, hit, self._user()).code_submission(req)
         if name == "CreateSubmission":
             if comp in fake.code_competitions:
                 return self._error(hit, 400, "Submission not allowed: this competition only accepts submissions from Kaggle Notebooks")

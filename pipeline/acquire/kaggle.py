@@ -358,3 +358,180 @@ def submit(
         "ref": resp.ref,
         "url": f"https://www.kaggle.com/competitions/{competition}/submissions",
     }
+
+
+# --------------------------------------------------------------------------------------------
+# code competitions: dataset upload, kernel push, wait, code submission
+# --------------------------------------------------------------------------------------------
+KERNEL_OUTPUT = "submission.csv"  # the file a code competition scores, in the notebook's working folder
+
+
+def _check_ref(ref: str, what: str) -> tuple[str, str]:
+    owner, _, slug = (ref or "").partition("/")
+    if not owner or not slug or "/" in slug:
+        raise UserError(f"{what} {ref!r}: give it as USER/SLUG (your Kaggle user name and a short name)")
+    return owner, slug
+
+
+@contextlib.contextmanager
+def _code_errors(ref: str, action: str):
+    """One UserError line for what the client raises while it handles dataset/kernel `ref`."""
+    import requests
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    except UserError:
+        raise
+    except requests.HTTPError as e:
+        status = e.response.status_code if e.response is not None else 0
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else "?"
+        if status in (401,) or status == 0:
+            raise _translate(e, None, action) from None
+        if status == 403:
+            raise UserError(f"Kaggle refused {action} of {ref!r} (403: {detail}): the slug belongs to another user "
+                            "or your account may not write it; use USER/SLUG with your own user name") from None
+        if status == 404:
+            raise UserError(f"Kaggle found no {ref!r} during {action} (404: {detail}): check the USER/SLUG "
+                            "(upload the bundle first with `glr bundle … --upload`)") from None
+        raise UserError(f"Kaggle API error during {action} of {ref!r} ({status}: {detail}); re-run later") from None
+    except ValueError as e:  # the client's own checks of the metadata (slug length, title, …)
+        raise UserError(f"{action} of {ref!r}: {e}") from None
+    except (requests.ConnectionError, requests.Timeout) as e:
+        raise _translate(e, None, action) from None
+
+
+def upload_dataset(folder: str | os.PathLike, *, notes: str = "glr bundle") -> dict:
+    """Upload a bundle folder (with its dataset-metadata.json) as a private Kaggle dataset.
+
+    A new dataset when its id is free, else a new version of it. Folders inside the bundle go up
+    as one zip each (the client's dir_mode "zip"), which Kaggle unpacks into the same folders.
+    """
+    import requests
+
+    folder = Path(folder)
+    meta_path = folder / "dataset-metadata.json"
+    try:
+        ref = json.loads(meta_path.read_text())["id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{meta_path}: no dataset metadata with an id; build the folder with `glr bundle`") from None
+    _check_ref(ref, "dataset")
+    api = _api()
+    exists = True
+    with _code_errors(ref, "dataset upload"):
+        try:
+            api.dataset_status(ref)
+        except requests.HTTPError as e:
+            if e.response is None or e.response.status_code != 404:
+                raise
+            exists = False
+        if exists:
+            resp = api.dataset_create_version(str(folder), notes, quiet=True, dir_mode="zip")
+        else:
+            resp = api.dataset_create_new(str(folder), public=False, quiet=True, dir_mode="zip")
+    if resp is None or (resp.status or "").lower() != "ok":
+        error = getattr(resp, "error", None) or "no answer"
+        if "already in use" in error:
+            raise UserError(f"dataset {ref!r}: the slug is already in use by another dataset; choose another "
+                            "--dataset USER/SLUG")
+        raise UserError(f"Kaggle refused the dataset {ref!r}: {error}")
+    return {"dataset": ref, "created": not exists, "url": resp.url or f"https://www.kaggle.com/datasets/{ref}"}
+
+
+def push_kernel(folder: str | os.PathLike) -> dict:
+    """Push a kernel folder (kernel-metadata.json + notebook): Kaggle saves a new version and runs it."""
+    folder = Path(folder)
+    meta_path = folder / "kernel-metadata.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        ref = meta["id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{meta_path}: no kernel metadata with an id; write the folder with `glr notebook`") from None
+    _check_ref(ref, "kernel")
+    api = _api()
+    with _code_errors(ref, "kernel push"):
+        resp = api.kernels_push(str(folder))
+    if resp.error:
+        raise UserError(f"Kaggle refused the notebook {ref!r}: {resp.error}")
+    missing = list(resp.invalidDatasetSources or []) + list(resp.invalidCompetitionSources or [])
+    if missing:
+        raise UserError(f"notebook {ref!r} (version {resp.versionNumber}) was saved, but Kaggle could not attach "
+                        f"{', '.join(missing)}: upload the dataset (`glr bundle … --upload`) and accept the "
+                        "competition's rules, then push again")
+    return {"kernel": ref, "version": resp.versionNumber, "url": resp.url}
+
+
+def _kernel_log_tail(api, ref: str, version: int | None, lines: int) -> list[str]:
+    """The last `lines` lines the kernel printed (Kaggle keeps its log as JSON stream records)."""
+    from kagglesdk.kernels.types.kernels_api_service import ApiListKernelSessionOutputRequest
+
+    owner, slug = _check_ref(ref, "kernel")
+    req = ApiListKernelSessionOutputRequest()
+    req.user_name, req.kernel_slug = owner, slug
+    if version:
+        req.version_label = str(version)
+    with _code_errors(ref, "kernel log"), api.build_kaggle_client() as client:
+        log = client.kernels.kernels_api_client.list_kernel_session_output(req).log or ""
+    try:
+        text = "".join(rec.get("data", "") for rec in json.loads(log))
+    except (ValueError, AttributeError, TypeError):
+        text = log
+    return text.splitlines()[-lines:]
+
+
+def wait_kernel(kernel: str, *, version: int | None = None, poll_s: float = 30.0, timeout_s: float = 13 * 3600,
+                echo=print, log_lines: int = 20) -> dict:
+    """Poll a pushed kernel until it completes (returns) or fails (UserError with its log's tail).
+
+    The default timeout is past Kaggle's 12-hour notebook limit, so Kaggle's verdict comes first.
+    """
+    import time
+
+    _check_ref(kernel, "kernel")
+    label = f"{kernel}" + (f" version {version}" if version else "")
+    api = _api()
+    start = time.monotonic()
+    while True:
+        with _code_errors(kernel, "kernel status"):
+            resp = api.kernels_status(kernel + (f"/{version}" if version else ""))
+        status = getattr(resp.status, "name", str(resp.status)).upper()
+        elapsed = time.monotonic() - start
+        echo(f"notebook {label}: {status.lower()} ({elapsed / 60:.1f} min)")
+        if status == "COMPLETE":
+            return {"kernel": kernel, "version": version, "status": "complete", "seconds": round(elapsed, 1)}
+        if status in ("ERROR", "CANCEL_REQUESTED", "CANCEL_ACKNOWLEDGED"):
+            tail = _kernel_log_tail(api, kernel, version, log_lines)
+            for line in tail:
+                echo(f"  | {line}")
+            reason = resp.failure_message or status.lower()
+            raise UserError(f"notebook {label} failed on Kaggle: {reason} (log tail above); fix it and push again")
+        if elapsed > timeout_s:
+            raise UserError(f"notebook {label} still {status.lower()} after {elapsed / 3600:.1f} h; "
+                            "check it on Kaggle and wait again")
+        time.sleep(poll_s)
+
+
+def submit_kernel(kernel: str, competition: str, message: str, *, version: int | None = None) -> dict:
+    """Submit a kernel version's `submission.csv` to a code competition (Kaggle re-runs it on the hidden test)."""
+    if not message or not message.strip():
+        raise UserError("-m/--message: give a short description of this submission")
+    _check_ref(kernel, "--kernel")
+    api = _api()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            resp = api.competition_submit_code(KERNEL_OUTPUT, message, competition, kernel=kernel,
+                                               kernel_version=version, quiet=True)
+    except Exception as e:
+        import requests
+
+        if isinstance(e, requests.HTTPError) and e.response is not None and e.response.status_code in (400, 404):
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else e.response.reason
+            raise UserError(f"Kaggle refused notebook {kernel!r}" + (f" version {version}" if version else "")
+                            + f" for {competition!r} ({e.response.status_code}: {detail}); check `glr notebook "
+                            "--push --wait` completed and the notebook is attached to the competition") from None
+        t = _translate(e, competition, "code submission")
+        if t is e:
+            raise
+        raise t from None
+    return {"competition": competition, "kernel": kernel, "version": version, "message": resp.message,
+            "ref": resp.ref, "url": f"https://www.kaggle.com/competitions/{competition}/submissions"}
