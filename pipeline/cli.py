@@ -300,6 +300,54 @@ def fetch_urls_cmd(csv: str, out: str, size: int, workers: int, timeout: float, 
     )
 
 
+@cli.command("fetch-gldv2")
+@click.argument("data_dir", type=Output(folder=True))
+@click.option("--split", type=click.Choice(["train", "index", "test"]), default="train", show_default=True,
+              help="Which set of the mirror's tar shards (train 500, index 100, test 20).")
+@click.option("--shards", default=None, metavar="0-49,…", help="Only these shards (inclusive ranges); default all.")
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(1, 64), help="Shards downloaded at once.")
+@click.option("--resize", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Re-encode each image to this longer side on extraction (0 = as published).")
+@click.option("--clean-only", is_flag=True, help="Keep only the train images listed in train_clean.csv.")
+@click.option("--keep-tars", is_flag=True, help="Keep each tar after its verified extraction.")
+@click.option("--mirror", default="https://s3.amazonaws.com/google-landmark", show_default=True,
+              help="Base URL of the GLDv2 mirror.")
+@click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="Seconds allowed to connect and to each read.")
+@click.option("--retries", default=5, show_default=True, type=click.IntRange(min=0),
+              help="Retries of a request that brought no bytes, with back-off (a cut resumes and is not counted).")
+@quiet_option
+@json_option
+def fetch_gldv2_cmd(data_dir: str, split: str, shards: str | None, workers: int, resize: int, clean_only: bool,
+                    keep_tars: bool, mirror: str, timeout: float, retries: int, as_json: bool) -> None:
+    """Download GLDv2 from its mirror into a landmark-recognition-2019 folder (resumable, md5-verified).
+
+    Each tar resumes with HTTP Range after a cut, is checked against the published md5 (a mismatch is
+    downloaded again, then listed in DATA_DIR/<split>/failed.csv), and extracted member by member
+    with the refusals of `glr fetch`. Finished shards are recorded: a re-run downloads nothing twice.
+    The folder gets train.csv, sample_submission.csv and solution.csv (the real 2019 Public/Private
+    labels), so `glr gap` gives a 2019 submission's private GAP.
+
+    \b
+    Example:
+      glr fetch-gldv2 data/glr2019 --split train --shards 0-49 --resize 256 --clean-only
+      glr fetch-gldv2 data/glr2019 --split test
+    """
+    from pipeline.acquire.gldv2 import fetch_gldv2
+
+    res = fetch_gldv2(data_dir, split=split, shards=shards, workers=workers, resize=resize, clean_only=clean_only,
+                      keep_tars=keep_tars, mirror=mirror, timeout=timeout, retries=retries)
+    if as_json:
+        echo_json(res)
+    else:
+        click.echo(f"{split}: {res['fetched']} shard(s) fetched, {res['skipped']} already done, {res['failed']} failed; "
+                   f"{res['images_extracted']} images extracted ({res['mb_per_s']:.1f} MB/s); "
+                   f"wrote {', '.join(res['folder']['wrote']) or 'nothing'}")
+    if res["failed"]:
+        raise UserError(f"{res['failed']} of {res['shards']} shard(s) failed (reasons in {res['failed_csv']}); "
+                        "re-run the same command to retry them")
+
+
 @cli.command("clean")
 @click.argument("data_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--quarantine", default=None, type=click.Path(file_okay=False),
@@ -330,33 +378,141 @@ def clean_cmd(data_dir: str, quarantine: str | None, workers: int, as_json: bool
 
 
 @cli.command("submit")
-@click.argument("submission", type=click.Path(dir_okay=False))
+@click.argument("submission", type=click.Path(dir_okay=False), required=False)
 @click.option("--competition", "-c", required=True, help="Kaggle's name, e.g. landmark-recognition-2019.")
 @click.option("--message", "-m", required=True, help="Description shown on Kaggle.")
 @click.option("--data-dir", default=None, type=click.Path(),
               help="Competition directory (or its sample_submission.csv): the ids are checked against it.")
 @click.option("--no-id-check", is_flag=True, help="Upload without --data-dir, its ids unchecked (not advised).")
+@click.option("--kernel", default=None, metavar="USER/SLUG",
+              help="Code competitions (2020, 2021): submit this notebook's submission.csv instead of a file.")
+@click.option("--version", "kernel_version", type=click.IntRange(min=1), default=None,
+              help="With --kernel: the notebook version [default: the latest].")
 @json_option
-def submit_cmd(submission: str, competition: str, message: str, data_dir: str | None, no_id_check: bool,
-               as_json: bool) -> None:
+def submit_cmd(submission: str | None, competition: str, message: str, data_dir: str | None, no_id_check: bool,
+               kernel: str | None, kernel_version: int | None, as_json: bool) -> None:
     """Validate a submission file, then upload it to Kaggle with the official client.
 
     An invalid file is never uploaded: its rows are held to the format's one grammar and its ids
     to the competition's sample_submission.csv (--data-dir; without it, only with --no-id-check).
-    The 2020/2021 competitions take submissions only from Kaggle notebooks: run glr inside one there.
+    The 2020/2021 competitions take submissions only from Kaggle notebooks: build one with
+    `glr bundle` + `glr notebook --push --wait`, then submit it with --kernel.
 
     \b
     Example:
       glr submit submission.csv -c landmark-recognition-2019 -m "vgg16 + rescoring" --data-dir data/glr2019
+      glr submit --kernel alice/glr-landmark-recognition-2021 -c landmark-recognition-2021 -m "vgg16"
     """
-    from pipeline.acquire.kaggle import submit
+    from pipeline.acquire.kaggle import submit, submit_kernel
 
+    if kernel:
+        if submission:
+            raise UserError("give either a SUBMISSION file or --kernel USER/SLUG, not both")
+        res = submit_kernel(kernel, competition, message, version=kernel_version)
+        if as_json:
+            echo_json(res)
+            return
+        click.echo(f"{res['message'] or 'submitted'} (ref {res['ref']}); status: {res['url']}")
+        return
+    if not submission:
+        raise UserError("give the SUBMISSION file to upload (or --kernel USER/SLUG for a code competition)")
+    if kernel_version:
+        raise UserError("--version goes with --kernel USER/SLUG")
     res = submit(submission, competition, message, data_dir=data_dir, check_ids=not no_id_check)
     if as_json:
         echo_json(res)
         return
     click.echo(f"{res['message'] or 'submitted'} (ref {res['ref']}); status: {res['url']}")
 
+
+
+# --- code competitions: bundle, notebook -----------------------------------------
+
+@cli.command("bundle")
+@click.argument("run", type=click.Path(file_okay=False, exists=True))
+@click.option("--out", required=True, type=Output(folder=True), help="The bundle folder to write.")
+@click.option("--dataset", required=True, metavar="USER/SLUG", help="The Kaggle dataset it becomes.")
+@click.option("--title", default=None, help="Dataset title (6-50 characters) [default: glr SLUG].")
+@click.option("--include-wheel", multiple=True, metavar="NAME",
+              help="Also bundle this dependency's wheel (pip download; a package the Kaggle image lacks).")
+@click.option("--exclude-wheel", multiple=True, metavar="NAME", help="Leave this wheel out (repeatable).")
+@click.option("--upload", is_flag=True, help="Upload it: a new private dataset, or a new version of it.")
+@click.option("--notes", default="glr bundle", show_default=True, help="With --upload: the version notes.")
+@json_option
+def bundle_cmd(run: str, out: str, dataset: str, title: str | None, include_wheel: tuple[str, ...],
+               exclude_wheel: tuple[str, ...], upload: bool, notes: str, as_json: bool) -> None:
+    """Copy a finished run's final models, policy and config, with glr's wheel, into a Kaggle dataset folder.
+
+    Exactly what `glr infer` reads, at the same paths (so `glr infer OUT --data-dir …` works), plus
+    wheels/, dataset-metadata.json and glr-bundle.json (sizes and sha256). Refuses a bundle over
+    Kaggle's dataset limits, with the reason.
+
+    \b
+    Example:
+      glr bundle runs/glr2021 --out bundles/glr2021 --dataset alice/glr-2021-bundle --upload
+    """
+    from pipeline.run.bundle import build_bundle
+
+    res = build_bundle(run, out, dataset, title=title, include_wheels=include_wheel, exclude_wheels=exclude_wheel,
+                       echo=lambda m: click.echo(m, err=True))
+    if upload:
+        from pipeline.acquire.kaggle import upload_dataset
+
+        res["upload"] = upload_dataset(out, notes=notes)
+    if as_json:
+        echo_json(res)
+        return
+    click.echo(f"{res['out']}: {res['files']} files, {res['bytes'] / 2**20:.1f} MiB; wheels: {', '.join(res['wheels'])}")
+    if upload:
+        up = res["upload"]
+        click.echo(f"{'created' if up['created'] else 'new version of'} dataset {up['dataset']}: {up['url']}")
+
+
+@cli.command("notebook")
+@click.argument("run", type=click.Path(file_okay=False, exists=True))
+@click.option("--competition", "-c", required=True, help="Kaggle's name, e.g. landmark-recognition-2021.")
+@click.option("--dataset", required=True, metavar="USER/SLUG", help="The bundle's dataset (`glr bundle --dataset`).")
+@click.option("--out", required=True, type=Output(folder=True), help="The kernel folder to write.")
+@click.option("--kernel", default=None, metavar="USER/SLUG", help="The notebook's id [default: USER/glr-COMPETITION].")
+@click.option("--gpu/--cpu", default=None, help="Ask Kaggle for a GPU [default: from the run's precision].")
+@click.option("--push", is_flag=True, help="Push it (kernels push): Kaggle saves a new version and runs it.")
+@click.option("--wait", is_flag=True, help="With --push: poll until the run completes; show the log tail on error.")
+@click.option("--poll", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
+              help="With --wait: seconds between status checks.")
+@json_option
+def notebook_cmd(run: str, competition: str, dataset: str, out: str, kernel: str | None, gpu: bool | None,
+                 push: bool, wait: bool, poll: float, as_json: bool) -> None:
+    """Write the Kaggle notebook (+ kernel-metadata.json) that runs `glr infer` on the bundle, offline.
+
+    The notebook installs glr from the bundle's wheels with no index, prints versions and the
+    accelerator, and writes submission.csv to the working folder. Internet off, private, the
+    competition and the dataset attached. Then submit it: `glr submit --kernel USER/SLUG -c C -m MSG`.
+
+    \b
+    Example:
+      glr notebook runs/glr2021 -c landmark-recognition-2021 --dataset alice/glr-2021-bundle \\
+          --out kernels/glr2021 --push --wait
+    """
+    from pipeline.acquire.notebook import write_notebook
+
+    if wait and not push:
+        raise UserError("--wait goes with --push")
+    res = write_notebook(run, competition, dataset, out, kernel=kernel, gpu=gpu)
+    if push:
+        from pipeline.acquire.kaggle import push_kernel, wait_kernel
+
+        res["push"] = push_kernel(out)
+        click.echo(f"pushed {res['push']['kernel']} version {res['push']['version']}: {res['push']['url']}", err=True)
+        if wait:
+            res["wait"] = wait_kernel(res["kernel"], version=res["push"]["version"], poll_s=poll,
+                                      echo=lambda m: click.echo(m, err=True))
+    if as_json:
+        echo_json(res)
+        return
+    click.echo(f"{res['notebook']} ({'GPU' if res['enable_gpu'] else 'CPU'}, internet off); kernel {res['kernel']}")
+    if push and wait:
+        click.echo(f"complete; submit it: glr submit --kernel {res['kernel']} --version {res['push']['version']} "
+                   f"-c {competition} -m MESSAGE")
 
 
 # --- models: train, predict, ensemble, evaluate --------------------------------
@@ -442,6 +598,77 @@ def predict_command(run_dir: str, as_json: bool, **options) -> None:
     else:
         click.echo(f"{options['out']}: {info['predicted']} of {info['images']} images, top-{options['top_k']}, "
                    f"{info['images_per_s']} images/s ({info['precision']})")
+
+
+@cli.command("embed")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="Competition directory.")
+@click.option("--split", type=click.Choice(["train", "test", "val"]), default="train", show_default=True,
+              help="Images to embed; val = the run's stored validation split.")
+@click.option("--out", required=True, type=Output(), help="Embeddings (.npy; ids in .ids.txt beside it).")
+@click.option("--float16", is_flag=True, help="Store the rows as float16 (half the disk; ~1e-3 per component).")
+@click_options(PREDICT, ("batch_size", "precision"))
+@quiet_option
+@json_option
+def embed_command(run_dir: str, as_json: bool, **options) -> None:
+    """Embed every image of a split (L2-normalised rows, streamed to a memory-mapped .npy).
+
+    Same files as `glr predict --embeddings`. Progress is kept in OUT.partial/ (committed every
+    10 s): rerun the same command after an interruption and it continues where it stopped.
+
+    \b
+    Example:
+      glr embed runs/arcface --data-dir data --split train --out emb/train.npy --float16
+      glr embed runs/arcface --data-dir data --split test --out emb/test.npy
+    """
+    from pipeline.model.predict import embed
+
+    _warnings_to_stderr()
+    info = embed(run_dir, options.pop("data_dir"), **options).stats()
+    if as_json:
+        echo_json(info)
+    else:
+        resumed = f", continued after {info['resumed_from']}" if info["resumed_from"] else ""
+        click.echo(f"{info['out']}: {info['embedded']} of {info['images']} images, {info['dim']}-D {info['dtype']}"
+                   f"{resumed}, {info['images_per_s']} images/s")
+
+
+@cli.command("knn")
+@click.argument("queries", type=click.Path(dir_okay=False))
+@click.argument("index", type=click.Path(dir_okay=False))
+@click.option("--labels", required=True, type=click.Path(dir_okay=False),
+              help="train.csv (id,landmark_id) giving each index row's landmark.")
+@click.option("--out", required=True, type=Output(), help="Predictions table (Parquet).")
+@click.option("--k", "k", type=click.IntRange(min=1), default=20, show_default=True, help="Neighbours per query.")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Classes kept per query.")
+@click.option("--score", type=click.Choice(["sum", "max"]), default="sum", show_default=True,
+              help="Class score: sum of its neighbours' similarities / k, or its best similarity (negatives count 0).")
+@click.option("--block-size", type=click.IntRange(min=1), default=65536, show_default=True,
+              help="Index rows per block (memory ≈ 4 B × query block × block size, ×3 at most).")
+@click.option("--query-block", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Query rows per block.")
+@click.option("--backend", type=click.Choice(["numpy", "tf"]), default="numpy", show_default=True,
+              help="numpy (BLAS on the CPU) or tf (TensorFlow's matmul and top-k; on a GPU when visible).")
+@quiet_option
+@json_option
+def knn_command(queries: str, index: str, as_json: bool, **options) -> None:
+    """Exact cosine kNN of query embeddings among index embeddings; classes scored from the neighbours.
+
+    QUERIES and INDEX are embeddings files (`glr embed`, `glr predict --embeddings`). The table has
+    the predictions contract, so `glr ensemble` averages it with classifier members.
+
+    \b
+    Example:
+      glr knn emb/test.npy emb/train.npy --labels data/train.csv --out preds/knn.parquet --k 20
+    """
+    from pipeline.model.knn import knn
+
+    info = knn(queries, index, **options).stats()
+    if as_json:
+        echo_json(info)
+    else:
+        click.echo(f"{info['out']}: {info['queries']} queries × {info['index']} index rows ({info['dim']}-D), "
+                   f"top-{info['k']} neighbours in {info['seconds']} s ({info['gflops']} GFLOP/s)")
 
 
 @cli.command("ensemble")
@@ -765,6 +992,45 @@ def run_cmd(config: str, from_stage: str | None, only: str | None, dry_run: bool
     manifest = run(config, from_stage=from_stage, only=only, dry_run=dry_run, echo=click.echo)
     if not dry_run:
         click.echo(summary_table(manifest))
+
+
+@cli.command("infer")
+@click.argument("source", type=click.Path(file_okay=False))
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Competition folder (train.csv, train/, test/, sample_submission.csv); may be read-only.")
+@click.option("--out", default="submission.csv", show_default=True, type=Output(),
+              help="Submission CSV to write; the tables go to OUT.infer/ beside it.")
+@click.option("--expect-test", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Test images to project the time for [default: 120,000 for landmark-recognition-2020/2021, "
+              "whose hidden test Kaggle runs the notebook on; else the visible test set].")
+@click.option("--time-limit", "time_limit_h", type=click.FloatRange(min=0, min_open=True), default=12.0,
+              show_default=True, metavar="HOURS", help="Refuse before the full run when the projection exceeds it.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Verification processes (0 = one per core) [default: the run's [verify] workers].")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Feature cache [default: the run's [run] cache_dir if it exists, else DATA_DIR/.glr-cache, "
+              "else OUT's folder/.glr-cache when DATA_DIR is read-only].")
+@json_option
+@quiet_option
+def infer_cmd(source: str, data_dir: str, out: str, expect_test: int | None, time_limit_h: float,
+              workers: int | None, cache_dir: str | None, as_json: bool) -> None:
+    """The test-time half of a finished run: predict → ensemble → verify → rescore → submission.csv.
+
+    SOURCE is a finished `glr run` folder or a `glr bundle` folder. The same code and options as the
+    run's stages, so on the run's own competition the submission is byte-identical to the run's.
+    The chain first runs on 64 test images, timed per stage; when the projection for --expect-test
+    images exceeds --time-limit, infer stops there with one line (exit 1). The run folder is not written.
+
+    \b
+    Example:
+      glr infer demo/run --data-dir demo/competition --out /tmp/submission.csv
+    """
+    from pipeline.run.infer import infer
+
+    res = infer(source, data_dir, out, expect_test=expect_test, time_limit_h=time_limit_h, workers=workers,
+                cache_dir=cache_dir, echo=(lambda s: None) if as_json else click.echo)
+    if as_json:
+        echo_json(res)
 
 
 # --- caches --------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Safe, resumable extraction of Kaggle's zip bundles.
+"""Safe, resumable extraction of Kaggle's zip bundles and of the GLDv2 mirror's tar shards.
 
 A downloaded archive is untrusted: every member is checked before anything is written (no
 absolute paths, no `..`, no symlinks or device files — one bad member refuses the whole
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -19,12 +20,27 @@ from submissions.errors import UserError
 
 def _member_problem(info: zipfile.ZipInfo) -> str | None:
     """Why this member may not be extracted, or None when it is a plain file/folder inside."""
-    name = info.filename
     mode = info.external_attr >> 16
     if stat.S_ISLNK(mode):
         return "is a symbolic link"
     if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
         return "is not a regular file"
+    return _name_problem(info.filename)
+
+
+def _tar_member_problem(info: tarfile.TarInfo) -> str | None:
+    """`_member_problem` for a tar member: the same refusals (links, devices, fifos, names that leave)."""
+    if info.issym():
+        return "is a symbolic link"
+    if info.islnk():
+        return "is a hard link"
+    if not (info.isreg() or info.isdir()):
+        return "is not a regular file"
+    return _name_problem(info.name)
+
+
+def _name_problem(name: str) -> str | None:
+    """Why a member's name may not be written under the destination, or None."""
     if not name or "\x00" in name:
         return "has an empty or invalid name"
     if "\\" in name:
@@ -158,3 +174,85 @@ def safe_extract(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"members": len(members), "extracted": len(todo), "skipped": skipped, "bytes": written}
+
+
+# --------------------------------------------------------------------------------------------
+# tar (the GLDv2 mirror's shards): the same refusals, member by member
+# --------------------------------------------------------------------------------------------
+def check_tar(archive: str | os.PathLike, dest: str | os.PathLike) -> list[tarfile.TarInfo]:
+    """The tar's file members, after checking every member is safe to extract into `dest`.
+
+    The refusals of `check_archive` (a link of either kind, a device or fifo, `..`, an absolute path,
+    a name too long, a file where a folder goes): one UserError naming the first such member.
+    """
+    archive, dest = Path(archive), Path(dest)
+    try:
+        with tarfile.open(archive, "r:") as tf:
+            infos = tf.getmembers()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise UserError(f"{archive}: not a valid tar archive ({e}); delete it and re-run to download again") from None
+    root = os.path.realpath(dest)
+    names = [PurePosixPath(i.name).as_posix() if i.name else "" for i in infos]
+    under = {f for n in names for f in _folders_of(n)} | {n for n, i in zip(names, infos) if i.isdir()}
+    files = []
+    cache: dict[str, str | None] = {}
+    for info, name in zip(infos, names):
+        problem = _tar_member_problem(info) or _place_problem(root, name, info.isdir(), under, cache)
+        if problem:
+            raise UserError(
+                f"{archive}: member {info.name[:120]!r} {problem}; refusing to extract this archive "
+                f"(nothing was written to {dest})"
+            )
+        if info.isreg():
+            files.append(info)
+    return files
+
+
+def safe_extract_tar(
+    archive: str | os.PathLike, dest: str | os.PathLike, *, tmp_dir: str | os.PathLike,
+    select=None, transform=None,
+) -> dict:
+    """Extract a tar's files into `dest` after `check_tar`, each renamed into place whole; return counts.
+
+    `select(name) -> bool` keeps only some members; `transform(bytes) -> bytes | None` rewrites each
+    (None drops it, counted in `dropped`). A member already at its place is skipped (with its size
+    when there is no transform: an earlier run put it there whole). `tmp_dir` is on `dest`'s file system.
+    `written` lists the member names now in place (extracted or already there).
+    """
+    archive, dest, tmp = Path(archive), Path(dest), Path(tmp_dir)
+    members = check_tar(archive, dest)
+    stats = {"members": len(members), "extracted": 0, "skipped": 0, "dropped": 0, "unselected": 0, "bytes": 0,
+             "written": []}
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive, "r:") as tf:
+            for k, info in enumerate(members):
+                name = PurePosixPath(info.name).as_posix()
+                if select is not None and not select(name):
+                    stats["unselected"] += 1
+                    continue
+                target = dest / name
+                if target.is_file() and (transform is not None or target.stat().st_size == info.size):
+                    stats["skipped"] += 1
+                    stats["written"].append(name)
+                    continue
+                try:
+                    data = tf.extractfile(info).read()
+                except (tarfile.TarError, EOFError, OSError) as e:
+                    raise UserError(f"{archive}: member {info.name!r} is corrupt ({e}); delete the archive and re-run") from None
+                if transform is not None:
+                    data = transform(data)
+                    if data is None:
+                        stats["dropped"] += 1
+                        continue
+                part = tmp / f"{os.getpid()}-{k}.part"
+                with open(part, "wb") as out:
+                    out.write(data)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(part, target)
+                stats["extracted"] += 1
+                stats["bytes"] += len(data)
+                stats["written"].append(name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return stats

@@ -181,6 +181,66 @@ def _get(session, url: str, timeout: float, stop: threading.Event) -> bytes:
         raise _Fail(f"bad request ({type(e).__name__})", False) from None
 
 
+def _content_range_start(value: str) -> int | None:
+    m = re.match(r"^bytes (\d+)-\d+/(\d+|\*)$", value.strip())
+    return int(m.group(1)) if m else None
+
+
+def get_to_file(session, url: str, part: Path, *, timeout: float, stop: threading.Event, deadline_s: float,
+                on_bytes=None) -> int:
+    """Append the rest of `url` to `part`, resuming with `Range: bytes=<size of part>-`; return its size.
+
+    For files too big to hold in memory (the GLDv2 mirror's 1 GB shards): bytes go to disk as they
+    come, so a cut (an error, or the `deadline_s` watchdog against a trickling host) loses nothing and
+    the next call asks only for what is missing. A server that ignores the Range (200) starts the
+    file over. Raises `_Fail` (retry says whether trying again may help); `on_bytes(n)` per chunk.
+    """
+    import requests
+    import urllib3
+
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    deadline = _Deadline(deadline_s, stop)
+    cut = _Fail(f"cut (no complete answer within {deadline_s:g} s)", True)
+    total = None
+    try:
+        with deadline, session.get(url, timeout=(timeout, timeout), stream=True, headers=headers) as r:
+            if r.status_code == 416 and have:  # asked past the end: what we have is too long, start over
+                part.unlink()
+                raise _Fail("HTTP 416 (the partial file was longer than the remote one)", True)
+            if r.status_code == 206 and _content_range_start(r.headers.get("Content-Range", "")) != have:
+                part.unlink()
+                raise _Fail(f"HTTP 206 for the wrong range ({r.headers.get('Content-Range')!r})", True)
+            if r.status_code not in (200, 206):
+                raise _Fail(f"HTTP {r.status_code}", r.status_code in RETRY_STATUS)
+            mode = "ab" if r.status_code == 206 else "wb"
+            start = have if r.status_code == 206 else 0
+            if r.headers.get("Content-Length"):
+                total = start + int(r.headers["Content-Length"])
+            # read1 hands over every byte that arrived before a cut (iter_content drops a partial last chunk)
+            read1 = getattr(r.raw, "read1", None)
+            chunks = iter(lambda: read1(1 << 20), b"") if read1 else r.iter_content(1 << 20)
+            with open(part, mode) as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                    if on_bytes is not None:
+                        on_bytes(len(chunk))
+        size = part.stat().st_size
+        if deadline.expired:
+            raise cut
+        if total is not None and size != total:
+            raise _Fail(f"short body ({size} of {total} bytes)", True)
+        return size
+    except (requests.Timeout, urllib3.exceptions.TimeoutError):
+        raise cut from None
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, urllib3.exceptions.HTTPError) as e:
+        if deadline.expired:
+            raise cut from None
+        raise _Fail(f"connection error ({type(e).__name__})", True) from None
+    except requests.RequestException as e:
+        raise _Fail(f"bad request ({type(e).__name__})", False) from None
+
+
 def _encode(data: bytes, size: int) -> bytes:
     """The bytes to keep: the original JPEG when it fits, else a re-encoded RGB JPEG.
 
