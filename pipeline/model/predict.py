@@ -6,6 +6,9 @@ leave it, so memory grows with images × k, never with images × classes. `--emb
 saves the penultimate layer ("embedding", see pipeline.model.backbones) as the image's global
 descriptor, streamed batch by batch into a memory-mapped file (pipeline.model.embeddings).
 An image that cannot be read gives a warning naming its id and gets no rows.
+
+`glr embed` (`embed`) runs the same loop with a step that returns only the embedding, into a
+resumable writer: an interrupted run continues from its last commit (pipeline.model.embeddings).
 """
 from __future__ import annotations
 
@@ -103,7 +106,8 @@ def load_run_model(run_dir: str | os.PathLike, precision: str | None = None):
 
 
 def compiled_step(model, k: int, embeddings: bool):
-    """The compiled inference step: x → (top-k scores, their class indices[, embeddings]).
+    """The compiled inference step: x → (top-k scores, their class indices[, embeddings]), or with
+    k = 0 (glr embed) x → (embeddings,) alone, the head not computed.
 
     Top-k is taken on the device, so only batch×k numbers leave it, never the batch×classes
     probabilities (81,313 classes at the real size). Ties go to the lower class index
@@ -114,7 +118,7 @@ def compiled_step(model, k: int, embeddings: bool):
     tf = quiet_tf()
     import keras
 
-    outputs = [model.output] + ([model.get_layer("embedding").output] if embeddings else [])
+    outputs = ([model.output] if k else []) + ([model.get_layer("embedding").output] if embeddings or not k else [])
     infer_model = keras.Model(model.input, outputs)
     k = min(k, int(model.output.shape[-1]))
 
@@ -122,15 +126,21 @@ def compiled_step(model, k: int, embeddings: bool):
     def step(x):
         out = infer_model(x, training=False)
         out = list(out) if isinstance(out, (list, tuple)) else [out]
+        flat = [tf.cast(tf.reshape(e, (tf.shape(e)[0], -1)), tf.float32) for e in out[1 if k else 0:]]
+        if not k:
+            return tuple(flat)
         scores, classes = tf.math.top_k(tf.cast(out[0], tf.float32), k=k, sorted=True)
-        return (scores, classes, *[tf.cast(tf.reshape(e, (tf.shape(e)[0], -1)), tf.float32) for e in out[1:]])
+        return (scores, classes, *flat)
 
     return step
 
 
-def _stream(step, ds, ids: list[str], batch_size: int, writer, desc: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _stream(step, ds, ids: list[str], batch_size: int, writer, desc: str,
+            top_k: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run `step` over the batches of `ds`: (top-k scores and class indices of the readable images,
-    ok mask of all); embeddings of readable images go to `writer` batch by batch. Memory: N×k."""
+    ok mask of all); embeddings of readable images go to `writer` batch by batch (with how many
+    images the batch consumed). Memory: N×k. With `top_k` False (a k = 0 step: glr embed) the
+    first two are empty."""
     from pipeline.model.backbones import quiet_tf
     from pipeline.progress import progress
 
@@ -142,14 +152,18 @@ def _stream(step, ds, ids: list[str], batch_size: int, writer, desc: str) -> tup
         if n < batch_size:  # pad the last batch: one traced shape, no retracing
             x = tf.concat([x, tf.zeros((batch_size - n, *x.shape[1:]), x.dtype)], axis=0)
         res = step(x)
-        scores.append(res[0].numpy()[:n][ok])
-        classes.append(res[1].numpy()[:n][ok])
+        if top_k:
+            scores.append(res[0].numpy()[:n][ok])
+            classes.append(res[1].numpy()[:n][ok])
         if writer is not None:
-            writer.append([i for i, good in zip(ids[start:start + n], ok) if good], res[2].numpy()[:n][ok])
+            writer.append([i for i, good in zip(ids[start:start + n], ok) if good], res[-1].numpy()[:n][ok],
+                          images=n)
         oks.append(ok)
         start += n
     if not oks:
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32), np.zeros(0, bool)
+    if not top_k:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32), np.concatenate(oks)
     return np.concatenate(scores), np.concatenate(classes), np.concatenate(oks)
 
 
@@ -191,3 +205,74 @@ def predict(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, split: s
     return PredictResult(table, out=str(out), images=len(ids), predicted=len(kept), seconds=round(secs, 3),
                          images_per_s=round(len(ids) / max(secs, 1e-9), 1), precision=_policy(model),
                          skipped=skipped)
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """What `embed` wrote: rows at `out` (ids beside it), images of the split, rows embedded, where
+    this run started (images done by an earlier interrupted run), storage dtype, time, skipped ids."""
+
+    out: str
+    images: int
+    embedded: int
+    resumed_from: int
+    dim: int
+    dtype: str
+    seconds: float
+    images_per_s: float
+    skipped: list[dict] = field(default_factory=list)
+
+    def stats(self) -> dict:
+        return {"out": self.out, "images": self.images, "embedded": self.embedded, "resumed_from": self.resumed_from,
+                "dim": self.dim, "dtype": self.dtype, "seconds": self.seconds, "images_per_s": self.images_per_s,
+                "skipped": len(self.skipped)}
+
+
+def embed(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, split: str = "train",
+          out: str | os.PathLike, batch_size: int = PREDICT.default("batch_size"), float16: bool = False,
+          precision: str | None = PREDICT.default("precision"), commit_s: float = 10.0) -> EmbedResult:
+    """Embed every image of `split` into `out` (.npy of L2-normalised rows + .ids.txt, the contract of
+    `glr predict --embeddings`), streamed through a memory-mapped file: memory independent of the
+    number of images. Progress is committed every `commit_s` seconds to `out.partial/`; a rerun with
+    the same model, split and storage continues there (anything else starts afresh)."""
+    from pipeline.acquire.competition import Competition
+    from pipeline.model.data import path_dataset, warn_skipped
+    from pipeline.model.embeddings import resumable_writer
+    from submissions.files import sha256_file
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    run_dir, out = Path(run_dir), Path(out)
+    comp = Competition(data_dir)
+    ids, folder = images_of_split(run_dir, comp, split)
+    if not ids:
+        raise UserError(f"--split {split}: no images in {data_dir}; nothing to embed")
+    model, _, manifest = load_run_model(run_dir, precision)
+    size = int(manifest["image_size"])
+    dim = int(np.prod(model.get_layer("embedding").output.shape[1:]))
+    fingerprint = {"model": sha256_file(run_dir / "model.keras"), "policy": _policy(model), "split": split,
+                   "image_size": size, "ids": _ids_digest(ids)}
+    writer = resumable_writer(out, len(ids), dim, "float16" if float16 else "float32", fingerprint, commit_s)
+    start = writer.images
+    step = compiled_step(model, 0, True)
+    t0 = time.perf_counter()
+    paths = comp.image_paths(ids, folder)
+    ds = path_dataset(paths[start:], size, batch_size=batch_size)
+    _, _, ok = _stream(step, ds, ids[start:], batch_size, writer, f"embed {split}", top_k=False)
+    writer.finish_into(out)
+    secs = time.perf_counter() - t0
+    skipped = [{"id": ids[start + i], "path": str(paths[start + i]), "reason": "missing or cannot decode"}
+               for i in np.flatnonzero(~ok)]
+    warn_skipped(skipped)
+    return EmbedResult(str(out), images=len(ids), embedded=writer.rows, resumed_from=start, dim=dim,
+                       dtype="float16" if float16 else "float32", seconds=round(secs, 3),
+                       images_per_s=round((len(ids) - start) / max(secs, 1e-9), 1), skipped=skipped)
+
+
+def _ids_digest(ids: list[str]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for i in ids:
+        h.update(i.encode() + b"\n")
+    return h.hexdigest()

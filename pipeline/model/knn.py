@@ -1,0 +1,202 @@
+"""`glr knn`: exact cosine k-nearest neighbours of query embeddings among index embeddings, and class
+scores from the neighbours, written as a predictions table (so `glr ensemble` takes it as a member).
+
+Search: queries and index are read memory-mapped (pipeline.model.embeddings) and compared block by
+block: a query block (`query_block` rows) times an index block (`block_size` rows) is one float32
+matmul (BLAS on the CPU; TensorFlow's matmul with `backend="tf"`, which runs on a GPU when one is
+visible). Each query keeps a running top-k: only entries above its current k-th best similarity
+enter the merge, and a block where a row has many such entries is first cut to its k best with
+`np.partition`. Memory is bounded by the blocks (about 4·qb·bx bytes for the similarity block, ×2–3
+while it is cut), never by the number of queries or index rows. Rows are assumed L2-normalised (as
+`glr embed` and `glr predict --embeddings` write them), so the dot product is the cosine.
+
+Order: neighbours by similarity, equal similarities to the lower index row, so the result does not
+depend on the block sizes (block boundaries only change the order in which rows are seen).
+
+Class scores: a neighbour's similarity s counts as max(s, 0) (a dissimilar neighbour adds nothing;
+scores stay finite and >= 0 as the predictions contract asks). `sum`: a class's score is the sum
+over its neighbours among the k, divided by k (so it lies in [0, 1], like a classifier's
+probability, and `glr ensemble` can average it with them); `max`: its best neighbour's similarity.
+Equal scores go to the lower landmark id.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from submissions.errors import UserError
+
+SCORES = ("sum", "max")
+BACKENDS = ("numpy", "tf")
+_NO_ROW = np.iinfo(np.int64).max  # index of an empty slot (sorts after every real row)
+_CUT = 4  # a row with more than _CUT·k candidates in a block is cut to its k best first
+
+
+def _merge(top_s: np.ndarray, top_i: np.ndarray, cand_s: np.ndarray, cand_i: np.ndarray, k: int):
+    """The k best of (running top, candidates) per row: similarity descending, then index ascending."""
+    s = np.concatenate([top_s, cand_s], axis=1)
+    i = np.concatenate([top_i, cand_i], axis=1)
+    order = np.lexsort((i, -s), axis=1)[:, :k]
+    return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+
+
+def _candidates(sim: np.ndarray, floor: np.ndarray, k: int, col0: int) -> tuple[np.ndarray, np.ndarray]:
+    """Entries of `sim` above each row's floor, as padded (similarity, index) rows; a row with more
+    than _CUT·k of them is first cut to its entries >= its k-th largest (ties kept, the merge picks)."""
+    n = sim.shape[1]
+    mask = sim > floor[:, None]
+    counts = np.count_nonzero(mask, axis=1)
+    big = np.flatnonzero(counts > _CUT * k) if n > k else np.zeros(0, np.int64)
+    if len(big):
+        kth = np.partition(sim[big] if len(big) < len(sim) else sim, n - k, axis=1)[:, n - k]
+        mask[big] = sim[big] >= kth[:, None]
+        counts[big] = np.count_nonzero(mask[big], axis=1)
+    rows, cols = np.divmod(np.flatnonzero(mask), n)
+    width = int(counts.max()) if len(counts) else 0
+    starts = np.cumsum(counts) - counts
+    pos = np.arange(len(rows)) - starts[rows]
+    cand_s = np.full((len(sim), width), -np.inf, np.float32)
+    cand_i = np.full((len(sim), width), _NO_ROW, np.int64)
+    cand_s[rows, pos] = sim[rows, cols]
+    cand_i[rows, pos] = cols + col0
+    return cand_s, cand_i
+
+
+def _tf_block_topk(q: np.ndarray, x: np.ndarray, k: int, col0: int):
+    """Similarity block and its top-k on TensorFlow's device (a GPU when visible): only qb×k leaves it.
+    `tf.math.top_k` puts equal values in index order, as the numpy path does."""
+    import tensorflow as tf
+
+    sim = tf.matmul(tf.constant(q), tf.constant(x), transpose_b=True)
+    vals, cols = tf.math.top_k(sim, k=min(k, x.shape[0]), sorted=True)
+    return vals.numpy(), cols.numpy().astype(np.int64) + col0
+
+
+def search(queries: np.ndarray, index: np.ndarray, k: int, *, block_size: int = 65536, query_block: int = 1024,
+           backend: str = "numpy", progress_desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-`k` inner-product neighbours of every query row among the index rows: (similarities
+    nq×k float32, index rows nq×k int64), best first; slots beyond the index's size are (-inf, -1).
+    Blocks of `query_block` × `block_size` rows bound the memory (module docstring)."""
+    from pipeline.progress import progress
+
+    if k < 1 or block_size < 1 or query_block < 1:
+        raise ValueError("k, block_size and query_block must be at least 1")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    nq, nx = len(queries), len(index)
+    out_s = np.full((nq, k), -np.inf, np.float32)
+    out_i = np.full((nq, k), -1, np.int64)
+    starts = range(0, nq, query_block)
+    for q0 in progress(starts, total=len(starts), desc=progress_desc or "knn", unit="block"):
+        q = np.ascontiguousarray(queries[q0:q0 + query_block], dtype=np.float32)
+        top_s = np.full((len(q), k), -np.inf, np.float32)
+        top_i = np.full((len(q), k), _NO_ROW, np.int64)
+        for x0 in range(0, nx, block_size):
+            x = np.ascontiguousarray(index[x0:x0 + block_size], dtype=np.float32)
+            if backend == "tf":
+                cand_s, cand_i = _tf_block_topk(q, x, k, x0)
+            else:
+                cand_s, cand_i = _candidates(q @ x.T, top_s[:, -1], k, x0)
+            top_s, top_i = _merge(top_s, top_i, cand_s, cand_i, k)
+        empty = top_i == _NO_ROW
+        top_i[empty] = -1
+        out_s[q0:q0 + len(q)], out_i[q0:q0 + len(q)] = top_s, top_i
+    return out_s, out_i
+
+
+def class_scores(ids: list[str], sims: np.ndarray, rows: np.ndarray, row_labels: np.ndarray, *, top_k: int,
+                 score: str = "sum") -> pd.DataFrame:
+    """The predictions table (id, landmark_id, score, rank) of each query's `top_k` classes, scored
+    from its neighbours (`rows` into `row_labels`, -1 = none) as the module docstring says."""
+    if score not in SCORES:
+        raise UserError(f"--score {score!r}: choose one of {', '.join(SCORES)}")
+    nq, k = rows.shape
+    valid = (rows >= 0).ravel()
+    if not valid.any():
+        return pd.DataFrame({"id": pd.Series([], dtype=str), "landmark_id": pd.Series([], dtype=np.int64),
+                             "score": pd.Series([], dtype=np.float32), "rank": pd.Series([], dtype=np.int16)})
+    q = np.repeat(np.arange(nq), k)[valid]
+    lab = row_labels[rows.ravel()[valid]].astype(np.int64)
+    s = np.clip(sims.ravel()[valid], 0, None).astype(np.float64)
+    order = np.lexsort((lab, q))
+    q, lab, s = q[order], lab[order], s[order]
+    first = np.flatnonzero(np.r_[True, (q[1:] != q[:-1]) | (lab[1:] != lab[:-1])])
+    q, lab = q[first], lab[first]
+    agg = (np.add.reduceat(s, first) / k) if score == "sum" else np.maximum.reduceat(s, first)
+    order = np.lexsort((lab, -agg, q))
+    q, lab, agg = q[order], lab[order], agg[order]
+    row_start = np.searchsorted(q, q, side="left")
+    rank = np.arange(len(q)) - row_start
+    keep = rank < top_k
+    return pd.DataFrame({"id": np.asarray(ids, dtype=object)[q[keep]].astype(str),
+                         "landmark_id": lab[keep], "score": agg[keep].astype(np.float32),
+                         "rank": rank[keep].astype(np.int16)})
+
+
+def index_labels(index_ids: list[str], labels_csv: str | os.PathLike) -> np.ndarray:
+    """landmark_id of every index row, from train.csv (id, landmark_id); UserError naming the ids missing."""
+    path = Path(labels_csv)
+    try:
+        table = pd.read_csv(path, usecols=["id", "landmark_id"], dtype={"id": str})
+    except FileNotFoundError:
+        raise UserError(f"--labels {path}: not found (give the competition's train.csv)") from None
+    except ValueError as e:
+        raise UserError(f"--labels {path}: expected columns id,landmark_id ({e})") from None
+    pos = pd.Index(table["id"]).get_indexer(pd.Index(index_ids)) if table["id"].is_unique else None
+    if pos is None:
+        raise UserError(f"--labels {path}: an id appears twice; expected one row per training image")
+    missing = np.flatnonzero(pos < 0)
+    if len(missing):
+        shown = ", ".join(index_ids[i] for i in missing[:3])
+        raise UserError(f"--labels {path}: {len(missing)} index id(s) have no landmark_id there ({shown}…); "
+                        "give the train.csv the index images come from")
+    return table["landmark_id"].to_numpy(dtype=np.int64)[pos]
+
+
+@dataclass(frozen=True)
+class KnnResult:
+    """What `knn` wrote and how long the search took."""
+
+    out: str
+    queries: int
+    index: int
+    dim: int
+    k: int
+    seconds: float
+    gflops: float
+
+    def stats(self) -> dict:
+        return dict(self.__dict__)
+
+
+def knn(queries_path: str | os.PathLike, index_path: str | os.PathLike, *, labels: str | os.PathLike,
+        out: str | os.PathLike, k: int = 20, top_k: int = 5, block_size: int = 65536, query_block: int = 1024,
+        score: str = "sum", backend: str = "numpy") -> KnnResult:
+    """Search every query among the index (exact cosine, blocked), score classes from the neighbours
+    and write the predictions table to `out`."""
+    from pipeline.model.embeddings import read_embeddings
+    from submissions.tables import write_predictions
+
+    for name, v in (("--k", k), ("--top-k", top_k), ("--block-size", block_size), ("--query-block", query_block)):
+        if v < 1:
+            raise UserError(f"{name} {v}: must be at least 1")
+    if score not in SCORES:
+        raise UserError(f"--score {score!r}: choose one of {', '.join(SCORES)}")
+    q_ids, queries = read_embeddings(queries_path)
+    x_ids, index = read_embeddings(index_path)
+    if queries.shape[1] != index.shape[1]:
+        raise UserError(f"{queries_path}: {queries.shape[1]}-D queries but {index_path} holds {index.shape[1]}-D "
+                        "rows; embed both with the same model")
+    row_labels = index_labels(x_ids, labels)
+    t0 = time.perf_counter()
+    sims, rows = search(queries, index, k, block_size=block_size, query_block=query_block, backend=backend)
+    secs = time.perf_counter() - t0
+    write_predictions(class_scores(q_ids, sims, rows, row_labels, top_k=top_k, score=score), out)
+    flops = 2.0 * len(queries) * len(index) * queries.shape[1]
+    return KnnResult(str(out), len(queries), len(index), int(queries.shape[1]), k, round(secs, 3),
+                     round(flops / max(secs, 1e-9) / 1e9, 2))
