@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.run.engine import Context, Stage, execute, file_digest, hash_obj, tree_stat_digest
-from pipeline.run.layout import PARTS, data_files, layout_of, solution_of
+from pipeline.run.layout import PARTS, Layout, data_files, layout_of, solution_of
 from submissions.files import atomic_write_json, json_default
 
 
@@ -46,6 +46,54 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     return json_default(obj)
+
+
+# -- one step on one competition folder: what the stages and `glr infer` (pipeline.run.infer) share ---
+
+def test_model_dir(lay: Layout, cfg: dict, model: str) -> Path:
+    """The model that predicts the real test set: models_all/<m> when [train] final_fit = "all", else models/<m>."""
+    return lay.model_dir(model, cfg["train"]["final_fit"] == "all")
+
+
+def predict_part(cfg: dict, model_dir: Path, data_dir: Path, out: Path, embeddings: Path | None = None):
+    """`glr predict` of a test split with the run's [predict] options (the query embeddings when asked)."""
+    from pipeline.model.predict import predict
+
+    return predict(model_dir, data_dir, split="test", out=out, embeddings=embeddings, **cfg["predict"])
+
+
+def predict_refs(cfg: dict, model_dir: Path, data_dir: Path, out: Path, embeddings: Path):
+    """The training images' predictions and embeddings: the references of [verify] refs = nearest."""
+    from pipeline.model.predict import predict
+
+    return predict(model_dir, data_dir, split="train", out=out, embeddings=embeddings, **cfg["predict"])
+
+
+def ensemble_part(cfg: dict, paths: list[Path], out: Path):
+    """`glr ensemble` of the models' tables (in [[models]] order) with the run's [ensemble] options."""
+    from pipeline.model.ensemble import ensemble
+
+    e = cfg["ensemble"]
+    return ensemble(paths, weights=e["weights"] or None, out=out, top_k=e["top_k"])
+
+
+def verify_part(cfg: dict, preds: Path, data_dir: Path, out: Path, cache_dir: Path,
+                embeddings: tuple[Path, Path] | None = None, **overrides):
+    """`glr verify` with the run's [verify] options; `embeddings` (queries', references') serve refs = nearest."""
+    from pipeline.verify.inliers import verify
+
+    v = {**cfg["verify"], "cache_dir": cache_dir, **overrides}
+    if v["refs"] == "nearest":
+        v.update(embeddings=embeddings[0], ref_embeddings=embeddings[1])
+    return verify(preds, data_dir, out, **v)
+
+
+def rescore_part(preds: Path, inliers: Path, policy: Path, out: Path) -> None:
+    """`glr rescore`: the tuned policy applied to an ensemble table and its inliers."""
+    from submissions.tables import read_inliers, read_predictions, write_predictions
+    from tuning.policy import rescore
+
+    write_predictions(rescore(read_predictions(preds), read_inliers(inliers), str(policy)), out)
 
 
 # -- the stages, in run order ---------------------------------------------------------------------
@@ -94,46 +142,38 @@ def train_stage(ctx: Context, model: dict, full: bool) -> dict:
 
 def predict_stage(ctx: Context, model: str, embeddings: bool) -> dict:
     """`glr predict` of one model on both parts (val by the split model; test by the model final_fit chose)."""
-    from pipeline.model.predict import predict
-
-    lay, p = ctx.layout, ctx.cfg["predict"]
-    full_test = ctx.cfg["train"]["final_fit"] == "all"
-    folders = {"val": lay.model_dir(model), "test": lay.model_dir(model, full_test)}
+    lay = ctx.layout
+    folders = {"val": lay.model_dir(model), "test": test_model_dir(lay, ctx.cfg, model)}
     out: dict = {"models": {part: lay.rel(f) for part, f in folders.items()}}
     for part in PARTS:
         ddir, target = _part_dir(ctx, part), lay.predictions(model, part)
-        predict(folders[part], ddir, split="test", out=target,
-                embeddings=lay.embeddings(model, part) if embeddings else None, **p)
+        predict_part(ctx.cfg, folders[part], ddir, target, embeddings=lay.embeddings(model, part) if embeddings else None)
         if embeddings:  # references for refs = nearest: the training images of the same folder
-            predict(folders[part], ddir, split="train", out=lay.train_predictions(model, part),
-                    embeddings=lay.embeddings(model, part, train=True), **p)
+            predict_refs(ctx.cfg, folders[part], ddir, lay.train_predictions(model, part),
+                         lay.embeddings(model, part, train=True))
         out[part] = _evaluate(target, ddir)
     return out
 
 
 def ensemble_stage(ctx: Context) -> dict:
-    from pipeline.model.ensemble import ensemble
-
-    lay, e = ctx.layout, ctx.cfg["ensemble"]
+    lay = ctx.layout
     out = {}
     for part in PARTS:
         paths = [lay.predictions(m["name"], part) for m in ctx.cfg["models"]]
-        ensemble(paths, weights=e["weights"] or None, out=lay.ensemble(part), top_k=e["top_k"])
+        ensemble_part(ctx.cfg, paths, lay.ensemble(part))
         out[part] = _evaluate(lay.ensemble(part), _part_dir(ctx, part))
     return out
 
 
 def verify_stage(ctx: Context, part: str) -> dict:
     from pipeline.caches import cache_root
-    from pipeline.verify.inliers import verify
 
-    lay, v = ctx.layout, dict(ctx.cfg["verify"])
+    lay = ctx.layout
     # the competition's cache for both parts: the validation folder's images are links to its files
-    v["cache_dir"] = cache_root(_data_dir(ctx), ctx.cfg["run"]["cache_dir"])
-    if v["refs"] == "nearest":  # the first model's global descriptors choose the references
-        first = ctx.cfg["models"][0]["name"]
-        v.update(embeddings=lay.embeddings(first, part), ref_embeddings=lay.embeddings(first, part, train=True))
-    result = verify(lay.ensemble(part), _part_dir(ctx, part), lay.inliers(part), **v)
+    cache = cache_root(_data_dir(ctx), ctx.cfg["run"]["cache_dir"])
+    first = ctx.cfg["models"][0]["name"]  # refs = nearest: the first model's global descriptors choose
+    result = verify_part(ctx.cfg, lay.ensemble(part), _part_dir(ctx, part), lay.inliers(part), cache,
+                         embeddings=(lay.embeddings(first, part), lay.embeddings(first, part, train=True)))
     return {"pairs": int(len(result.table))}
 
 
@@ -158,13 +198,9 @@ def tune_stage(ctx: Context) -> dict:
 
 
 def rescore_stage(ctx: Context) -> dict:
-    from submissions.tables import read_inliers, read_predictions, write_predictions
-    from tuning.policy import rescore
-
     lay, out = ctx.layout, {}
     for part in PARTS:
-        rescored = rescore(read_predictions(lay.ensemble(part)), read_inliers(lay.inliers(part)), str(lay.policy))
-        write_predictions(rescored, lay.rescored(part))
+        rescore_part(lay.ensemble(part), lay.inliers(part), lay.policy, lay.rescored(part))
         out[part] = _evaluate(lay.rescored(part), _part_dir(ctx, part))
     return out
 
