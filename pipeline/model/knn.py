@@ -21,6 +21,7 @@ Equal scores go to the lower landmark id.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import time
 from dataclasses import dataclass
@@ -52,8 +53,12 @@ def _candidates(sim: np.ndarray, floor: np.ndarray, k: int, col0: int) -> tuple[
     mask = sim > floor[:, None]
     counts = np.count_nonzero(mask, axis=1)
     big = np.flatnonzero(counts > _CUT * k) if n > k else np.zeros(0, np.int64)
-    if len(big):
-        kth = np.partition(sim[big] if len(big) < len(sim) else sim, n - k, axis=1)[:, n - k]
+    if len(big) == len(sim):  # every row (the first block of a query block): no row copies
+        kth = np.partition(sim, n - k, axis=1)[:, n - k]
+        np.greater_equal(sim, kth[:, None], out=mask)
+        counts = np.count_nonzero(mask, axis=1)
+    elif len(big):
+        kth = np.partition(sim[big], n - k, axis=1)[:, n - k]
         mask[big] = sim[big] >= kth[:, None]
         counts[big] = np.count_nonzero(mask[big], axis=1)
     rows, cols = np.divmod(np.flatnonzero(mask), n)
@@ -65,6 +70,20 @@ def _candidates(sim: np.ndarray, floor: np.ndarray, k: int, col0: int) -> tuple[
     cand_s[rows, pos] = sim[rows, cols]
     cand_i[rows, pos] = cols + col0
     return cand_s, cand_i
+
+
+def read_rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows start:stop as a float32 C array. A memory-mapped .npy (read_embeddings) is read with a
+    plain file read instead of through the map, so the pages of an index scanned once per query
+    block do not pile up in the process's resident memory (they stay in the page cache)."""
+    if isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.flags.c_contiguous:
+        stop = min(stop, len(array))
+        width = int(np.prod(array.shape[1:]))
+        with open(array.filename, "rb") as f:
+            f.seek(array.offset + start * width * array.dtype.itemsize)
+            rows = np.fromfile(f, dtype=array.dtype, count=max(stop - start, 0) * width)
+        return np.ascontiguousarray(rows.reshape(-1, *array.shape[1:]), dtype=np.float32)
+    return np.ascontiguousarray(array[start:stop], dtype=np.float32)
 
 
 def _tf_block_topk(q: np.ndarray, x: np.ndarray, k: int, col0: int):
@@ -93,11 +112,11 @@ def search(queries: np.ndarray, index: np.ndarray, k: int, *, block_size: int = 
     out_i = np.full((nq, k), -1, np.int64)
     starts = range(0, nq, query_block)
     for q0 in progress(starts, total=len(starts), desc=progress_desc or "knn", unit="block"):
-        q = np.ascontiguousarray(queries[q0:q0 + query_block], dtype=np.float32)
+        q = read_rows(queries, q0, q0 + query_block)
         top_s = np.full((len(q), k), -np.inf, np.float32)
         top_i = np.full((len(q), k), _NO_ROW, np.int64)
         for x0 in range(0, nx, block_size):
-            x = np.ascontiguousarray(index[x0:x0 + block_size], dtype=np.float32)
+            x = read_rows(index, x0, x0 + block_size)
             if backend == "tf":
                 cand_s, cand_i = _tf_block_topk(q, x, k, x0)
             else:
