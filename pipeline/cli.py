@@ -475,13 +475,18 @@ def bundle_cmd(run: str, out: str, dataset: str, title: str | None, include_whee
 @click.option("--out", required=True, type=Output(folder=True), help="The kernel folder to write.")
 @click.option("--kernel", default=None, metavar="USER/SLUG", help="The notebook's id [default: USER/glr-COMPETITION].")
 @click.option("--gpu/--cpu", default=None, help="Ask Kaggle for a GPU [default: from the run's precision].")
+@click.option("--expect-test", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Passed to the notebook's `glr infer` (test images to project the time for).")
+@click.option("--time-limit", "time_limit_h", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="HOURS", help="Passed to the notebook's `glr infer` [default: infer's, 12 h].")
 @click.option("--push", is_flag=True, help="Push it (kernels push): Kaggle saves a new version and runs it.")
 @click.option("--wait", is_flag=True, help="With --push: poll until the run completes; show the log tail on error.")
 @click.option("--poll", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
               help="With --wait: seconds between status checks.")
 @json_option
 def notebook_cmd(run: str, competition: str, dataset: str, out: str, kernel: str | None, gpu: bool | None,
-                 push: bool, wait: bool, poll: float, as_json: bool) -> None:
+                 expect_test: int | None, time_limit_h: float | None, push: bool, wait: bool, poll: float,
+                 as_json: bool) -> None:
     """Write the Kaggle notebook (+ kernel-metadata.json) that runs `glr infer` on the bundle, offline.
 
     The notebook installs glr from the bundle's wheels with no index, prints versions and the
@@ -497,7 +502,8 @@ def notebook_cmd(run: str, competition: str, dataset: str, out: str, kernel: str
 
     if wait and not push:
         raise UserError("--wait goes with --push")
-    res = write_notebook(run, competition, dataset, out, kernel=kernel, gpu=gpu)
+    res = write_notebook(run, competition, dataset, out, kernel=kernel, gpu=gpu, expect_test=expect_test,
+                         time_limit_h=time_limit_h)
     if push:
         from pipeline.acquire.kaggle import push_kernel, wait_kernel
 

@@ -41,7 +41,7 @@ def _slugify(text: str) -> str:
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", text.lower())).strip("-")
 
 
-def _cells(competition: str, bundle_slug: str) -> list:
+def _cells(competition: str, bundle_slug: str, infer_args: list[str]) -> list:
     from nbformat.v4 import new_code_cell, new_markdown_cell
 
     return [
@@ -80,7 +80,7 @@ def _cells(competition: str, bundle_slug: str) -> list:
             'print("accelerator:", gpus or f"none (CPU, {os.cpu_count()} cores)")'),
         new_code_cell(
             'sh(sys.executable, "-m", "pipeline.cli", "infer", str(BUNDLE), "--data-dir", str(COMPETITION),\n'
-            '   "--out", str(SUBMISSION))'),
+            f'   "--out", str(SUBMISSION){"".join(", " + json.dumps(a) for a in infer_args)})'),
         new_code_cell(
             "import pandas as pd\n\n"
             "sub = pd.read_csv(SUBMISSION)\n"
@@ -90,11 +90,13 @@ def _cells(competition: str, bundle_slug: str) -> list:
 
 
 def write_notebook(run: str | os.PathLike, competition: str, dataset: str, out: str | os.PathLike, *,
-                   kernel: str | None = None, gpu: bool | None = None) -> dict:
+                   kernel: str | None = None, gpu: bool | None = None, expect_test: int | None = None,
+                   time_limit_h: float | None = None) -> dict:
     """Write `out/kernel-metadata.json` and `out/glr-submit.ipynb` for run (or bundle) `run`.
 
     `kernel` (USER/SLUG) defaults to the dataset owner's `glr-<competition>`; `gpu` defaults to
-    `wants_gpu` of the run's config. Returns {"out", "kernel", "notebook", "metadata", "enable_gpu"}.
+    `wants_gpu` of the run's config. `expect_test` and `time_limit_h` are passed to `glr infer`
+    (--expect-test, --time-limit; by default infer's own). Returns {"out", "kernel", "notebook", "metadata", "enable_gpu"}.
     """
     import nbformat
 
@@ -112,7 +114,9 @@ def write_notebook(run: str | os.PathLike, competition: str, dataset: str, out: 
     gpu = wants_gpu(cfg) if gpu is None else gpu
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    nb = nbformat.v4.new_notebook(cells=_cells(competition, slug))
+    infer_args = ([f"--expect-test={expect_test}"] if expect_test else []) + (
+        [f"--time-limit={time_limit_h:g}"] if time_limit_h else [])
+    nb = nbformat.v4.new_notebook(cells=_cells(competition, slug, infer_args))
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     nbformat.validate(nb)
