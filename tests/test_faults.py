@@ -27,7 +27,7 @@ GLR = str(Path(sys.executable).with_name("glr"))
 
 @pytest.fixture
 def shared_tmp():
-    """A folder another user can use too (pytest's tmp_path is private to its owner)."""
+    """A scratch folder with open permission bits (when not root, the tests set folders read-only by chmod)."""
     base = Path(tempfile.mkdtemp(prefix="glr-faults-", dir="/tmp"))
     base.chmod(0o777)
     yield base
@@ -37,23 +37,29 @@ def shared_tmp():
     shutil.rmtree(base, ignore_errors=True)
 
 
-def _as_user() -> list[str]:
-    """Run as an unprivileged user when we are root (root writes through any permission bits)."""
+def _read_only(folders: list[Path]) -> list[str]:
+    """A command prefix under which `folders` are read-only even for root: as root, a private mount
+    namespace with read-only bind mounts of them (works wherever the checkout lives, e.g. a 0700 temp
+    folder); otherwise the folders' permission bits (set by the caller) already stop us."""
     if os.geteuid() != 0:
         return []
-    if not shutil.which("setpriv"):
-        pytest.skip("running as root without setpriv: cannot drop to a user that permission bits stop")
-    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("running as root without mount namespaces (unshare -m): cannot make a folder read-only to root")
+    script = 'for d in "$@"; do case "$d" in --) shift; break;; esac; ' \
+             'mount --bind "$d" "$d" && mount -o remount,bind,ro "$d" "$d" || exit 99; shift; done; exec "$@"'
+    return ["unshare", "-m", "sh", "-c", script, "sh", *map(str, folders), "--"]
 
 
-def _glr(base: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def _glr(base: Path, *args: str, read_only: list[Path], timeout: float = 120) -> subprocess.CompletedProcess:
     home = base / "home"
     home.mkdir(exist_ok=True)
     home.chmod(0o777)
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.update(HOME=str(home), PYTHONPATH=str(ROOT), MPLCONFIGDIR=str(home))
-    return subprocess.run([*_as_user(), GLR, *args], env=env, cwd=base, capture_output=True, text=True,
+    proc = subprocess.run([*_read_only(read_only), GLR, *args], env=env, cwd=base, capture_output=True, text=True,
                           timeout=timeout)
+    assert proc.returncode != 99, proc.stderr  # the read-only mount itself failed
+    return proc
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -104,7 +110,7 @@ def test_every_writing_command_refuses_a_read_only_output_folder_before_any_work
     ro.chmod(0o555)
     for name, args in cases.items():
         t0 = time.monotonic()
-        proc = _glr(shared_tmp, *args)
+        proc = _glr(shared_tmp, *args, read_only=[ro])
         _one_line_error(proc, str(ro))
         assert time.monotonic() - t0 < 30, name  # refused up front, not after the work
         assert list(ro.iterdir()) == [], (name, list(ro.iterdir()))  # no litter
@@ -118,9 +124,10 @@ def test_clean_refuses_a_read_only_data_folder_or_quarantine(shared_tmp):
     q = shared_tmp / "q"
     q.mkdir()
     q.chmod(0o555)
-    _one_line_error(_glr(shared_tmp, "clean", str(data), "--quarantine", str(q)), "--quarantine", "cannot write")
+    _one_line_error(_glr(shared_tmp, "clean", str(data), "--quarantine", str(q), read_only=[q]), "--quarantine",
+                    "cannot write")
     data.chmod(0o555)
-    _one_line_error(_glr(shared_tmp, "clean", str(data)), "DATA_DIR", "cannot write")
+    _one_line_error(_glr(shared_tmp, "clean", str(data), read_only=[data, q]), "DATA_DIR", "cannot write")
     assert (data / "empty.jpg").exists() and list(q.iterdir()) == []
 
 
