@@ -202,3 +202,13 @@ def test_resized_fraction_is_bounded():
 
     assert resized_fraction(0) == 1.0 and resized_fraction(2000) == 1.0
     assert 0 < resized_fraction(96) < resized_fraction(256) < 1.0
+
+
+def test_cli_defaults_match_the_module_and_help_runs():
+    from pipeline.acquire.gldv2 import DEFAULT_MIRROR
+    from pipeline.cli import cli
+
+    params = {p.name: p for p in cli.commands["fetch-gldv2"].params}
+    assert params["mirror"].default == DEFAULT_MIRROR
+    r = CliRunner().invoke(cli, ["fetch-gldv2", "--help"])
+    assert r.exit_code == 0 and "--resize" in r.output and "--clean-only" in r.output
