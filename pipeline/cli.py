@@ -1024,8 +1024,9 @@ def infer_cmd(source: str, data_dir: str, out: str, expect_test: int | None, tim
 
     SOURCE is a finished `glr run` folder or a `glr bundle` folder. The same code and options as the
     run's stages, so on the run's own competition the submission is byte-identical to the run's.
-    The chain first runs on 64 test images, timed per stage; when the projection for --expect-test
-    images exceeds --time-limit, infer stops there with one line (exit 1). The run folder is not written.
+    The chain first runs on two samples of the test images (three predict batches), timed per stage;
+    when the projection for --expect-test images exceeds --time-limit, infer stops there with one
+    line (exit 1). The run folder is not written.
 
     \b
     Example:

@@ -111,3 +111,23 @@ def test_the_projection_counts_fixed_costs_once():
     assert fit_costs(16, {"verify": 5.0}, 48, {"verify": 4.8})["verify"] == pytest.approx((0.0, 0.1))
     assert expected_test_images({"data": {"competition": "landmark-recognition-2020"}}, 10_345) == 120_000
     assert expected_test_images({"data": {"competition": "landmark-recognition-2019"}}, 300) == 300
+
+
+@pytest.mark.slow
+def test_infer_with_nearest_references_and_split_models(tmp_path):
+    """[verify] refs = nearest (the training images' descriptors) and final_fit = split (models/<m>)."""
+    from pipeline.acquire.synth import make_competition
+    from pipeline.run.infer import infer_inputs
+
+    make_competition(tmp_path / "comp", landmarks=4, per_landmark=8, test=12, size=64, seed=1)
+    toml = TINY.format(epochs=1, trials=2).replace("[verify]\n", '[verify]\nrefs = "nearest"\n')
+    (tmp_path / "glr.toml").write_text(toml.replace("[train]\n", '[train]\nfinal_fit = "split"\n'))
+    res = glr("run", "glr.toml", "-q", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "models/vgg16/model.keras" in infer_inputs(tmp_path / "run")["files"]
+    res = glr("infer", "run", "--data-dir", "comp", "--out", "out/submission.csv", "--expect-test", "100",
+              "--json", "-q", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "out" / "submission.csv").read_bytes() == (tmp_path / "run" / "submission.csv").read_bytes()
+    figures = json.loads(res.stdout)
+    assert figures["stages"]["references"]["seconds"] > 0 and figures["sample"]["references_s"] > 0
