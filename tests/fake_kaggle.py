@@ -274,7 +274,10 @@ class _CodeCompetitions:
             return None
         if label in (None, "", 0):
             return versions[-1]
-        i = int(label)
+        label = str(label)
+        if not (label.startswith("v") and label[1:].isdigit()):  # the API writes versions as v<N> (404 otherwise)
+            return None
+        i = int(label[1:])
         return versions[i - 1] if 1 <= i <= len(versions) else None
 
     def kernel_session(self, name: str, req: dict) -> None:
@@ -300,7 +303,8 @@ class _CodeCompetitions:
         comp = req.get("competitionName", "")
         if comp not in fake.code_competitions:
             return self.error(400, f"Competition '{comp}' does not accept code submissions")
-        v = self._version(req.get("kernelOwner"), req.get("kernelSlug"), req.get("kernelVersion"))
+        version = req.get("kernelVersion")
+        v = self._version(req.get("kernelOwner"), req.get("kernelSlug"), f"v{version}" if version else None)
         if v is None:
             return self.error(404, f"Notebook {req.get('kernelOwner')}/{req.get('kernelSlug')} version "
                                    f"{req.get('kernelVersion')} not found")

@@ -469,7 +469,7 @@ def _kernel_log_tail(api, ref: str, version: int | None, lines: int) -> list[str
     req = ApiListKernelSessionOutputRequest()
     req.user_name, req.kernel_slug = owner, slug
     if version:
-        req.version_label = str(version)
+        req.version_label = f"v{version}"  # the API's label (the client writes it so too)
     with _code_errors(ref, "kernel log"), api.build_kaggle_client() as client:
         log = client.kernels.kernels_api_client.list_kernel_session_output(req).log or ""
     try:
