@@ -176,5 +176,6 @@ class MirrorServer(_Loopback):
                 self._answer(True)
 
         self._serve(H)
+        self._server.handle_error = lambda request, address: None  # a client that hangs up is not news
         self.port = self._server.server_address[1]
         return self

@@ -202,7 +202,10 @@ def _fetch_shard(root: Path, mirror: str, split: str, shard: int, *, resize: int
     md5_url = f"{mirror}/md5sum/{split}/md5.images_{shard:03d}.txt"
     md5_part = state / f"md5.images_{shard:03d}.txt.part"
     md5_part.unlink(missing_ok=True)
-    _download(md5_url, md5_part, timeout=timeout, retries=retries, stop=stop)
+    try:
+        _download(md5_url, md5_part, timeout=timeout, retries=retries, stop=stop)
+    except _Fail as f:
+        raise _Fail(f"{md5_url}: {f.reason}", False) from None
     want = _parse_md5(md5_part.read_text(errors="replace"), tar, md5_url)
     md5_part.unlink()
 
@@ -214,7 +217,10 @@ def _fetch_shard(root: Path, mirror: str, split: str, shard: int, *, resize: int
         final.unlink(missing_ok=True)
         if attempt:
             part.unlink(missing_ok=True)
-        _download(f"{mirror}/{split}/{tar}", part, timeout=timeout, retries=retries, stop=stop, on_bytes=on_bytes)
+        try:
+            _download(f"{mirror}/{split}/{tar}", part, timeout=timeout, retries=retries, stop=stop, on_bytes=on_bytes)
+        except _Fail as f:
+            raise _Fail(f"{mirror}/{split}/{tar}: {f.reason} (the bytes so far are kept: a re-run resumes)", False) from None
         got = md5_of(part)
         if got == want:
             os.replace(part, final)

@@ -212,3 +212,13 @@ def test_cli_defaults_match_the_module_and_help_runs():
     assert params["mirror"].default == DEFAULT_MIRROR
     r = CliRunner().invoke(cli, ["fetch-gldv2", "--help"])
     assert r.exit_code == 0 and "--resize" in r.output and "--clean-only" in r.output
+
+
+def test_missing_shard_is_a_failure_naming_its_url_while_others_finish(tmp_path):
+    m = make_mirror(train_shards=2, per_shard=2)
+    del m.files["train/images_001.tar"]
+    with MirrorServer(m) as srv:
+        res = _fetch(srv, tmp_path, split="train", shards="0-1", retries=0)
+    assert (res["fetched"], res["failed"]) == (1, 1)
+    reason = pd.read_csv(tmp_path / "train" / "failed.csv")["reason"][0]
+    assert "train/images_001.tar: HTTP 404" in reason
