@@ -35,7 +35,8 @@ from submissions.errors import UserError
 SCORES = ("sum", "max")
 BACKENDS = ("numpy", "tf")
 _NO_ROW = np.iinfo(np.int64).max  # index of an empty slot (sorts after every real row)
-_CUT = 4  # a row with more than _CUT·k candidates in a block is cut to its k best first
+_CUT = 512  # a row with more than max(_CUT, 4k) candidates in a block is cut to its k best first
+_SAMPLE = 8192  # columns whose k-th best bounds a row's floor from below while its top-k is not full
 
 
 def _merge(top_s: np.ndarray, top_i: np.ndarray, cand_s: np.ndarray, cand_i: np.ndarray, k: int):
@@ -48,11 +49,17 @@ def _merge(top_s: np.ndarray, top_i: np.ndarray, cand_s: np.ndarray, cand_i: np.
 
 def _candidates(sim: np.ndarray, floor: np.ndarray, k: int, col0: int) -> tuple[np.ndarray, np.ndarray]:
     """Entries of `sim` above each row's floor, as padded (similarity, index) rows; a row with more
-    than _CUT·k of them is first cut to its entries >= its k-th largest (ties kept, the merge picks)."""
+    than max(_CUT, 4k) of them is first cut to its entries >= its k-th largest (ties kept, the merge
+    picks). While a row's top-k is not full (floor -inf: the first block), the k-th largest of its
+    first _SAMPLE columns, lowered by one ulp, is a floor no top-k entry is below: the whole block
+    then needs no partition, only the sample."""
     n = sim.shape[1]
+    if n > 2 * _SAMPLE and _SAMPLE > k and np.isneginf(floor).any():
+        sample = np.partition(sim[:, :_SAMPLE], _SAMPLE - k, axis=1)[:, _SAMPLE - k]
+        floor = np.maximum(floor, np.nextafter(sample, np.float32(-np.inf)))
     mask = sim > floor[:, None]
     counts = np.count_nonzero(mask, axis=1)
-    big = np.flatnonzero(counts > _CUT * k) if n > k else np.zeros(0, np.int64)
+    big = np.flatnonzero(counts > max(_CUT, 4 * k)) if n > k else np.zeros(0, np.int64)
     if len(big) == len(sim):  # every row (the first block of a query block): no row copies
         kth = np.partition(sim, n - k, axis=1)[:, n - k]
         np.greater_equal(sim, kth[:, None], out=mask)

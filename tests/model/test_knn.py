@@ -37,6 +37,24 @@ def test_blocked_search_equals_brute_force_with_ties(nq, nx, d, k, backend):
             assert (i[:, kk:] == -1).all() and np.isneginf(s[:, kk:]).all()  # k larger than the index
 
 
+def test_a_wide_first_block_floored_by_a_sample_keeps_every_neighbour_and_tie():
+    """An index block wider than 2 × knn._SAMPLE columns starts from the k-th best of a sample
+    (no partition of the whole block): still the brute-force answer, ties included."""
+    from pipeline.model import knn
+
+    rng = np.random.default_rng(5)
+    nx = 2 * knn._SAMPLE + 3000
+    q = rng.integers(-2, 3, size=(30, 6)).astype(np.float32)
+    x = rng.integers(-2, 3, size=(nx, 6)).astype(np.float32)
+    x[-50:] = 3 * q[0]  # the best matches of query 0 sit at the end, past the sample
+    ref_s, ref_i = brute_force(q, x, 60)
+    for block in (nx, 5000):
+        s, i = search(q, x, 60, block_size=block, query_block=16)
+        np.testing.assert_array_equal(i, ref_i)
+        np.testing.assert_array_equal(s, ref_s.astype(np.float32))
+    assert set(ref_i[0, :50]) == set(range(nx - 50, nx))
+
+
 def test_random_unit_vectors_and_float16_index():
     rng = np.random.default_rng(1)
     q = rng.normal(size=(60, 32)).astype(np.float32)
