@@ -172,8 +172,13 @@ def test_notebook_runs_offline_in_a_fresh_venv_and_reproduces_the_submission(fin
     pytest.importorskip("nbclient", reason="the notebook executor (pip install nbclient ipykernel)")
     pytest.importorskip("ipykernel", reason="the notebook kernel (pip install ipykernel)")
     python = _kaggle_like_python(tmp_path)
-    assert subprocess.run([str(python), "-c", "import pipeline"], capture_output=True).returncode != 0  # no glr
-    assert subprocess.run([str(python), "-c", "import tensorflow, ipykernel"], capture_output=True).returncode == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "PIP_"))}
+
+    def probe(code: str) -> int:
+        return subprocess.run([str(python), "-c", code], capture_output=True, cwd=tmp_path, env=env).returncode
+
+    assert probe("import pipeline") != 0  # no glr
+    assert probe("import tensorflow, ipykernel, click") == 0  # the image's packages
     # Kaggle's tree: the competition and the bundle under the input root (read-only there), an empty working folder
     kin, kwork = tmp_path / "kaggle" / "input", tmp_path / "kaggle" / "working"
     kin.mkdir(parents=True)
@@ -188,7 +193,6 @@ def test_notebook_runs_offline_in_a_fresh_venv_and_reproduces_the_submission(fin
     (spec / "kernel.json").write_text(json.dumps({
         "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "kaggle-like", "language": "python"}))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "PIP_"))}
     env.update(GLR_KAGGLE_INPUT=str(kin), GLR_KAGGLE_WORKING=str(kwork), JUPYTER_PATH=str(tmp_path / "jupyter"),
                JUPYTER_DATA_DIR=str(tmp_path / "jupyter"), PIP_NO_CACHE_DIR="1", HOME=str(tmp_path))
     executed = tmp_path / "executed.ipynb"
@@ -196,6 +200,8 @@ def test_notebook_runs_offline_in_a_fresh_venv_and_reproduces_the_submission(fin
                            sys.executable, EXECUTE, str(tmp_path / "k" / "glr-submit.ipynb"), str(kwork),
                            str(executed)], env=env, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    out = "".join(o.get("text", "") for c in json.loads(executed.read_text())["cells"] for o in c.get("outputs", []))
+    import nbformat
+
+    out = "".join(o.get("text", "") for c in nbformat.read(executed, as_version=4).cells for o in c.get("outputs", []))
     assert "Successfully installed glr" in out and "accelerator:" in out
     assert (kwork / "submission.csv").read_bytes() == (finished_run / "run" / "submission.csv").read_bytes()
