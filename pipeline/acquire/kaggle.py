@@ -25,8 +25,8 @@ from submissions.files import atomic_write_text
 STATE_DIR = ".glr-fetch"
 TOKEN_PAGE = "https://www.kaggle.com/settings/api"
 NOTEBOOK_HINT = (
-    "2020 and 2021 are code competitions: run glr inside a Kaggle notebook attached to the "
-    "competition and submit the notebook's output (see README, 'Submitting')"
+    "2020 and 2021 are code competitions, scored from a Kaggle notebook: build it with `glr bundle` and `glr notebook --push "
+    "--wait`, then `glr submit --kernel USER/SLUG` (see README, 'Code competitions')"
 )
 
 

@@ -34,7 +34,7 @@ from submissions.files import atomic_write_json
 KAGGLE_IMAGE_HAS = frozenset({
     "tensorflow", "tensorflow-hub", "tf-keras", "keras", "setuptools", "pandas", "numpy", "pillow",
     "scikit-image", "scipy", "optuna", "kaggle", "click", "opencv-python-headless", "pyarrow", "tqdm",
-    "matplotlib", "threadpoolctl",
+    "matplotlib", "threadpoolctl", "nbformat",
 })
 DEFAULT_WHEELS: tuple[str, ...] = ()  # dependency wheels bundled by default (none: see KAGGLE_IMAGE_HAS)
 
