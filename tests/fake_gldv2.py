@@ -96,6 +96,7 @@ class MirrorServer(_Loopback):
         self.log: list[tuple[str, str, str | None, int]] = []
         self.cut_once: set[str] = set()
         self.corrupt: dict[str, int] = {}  # path → how many more GETs get corrupted bytes
+        self.ignore_range = False  # answer 200 with the whole file, as a server without Range support
         self.lock = threading.Lock()
         self._stop = threading.Event()
 
@@ -132,6 +133,8 @@ class MirrorServer(_Loopback):
                     return
                 cut = corrupt = False
                 with server.lock:
+                    if server.ignore_range:
+                        rng = None
                     if not head_only and path in server.cut_once and not rng:
                         server.cut_once.discard(path)
                         cut = True

@@ -222,3 +222,43 @@ def test_missing_shard_is_a_failure_naming_its_url_while_others_finish(tmp_path)
     assert (res["fetched"], res["failed"]) == (1, 1)
     reason = pd.read_csv(tmp_path / "train" / "failed.csv")["reason"][0]
     assert "train/images_001.tar: HTTP 404" in reason
+
+
+def test_server_without_range_support_starts_the_file_over(tmp_path):
+    m = make_mirror(train_shards=1, per_shard=10)
+    path = "train/images_000.tar"
+    with MirrorServer(m) as srv:
+        srv.cut_once.add(path)
+        srv.ignore_range = True
+        res = _fetch(srv, tmp_path, split="train", shards="0")
+        assert len(srv.gets(path)) == 2 and srv.gets(path)[1][3] == len(m.files[path])  # the whole file again
+    assert res["failed"] == 0
+    for i, data in m.images["train"].items():
+        assert (tmp_path / "train" / hashed_relpath(i)).read_bytes() == data
+
+
+def test_rerun_after_a_failure_fetches_only_the_failed_shard(tmp_path):
+    m = make_mirror(train_shards=2, per_shard=2)
+    with MirrorServer(m) as srv:
+        srv.corrupt["train/images_001.tar"] = 2
+        assert _fetch(srv, tmp_path, split="train")["failed"] == 1
+        res = _fetch(srv, tmp_path, split="train")
+        assert len(srv.gets("train/images_000.tar")) == 1
+    assert (res["fetched"], res["skipped"], res["failed"]) == (1, 1, 0)
+    assert not (tmp_path / "train" / "failed.csv").exists()
+    assert len(Competition(tmp_path).train) == 4
+
+
+def test_resize_drops_an_unreadable_member_and_leaves_it_out_of_train_csv(tmp_path):
+    m = make_mirror(train_shards=1, per_shard=3)
+    good = dict(list(m.images["train"].items()))
+    members = {hashed_relpath(i): d for i, d in good.items()}
+    members["f/f/f/fff0000000000000.jpg"] = b"<html>not a photo</html>"
+    add_shard(m, "train", 0, members)
+    m.files["metadata/train.csv"] += b"fff0000000000000,http://example.invalid/x.jpg,1\n"
+    with MirrorServer(m) as srv:
+        res = _fetch(srv, tmp_path, split="train", resize=32)
+    assert res["failed"] == 0
+    record = json.loads((tmp_path / ".glr-gldv2" / "train" / "images_000.done.json").read_text())
+    assert record["dropped"] == 1 and record["extracted"] == 3
+    assert set(Competition(tmp_path).train["id"]) == set(good)
