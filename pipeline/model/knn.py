@@ -5,9 +5,10 @@ Search: queries and index are read memory-mapped (pipeline.model.embeddings) and
 block: a query block (`query_block` rows) times an index block (`block_size` rows) is one float32
 matmul (BLAS on the CPU; TensorFlow's matmul with `backend="tf"`, which runs on a GPU when one is
 visible). Each query keeps a running top-k: only entries above its current k-th best similarity
-enter the merge, and a block where a row has many such entries is first cut to its k best with
-`np.partition`. Memory is bounded by the blocks (about 4·qb·bx bytes for the similarity block, ×2–3
-while it is cut), never by the number of queries or index rows. Rows are assumed L2-normalised (as
+enter the merge (on the first block, above the k-th best of a sample of its columns), and a row
+with many such entries is first cut to its k best with `np.partition`. Memory is bounded by the
+blocks (about 4·qb·bx bytes for the similarity block, ×2–3 while it is cut), never by the number
+of queries or index rows. Rows are assumed L2-normalised (as
 `glr embed` and `glr predict --embeddings` write them), so the dot product is the cosine.
 
 Order: neighbours by similarity, equal similarities to the lower index row, so the result does not
