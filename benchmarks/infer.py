@@ -60,10 +60,14 @@ def main() -> None:
         "|---|---:|---:|",
         *rows,
         "",
-        "From the two timed samples (one predict batch, then two): each stage's fixed part and its per-image "
+        f"From the two timed samples ({fig['sample']['images'] // 3} then {fig['sample']['images'] - fig['sample']['images'] // 3} "
+        "images; three 64-image predict batches when the test set has them — the demo's 120 do not, so "
+        "predict's rate counts padded batches and is pessimistic): each stage's fixed part and its per-image "
         f"rate; projected for {fig['expect_test']:,} test images (the hidden test set of "
         f"landmark-recognition-2021, `--expect-test` default): **{fig['projected_s'] / 3600:.2f} h** against "
-        f"the {fig['time_limit_h']:g} h limit.",
+        f"the {fig['time_limit_h']:g} h limit. Runs of this script on this shared 2-core machine projected "
+        "from 0.6 to 3.2 h: slopes from 40 and 80 images are noisy; the projection is a guard against a "
+        "notebook that cannot finish, not a forecast.",
         "",
         "| stage | fixed s | images/s |",
         "|---|---:|---:|",

@@ -300,7 +300,7 @@ def infer(source: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.
             "test_images": visible, "expect_test": expect, "time_limit_h": time_limit_h,
             "projected_s": round(projected, 3),
             "sample": {"images": a + b, "references_s": round(refs_s, 3),
-                       "costs": {k: {"fixed_s": round(f, 3), "per_image_s": round(per, 6)}
+                       "costs": {k: {"fixed_s": round(f, 3), "per_image_s": round(per, 9)}
                                  for k, (f, per) in costs.items()}},
             "stages": _figures(secs, visible), "seconds": round(total, 3), "work": str(work.root),
             "cache_dir": str(cache)}
