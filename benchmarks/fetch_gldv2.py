@@ -67,7 +67,9 @@ def main() -> None:
     rows = [run(mirror, args.shards, px) for px in (0, 256, 96)]
     src = rows[0]["bytes_per_image"]
     lines = [
-        f"Loopback mirror, {args.shards} shards × {args.images} synthetic 640×480 JPEGs "
+        "## fetch-gldv2: download + verify + extract throughput, and the train split's disk",
+        "",
+        f"`glr fetch-gldv2` against a loopback mirror, {args.shards} shards × {args.images} synthetic 640×480 JPEGs "
         f"({human_bytes(rows[0]['tar_bytes'])} of tars), 4 shards at once; time of the whole `fetch_gldv2` call "
         "(HEAD, download, md5, member checks, extraction, records), imports excluded. The machine's 2 cores were "
         "shared with other jobs: runs vary by up to 2×.",

@@ -130,10 +130,11 @@ def _remote_size(url: str, timeout: float) -> int | None:
 
 
 def md5_of(path: Path) -> str:
+    """The hex md5 the mirror publishes for each tar (read in 1 MiB blocks: a shard is ~1 GB)."""
+    from submissions.files import hash_file_into
+
     h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    hash_file_into(h, path)
     return h.hexdigest()
 
 
@@ -226,7 +227,7 @@ def _fetch_shard(root: Path, mirror: str, split: str, shard: int, *, resize: int
             os.replace(part, final)
     if got != want:
         part.unlink(missing_ok=True)
-        raise _Fail(f"md5 mismatch after {2} downloads (got {got}, the mirror's md5 file says {want})", False)
+        raise _Fail(f"md5 mismatch after 2 downloads (got {got}, the mirror's md5 file says {want})", False)
 
     select = None
     if keep is not None:
