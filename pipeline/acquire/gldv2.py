@@ -348,6 +348,23 @@ def _plan(root: Path, mirror: str, split: str, todo: list[int], *, resize: int, 
 
 # -- the command ----------------------------------------------------------------------------------
 
+def _earlier_failures(failed_csv: Path, chosen: set[str], root: Path, split: str) -> list[tuple[str, str]]:
+    """Rows of an earlier failed.csv for shards this run did not try and that are still not done."""
+    import csv
+
+    try:
+        with open(failed_csv, newline="", encoding="utf-8") as f:
+            rows = [(r["shard"], r["reason"]) for r in csv.DictReader(f) if r.get("shard") and r.get("reason")]
+    except (OSError, KeyError, csv.Error, UnicodeDecodeError):
+        return []
+    keep = []
+    for tar, reason in rows:
+        m = re.fullmatch(r"images_(\d{3})\.tar", tar)
+        if m and tar not in chosen and _done_record(root, split, int(m.group(1))) is None:
+            keep.append((tar, reason))
+    return keep
+
+
 def fetch_gldv2(
     data_dir: str | os.PathLike, *, split: str = "train", shards: str | None = None, workers: int = 4,
     resize: int = 0, clean_only: bool = False, keep_tars: bool = False, mirror: str = DEFAULT_MIRROR,
@@ -356,7 +373,8 @@ def fetch_gldv2(
     """Fetch `split`'s chosen shards (and the metadata) into `data_dir`; build the 2019 folder; return a summary.
 
     Shards already recorded as done are skipped; a failing shard does not stop the others: it is
-    listed in `data_dir/<split>/failed.csv` (shard,reason) and counted in `failed`.
+    listed in `data_dir/<split>/failed.csv` (shard,reason) and counted in `failed`; the file keeps
+    earlier failures of shards this run did not try (`failed_earlier`) until they are done.
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -422,16 +440,18 @@ def fetch_gldv2(
             bar.close()
     seconds = time.monotonic() - t0
     failed_csv = root / split / "failed.csv"
-    if failures:
+    listed = failures + _earlier_failures(failed_csv, {shard_name(s) for s in chosen}, root, split)
+    if listed:
         with atomic_path(failed_csv) as tmp:
-            pd.DataFrame(sorted(failures), columns=["shard", "reason"]).to_csv(tmp, index=False)
+            pd.DataFrame(sorted(listed), columns=["shard", "reason"]).to_csv(tmp, index=False)
     elif failed_csv.exists():
         failed_csv.unlink()
     folder = build_folder(root, clean_only=clean_only)
     return {
         "data_dir": str(root), "split": split, "mirror": mirror, "shards": len(chosen),
         "fetched": len(done), "skipped": len(chosen) - len(todo), "failed": len(failures),
-        "failed_csv": str(failed_csv) if failures else None, "images_extracted": extracted,
+        "failed_csv": str(failed_csv) if listed else None,
+        "failed_earlier": len(listed) - len(failures), "images_extracted": extracted,
         "downloaded_bytes": downloaded[0], "seconds": round(seconds, 3),
         "mb_per_s": downloaded[0] / 1e6 / seconds if seconds > 0 else 0.0,
         "resize": resize, "clean_only": clean_only, **{k: v for k, v in plan.items() if k != "free_bytes"},

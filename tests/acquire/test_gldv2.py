@@ -262,3 +262,16 @@ def test_resize_drops_an_unreadable_member_and_leaves_it_out_of_train_csv(tmp_pa
     record = json.loads((tmp_path / ".glr-gldv2" / "train" / "images_000.done.json").read_text())
     assert record["dropped"] == 1 and record["extracted"] == 3
     assert set(Competition(tmp_path).train["id"]) == set(good)
+
+
+def test_failed_csv_keeps_failures_of_shards_this_run_did_not_try(tmp_path):
+    m = make_mirror(train_shards=3, per_shard=2)
+    with MirrorServer(m) as srv:
+        srv.corrupt["train/images_002.tar"] = 99
+        _fetch(srv, tmp_path, split="train", shards="0,2")
+        res = _fetch(srv, tmp_path, split="train", shards="1")  # shard 2 not retried: still listed
+        assert (res["failed"], res["failed_earlier"]) == (0, 1)
+        assert pd.read_csv(tmp_path / "train" / "failed.csv")["shard"].tolist() == ["images_002.tar"]
+        srv.corrupt.clear()
+        _fetch(srv, tmp_path, split="train", shards="2")
+    assert not (tmp_path / "train" / "failed.csv").exists()
