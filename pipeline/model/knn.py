@@ -48,7 +48,13 @@ def _merge(top_s: np.ndarray, top_i: np.ndarray, cand_s: np.ndarray, cand_i: np.
     return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
 
 
-def _candidates(sim: np.ndarray, floor: np.ndarray, k: int, col0: int) -> tuple[np.ndarray, np.ndarray]:
+def _view(buf: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A C-contiguous `shape` array on the front of a reused flat buffer (no fresh pages per block)."""
+    return buf[:shape[0] * shape[1]].reshape(shape)
+
+
+def _candidates(sim: np.ndarray, floor: np.ndarray, k: int, col0: int,
+                mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Entries of `sim` above each row's floor, as padded (similarity, index) rows; a row with more
     than max(_CUT, 4k) of them is first cut to its entries >= its k-th largest (ties kept, the merge
     picks). While a row's top-k is not full (floor -inf: the first block), the k-th largest of its
@@ -58,7 +64,7 @@ def _candidates(sim: np.ndarray, floor: np.ndarray, k: int, col0: int) -> tuple[
     if n > 2 * _SAMPLE and _SAMPLE > k and np.isneginf(floor).any():
         sample = np.partition(sim[:, :_SAMPLE], _SAMPLE - k, axis=1)[:, _SAMPLE - k]
         floor = np.maximum(floor, np.nextafter(sample, np.float32(-np.inf)))
-    mask = sim > floor[:, None]
+    mask = np.greater(sim, floor[:, None], out=mask)
     counts = np.count_nonzero(mask, axis=1)
     big = np.flatnonzero(counts > max(_CUT, 4 * k)) if n > k else np.zeros(0, np.int64)
     if len(big) == len(sim):  # every row (the first block of a query block): no row copies
@@ -119,6 +125,8 @@ def search(queries: np.ndarray, index: np.ndarray, k: int, *, block_size: int = 
     out_s = np.full((nq, k), -np.inf, np.float32)
     out_i = np.full((nq, k), -1, np.int64)
     starts = range(0, nq, query_block)
+    sim_buf = np.empty(min(query_block, nq) * min(block_size, nx), np.float32)  # reused by every block
+    mask_buf = np.empty(len(sim_buf), bool)
     for q0 in progress(starts, total=len(starts), desc=progress_desc or "knn", unit="block"):
         q = read_rows(queries, q0, q0 + query_block)
         top_s = np.full((len(q), k), -np.inf, np.float32)
@@ -128,7 +136,8 @@ def search(queries: np.ndarray, index: np.ndarray, k: int, *, block_size: int = 
             if backend == "tf":
                 cand_s, cand_i = _tf_block_topk(q, x, k, x0)
             else:
-                cand_s, cand_i = _candidates(q @ x.T, top_s[:, -1], k, x0)
+                sim = np.matmul(q, x.T, out=_view(sim_buf, (len(q), len(x))))
+                cand_s, cand_i = _candidates(sim, top_s[:, -1], k, x0, _view(mask_buf, sim.shape))
             top_s, top_i = _merge(top_s, top_i, cand_s, cand_i, k)
         empty = top_i == _NO_ROW
         top_i[empty] = -1
