@@ -132,3 +132,26 @@ def test_infer_with_nearest_references_and_split_models(tmp_path):
     assert (tmp_path / "out" / "submission.csv").read_bytes() == (tmp_path / "run" / "submission.csv").read_bytes()
     figures = json.loads(res.stdout)
     assert figures["stages"]["references"]["seconds"] > 0 and figures["sample"]["references_s"] > 0
+
+
+@pytest.mark.slow
+def test_a_read_only_competition_caches_beside_the_output(finished_run, tmp_path):
+    """As on Kaggle (/kaggle/input is read-only): the competition bound read-only in a mount namespace."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare to mount the competition read-only")
+    ro, out = tmp_path / "ro", tmp_path / "out" / "submission.csv"
+    ro.mkdir()
+    glr_exe = Path(sys.executable).with_name("glr")
+    script = (f"mount --bind {finished_run / 'comp'} {ro} && mount -o remount,ro,bind {ro} && "
+              f"{glr_exe} infer {finished_run / 'run'} --data-dir {ro} --out {out} --expect-test 100 --json -q")
+    res = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    if res.returncode != 0 and "mount" in res.stderr and "infer" not in res.stderr:
+        pytest.skip(f"cannot mount here: {res.stderr.strip()[:200]}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout)["cache_dir"] == str(tmp_path / "out" / ".glr-cache")
+    assert out.read_bytes() == (finished_run / "run" / "submission.csv").read_bytes()
