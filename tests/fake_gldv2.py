@@ -93,10 +93,11 @@ class MirrorServer(_Loopback):
 
     def __init__(self, mirror: Mirror, lifetime: float = 120.0):
         self.mirror, self.lifetime = mirror, lifetime
-        self.log: list[tuple[str, str, str | None, int]] = []
+        self.log: list[list] = []  # [method, path, Range header, body bytes sent (-1: the client hung up)]
         self.cut_once: set[str] = set()
         self.corrupt: dict[str, int] = {}  # path → how many more GETs get corrupted bytes
         self.ignore_range = False  # answer 200 with the whole file, as a server without Range support
+        self.trickle = 0.0  # seconds between pieces of a quarter of the file each (a slow host)
         self.lock = threading.Lock()
         self._stop = threading.Event()
 
@@ -104,7 +105,7 @@ class MirrorServer(_Loopback):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def gets(self, path: str) -> list[tuple[str, str, str | None, int]]:
+    def gets(self, path: str) -> list[list]:
         return [e for e in self.log if e[0] == "GET" and e[1] == path]
 
     def start(self) -> "MirrorServer":
@@ -161,13 +162,22 @@ class MirrorServer(_Loopback):
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Accept-Ranges", "bytes")
                 self.end_headers()
+                entry = [self.command, path, rng, 0]  # logged before the body: a slow one is seen while it runs
+                with server.lock:
+                    server.log.append(entry)
                 sent = 0
                 if not head_only:
                     sent = len(body) // 2 if cut else len(body)
-                    self.wfile.write(body[:sent])
-                    self.wfile.flush()
-                with server.lock:
-                    server.log.append((self.command, path, rng, sent))
+                    try:
+                        step = -(-len(data) // 4) if server.trickle else sent  # quarters of the whole file
+                        for at in range(0, sent, max(1, step)):
+                            self.wfile.write(body[at: at + step])
+                            self.wfile.flush()
+                            if server.trickle:
+                                server._stop.wait(server.trickle)
+                    except OSError:  # the client cut us off
+                        sent = -1
+                entry[3] = sent
                 if cut:
                     self.close_connection = True
                     self.connection.shutdown(2)

@@ -275,3 +275,19 @@ def test_failed_csv_keeps_failures_of_shards_this_run_did_not_try(tmp_path):
         srv.corrupt.clear()
         _fetch(srv, tmp_path, split="train", shards="2")
     assert not (tmp_path / "train" / "failed.csv").exists()
+
+
+def test_a_slow_host_is_cut_at_the_deadline_and_resumed_without_counting_as_a_failure(tmp_path):
+    import threading
+
+    from pipeline.acquire.gldv2 import _download
+
+    m = make_mirror(train_shards=1, per_shard=6)
+    path = "train/images_000.tar"
+    with MirrorServer(m) as srv:
+        srv.trickle = 0.3  # a body takes ~1.2 s; each attempt may last 0.5 s
+        part = tmp_path / "x.part"
+        _download(f"{srv.url}/{path}", part, timeout=5, retries=0, stop=threading.Event(), deadline_s=0.5)
+        ranges = [e[2] for e in srv.gets(path)]
+    assert part.read_bytes() == m.files[path]
+    assert len(ranges) >= 2 and ranges[0] is None and all(r.startswith("bytes=") for r in ranges[1:])
