@@ -149,8 +149,14 @@ SUBMISSION = Section("submission", "The submission file.", (
 ))
 
 KAGGLE = Section("kaggle", "Upload at the end.", (
-    Option("submit", False, "Upload the submission with `glr submit` at the end.", type=bool),
+    Option("submit", False, "Upload the submission with `glr submit` at the end (with notebook = true: upload "
+           "the bundle, push the notebook, wait for it, and submit it: `glr submit --kernel`).", type=bool),
     Option("message", "glr run", "Description shown on Kaggle."),
+    Option("notebook", False, "Code competitions (2020, 2021): add the stages `bundle` (`glr bundle`: the run as a "
+           "Kaggle dataset, in RUN/bundle) and `notebook` (`glr notebook`: the Kaggle notebook that runs `glr infer` "
+           "on it, in RUN/kernel).", type=bool),
+    Option("dataset", "", "USER/SLUG of the bundle's Kaggle dataset (needed with notebook = true)."),
+    Option("kernel", "", "USER/SLUG of the notebook; empty = USER/glr-COMPETITION.", advanced=True),
 ))
 
 REPORT = Section("report", "report.html.", (

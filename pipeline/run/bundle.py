@@ -146,8 +146,8 @@ def build_bundle(run: str | os.PathLike, out: str | os.PathLike, dataset: str, *
     if not TITLE_LEN[0] <= len(title) <= TITLE_LEN[1]:
         raise UserError(f"--title {title!r}: Kaggle wants {TITLE_LEN[0]}-{TITLE_LEN[1]} characters")
     run, out = Path(run), Path(out)
-    if out.resolve() == run.resolve() or run.resolve() in out.resolve().parents:
-        raise UserError(f"--out {out}: put the bundle outside the run folder {run}")
+    if out.resolve() == run.resolve():
+        raise UserError(f"--out {out}: the bundle is a folder of its own, not the run folder")
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise UserError(f"--out {out}: the folder is not empty and holds no earlier bundle ({MANIFEST}); "
                         "give a new or empty folder")

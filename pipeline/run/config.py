@@ -96,6 +96,13 @@ def validate(raw: dict, base_dir: str | os.PathLike = ".") -> dict:
     if cfg["tune"]["storage"]:
         check_storage_spec(cfg["tune"]["storage"], "[tune] storage")
     check_submission_file(cfg["submission"]["file"])
+    if cfg["kaggle"]["notebook"]:
+        from pipeline.run.bundle import check_dataset_ref
+
+        try:
+            check_dataset_ref(cfg["kaggle"]["dataset"])
+        except UserError as e:
+            raise UserError(f"[kaggle] dataset (needed with notebook = true): {str(e).split(': ', 1)[1]}") from None
     cfg["models"] = _models(raw.get("models"), cfg["train"])
     w = cfg["ensemble"]["weights"]
     if w and len(w) != len(cfg["models"]):

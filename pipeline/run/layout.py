@@ -103,6 +103,16 @@ class Layout:
         return self.root / self.submission_file
 
     @property
+    def bundle(self) -> Path:
+        """`glr bundle`'s folder: the Kaggle dataset of this run ([kaggle] notebook = true)."""
+        return self.root / "bundle"
+
+    @property
+    def kernel(self) -> Path:
+        """`glr notebook`'s kernel folder (kernel-metadata.json + the notebook)."""
+        return self.root / "kernel"
+
+    @property
     def upload(self) -> Path:
         return self.root / "upload.json"
 

@@ -218,10 +218,43 @@ def submission_stage(ctx: Context) -> dict:
     return out
 
 
+def bundle_stage(ctx: Context) -> dict:
+    """`glr bundle` of this run into RUN/bundle (its size is in the stage record)."""
+    from pipeline.run.bundle import build_bundle
+
+    return build_bundle(ctx.run_dir, ctx.layout.bundle, ctx.cfg["kaggle"]["dataset"], echo=lambda m: None)
+
+
+def notebook_stage(ctx: Context) -> dict:
+    """`glr notebook` for the run's competition into RUN/kernel."""
+    from pipeline.acquire.notebook import write_notebook
+
+    k = ctx.cfg["kaggle"]
+    res = write_notebook(ctx.run_dir, ctx.cfg["data"]["competition"], k["dataset"], ctx.layout.kernel,
+                         kernel=k["kernel"] or None)
+    return {"kernel": res["kernel"], "notebook": res["notebook"], "enable_gpu": res["enable_gpu"]}
+
+
+def _upload_notebook(ctx: Context) -> dict:
+    """The code-competition route: upload the bundle, push the notebook, wait for Kaggle's run, submit it."""
+    from pipeline.acquire.kaggle import push_kernel, submit_kernel, upload_dataset, wait_kernel
+
+    k = ctx.cfg["kaggle"]
+    out = {"dataset": upload_dataset(ctx.layout.bundle, notes=k["message"]), "push": push_kernel(ctx.layout.kernel)}
+    kernel, version = out["push"]["kernel"], out["push"]["version"]
+    out["wait"] = wait_kernel(kernel, version=version)
+    out["submit"] = submit_kernel(kernel, ctx.cfg["data"]["competition"], k["message"], version=version)
+    return out
+
+
 def upload_stage(ctx: Context) -> dict:
     from pipeline.acquire.kaggle import submit
 
     k = ctx.cfg["kaggle"]
+    if k["notebook"]:
+        res = jsonable(_upload_notebook(ctx))
+        atomic_write_json(ctx.layout.upload, res)
+        return res
     res = jsonable(submit(str(ctx.layout.submission), ctx.cfg["data"]["competition"], k["message"],
                           data_dir=_data_dir(ctx)))
     atomic_write_json(ctx.layout.upload, res)
@@ -294,8 +327,18 @@ def plan(cfg: dict) -> list[Stage]:
         Stage("submission", submission_stage, deps=["data", "rescore"], config=cfg["submission"],
               outputs=[rel(lay.submission)]),
     ]
+    if cfg["kaggle"]["notebook"]:
+        finals = [f"{'train_all' if final_all else 'train'}:{n}" for n in names]
+        kaggle_cfg = {"dataset": cfg["kaggle"]["dataset"], "kernel": cfg["kaggle"]["kernel"]}
+        # the bundle holds the run's config (config.json): any option but [kaggle] and [report] redoes it
+        bundled = {**{k: v for k, v in cfg.items() if k not in ("kaggle", "report")}, "kaggle": kaggle_cfg}
+        stages.append(Stage("bundle", bundle_stage, deps=[*finals, "tune"], config=bundled,
+                            outputs=[rel(lay.bundle)]))
+        stages.append(Stage("notebook", notebook_stage, deps=["bundle"], config=kaggle_cfg,
+                            outputs=[rel(lay.kernel)]))
     if cfg["kaggle"]["submit"]:
-        stages.append(Stage("upload", upload_stage, deps=["submission"], config=cfg["kaggle"],
+        deps = ["submission"] + (["notebook"] if cfg["kaggle"]["notebook"] else [])
+        stages.append(Stage("upload", upload_stage, deps=deps, config=cfg["kaggle"],
                             outputs=[rel(lay.upload)]))
     stages.append(Stage("report", report_stage, deps=[s.name for s in stages], config=cfg["report"],
                         outputs=[rel(lay.report)]))

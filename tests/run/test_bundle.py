@@ -173,3 +173,25 @@ def test_bundle_upload_without_credentials_is_one_line(finished_run, tmp_path):
                           "--upload"], _env(fk, home))
         _one_line_error(res, "no Kaggle credentials")
         assert DATASET not in fk.datasets
+
+
+@pytest.mark.slow
+def test_run_with_kaggle_notebook_adds_bundle_and_notebook_stages(finished_run):
+    """The same run with [kaggle] notebook = true (last in this module: it adds to the run folder)."""
+    root = finished_run
+    toml = (root / "glr.toml").read_text()
+    (root / "glr-nb.toml").write_text(toml + '[kaggle]\nnotebook = true\n')
+    res = glr("run", "glr-nb.toml", "-q", cwd=root)
+    assert res.returncode == 1 and "[kaggle] dataset (needed with notebook = true)" in res.stderr, res.stderr
+    (root / "glr-nb.toml").write_text(toml + f'[kaggle]\nnotebook = true\ndataset = "{DATASET}"\n')
+    res = glr("run", "glr-nb.toml", cwd=root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "[done] bundle" in res.stdout and "[done] notebook" in res.stdout
+    assert "[skip] train_all:vgg16" in res.stdout and "[skip] submission" in res.stdout  # only the new stages ran
+    from pipeline.run.bundle import verify_bundle
+
+    assert verify_bundle(root / "run" / "bundle") == []
+    meta = json.loads((root / "run" / "kernel" / "kernel-metadata.json").read_text())
+    assert meta["dataset_sources"] == [DATASET] and meta["enable_internet"] is False
+    manifest = json.loads((root / "run" / "manifest.json").read_text())
+    assert manifest["stages"]["bundle"]["metrics"]["bytes"] > 0
