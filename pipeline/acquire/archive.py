@@ -210,41 +210,52 @@ def check_tar(archive: str | os.PathLike, dest: str | os.PathLike) -> list[tarfi
 
 def safe_extract_tar(
     archive: str | os.PathLike, dest: str | os.PathLike, *, tmp_dir: str | os.PathLike,
-    select=None, transform=None,
+    select=None, transform=None, transform_workers: int = 1,
 ) -> dict:
     """Extract a tar's files into `dest` after `check_tar`, each renamed into place whole; return counts.
 
     `select(name) -> bool` keeps only some members; `transform(bytes) -> bytes | None` rewrites each
-    (None drops it, counted in `dropped`). A member already at its place is skipped (with its size
-    when there is no transform: an earlier run put it there whole). `tmp_dir` is on `dest`'s file system.
-    `written` lists the member names now in place (extracted or already there).
+    (None drops it, counted in `dropped`), in `transform_workers` threads (the tar is read in this
+    one; Pillow decodes and encodes without the GIL). A member already at its place is skipped (with
+    its size when there is no transform: an earlier run put it there whole). `tmp_dir` is on `dest`'s
+    file system. `written` lists the member names now in place (extracted or already there).
     """
+    from pipeline.parallel import bounded_map
+
     archive, dest, tmp = Path(archive), Path(dest), Path(tmp_dir)
     members = check_tar(archive, dest)
     stats = {"members": len(members), "extracted": 0, "skipped": 0, "dropped": 0, "unselected": 0, "bytes": 0,
              "written": []}
+
+    def todo(tf):  # (k, name, bytes) of each member to write, read in order
+        for k, info in enumerate(members):
+            name = PurePosixPath(info.name).as_posix()
+            if select is not None and not select(name):
+                stats["unselected"] += 1
+                continue
+            target = dest / name
+            if target.is_file() and (transform is not None or target.stat().st_size == info.size):
+                stats["skipped"] += 1
+                stats["written"].append(name)
+                continue
+            try:
+                yield k, name, tf.extractfile(info).read()
+            except (tarfile.TarError, EOFError, OSError) as e:
+                raise UserError(f"{archive}: member {info.name!r} is corrupt ({e}); delete the archive and re-run") from None
+
+    def rewrite(item):
+        k, name, data = item
+        return k, name, transform(data)
+
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         with tarfile.open(archive, "r:") as tf:
-            for k, info in enumerate(members):
-                name = PurePosixPath(info.name).as_posix()
-                if select is not None and not select(name):
-                    stats["unselected"] += 1
+            items = bounded_map(rewrite, todo(tf), transform_workers) if transform is not None else todo(tf)
+            for k, name, data in items:
+                if data is None:
+                    stats["dropped"] += 1
                     continue
                 target = dest / name
-                if target.is_file() and (transform is not None or target.stat().st_size == info.size):
-                    stats["skipped"] += 1
-                    stats["written"].append(name)
-                    continue
-                try:
-                    data = tf.extractfile(info).read()
-                except (tarfile.TarError, EOFError, OSError) as e:
-                    raise UserError(f"{archive}: member {info.name!r} is corrupt ({e}); delete the archive and re-run") from None
-                if transform is not None:
-                    data = transform(data)
-                    if data is None:
-                        stats["dropped"] += 1
-                        continue
                 part = tmp / f"{os.getpid()}-{k}.part"
                 with open(part, "wb") as out:
                     out.write(data)

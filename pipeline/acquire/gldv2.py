@@ -191,7 +191,8 @@ def _resizer(px: int):
 
 
 def _fetch_shard(root: Path, mirror: str, split: str, shard: int, *, resize: int, keep: set[str] | None,
-                 keep_tars: bool, timeout: float, retries: int, stop: threading.Event, on_bytes) -> dict:
+                 keep_tars: bool, timeout: float, retries: int, stop: threading.Event, on_bytes,
+                 resize_threads: int = 1) -> dict:
     """Download, verify and extract one shard; the done record it wrote (raises _Fail/UserError on failure)."""
     from pipeline.acquire.archive import safe_extract_tar
     from pipeline.acquire.urls import _Fail
@@ -233,7 +234,7 @@ def _fetch_shard(root: Path, mirror: str, split: str, shard: int, *, resize: int
     if keep is not None:
         select = lambda name: Path(name).stem in keep  # noqa: E731
     stats = safe_extract_tar(final, root / split, tmp_dir=state / f"extract-{shard:03d}", select=select,
-                             transform=_resizer(resize) if resize else None)
+                             transform=_resizer(resize) if resize else None, transform_workers=resize_threads)
     record = {"shard": shard, "tar": tar, "md5": want, "resize": resize, "clean_only": keep is not None,
               "extracted": stats["extracted"], "already_there": stats["skipped"], "dropped": stats["dropped"],
               "unselected": stats["unselected"], "bytes": stats["bytes"],
@@ -380,7 +381,7 @@ def fetch_gldv2(
     from tqdm.auto import tqdm
 
     from pipeline.acquire.urls import _Fail, _stop_on_signals
-    from pipeline.parallel import bounded_map
+    from pipeline.parallel import available_cores, bounded_map
     from pipeline.progress import enabled, progress
     from submissions.files import atomic_path, check_writable
 
@@ -398,6 +399,7 @@ def fetch_gldv2(
     chosen = parse_shards(shards, split)
     todo = [s for s in chosen if _done_record(root, split, s) is None]
     stop = threading.Event()
+    resize_threads = max(1, available_cores() // workers)  # every core re-encodes, whatever --workers is
     t0 = time.monotonic()
     with _stop_on_signals(stop):
         names = METADATA[split] + ((CLEAN_SRC,) if clean_only else ())
@@ -421,7 +423,8 @@ def fetch_gldv2(
         def job(shard: int):
             try:
                 return shard, _fetch_shard(root, mirror, split, shard, resize=resize, keep=keep, keep_tars=keep_tars,
-                                           timeout=timeout, retries=retries, stop=stop, on_bytes=on_bytes), None
+                                           timeout=timeout, retries=retries, stop=stop, on_bytes=on_bytes,
+                                           resize_threads=resize_threads), None
             except _Fail as f:
                 return shard, None, f.reason
             except UserError as e:
