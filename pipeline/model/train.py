@@ -10,6 +10,12 @@ weighted layers of the base are unfrozen (BatchNorm layers stay frozen: `trainab
 pipeline.model.backbones) and the whole model is trained on augmented images at a lower
 learning rate.
 
+The head (`--head softmax|arcface`, `--pooling`, `--embedding-dim`; pipeline.model.backbones) is
+fitted through a *training view* (pipeline.model.heads): the model itself for softmax, the model
+up to its ArcFace cosines with the margin loss for arcface. Checkpoints hold the view; the full
+model (probabilities out) is rebuilt over it, so both phases, the bottleneck path and --resume
+are the same for every head. The bottleneck cache is keyed by the base alone.
+
 Images are decoded once into the competition's shared cache (`pipeline.caches`, under
 `--cache-dir`, default DATA_DIR/.glr-cache): every model and both fits of `glr run` read the
 same rows, and only images the cache lacks are decoded (their count and size are printed first).

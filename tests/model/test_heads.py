@@ -209,3 +209,16 @@ def test_unknown_head_or_pooling_is_a_user_error(comp, tmp_path):
         train(comp, out=tmp_path / "r", **TINY, head="cosface")
     with pytest.raises(UserError, match="--pooling 'max'"):
         train(comp, out=tmp_path / "r", **TINY, pooling="max")
+
+
+@pytest.mark.slow
+def test_the_head_kind_does_not_change_the_bottleneck_cache(comp, tmp_path):
+    """The bottleneck store is keyed by the base only: a softmax and an arcface run share it."""
+    from pipeline.model.train import train
+
+    cache = tmp_path / "cache"
+    runs = [train(comp, out=tmp_path / name, epochs=1, fine_tune_epochs=0, cache_dir=cache, **TINY, **head)
+            for name, head in (("softmax", {}), ("arcface", ARC))]
+    first, second = (m["caches"]["bottleneck"] for m in runs)
+    assert first["store"] == second["store"] and first["computed"] == 60
+    assert second["computed"] == 0 and second["cached"] == 60
