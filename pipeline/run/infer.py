@@ -15,11 +15,15 @@ competition's own (DATA_DIR/.glr-cache) when DATA_DIR is writable, else `<out fo
 
 Time: before the full run, the chain runs on two disjoint samples of the test set (the first
 [predict] batch_size images, then the next two batches; each in a competition folder of links,
-with its own cold feature cache), timed per stage. The two points give each stage a fixed part (model loading, graph
-tracing, process start) and a per-image part (`fit_costs`); the projection for `expect_test`
-images (default `expected_test_images`) is their sum, plus what is paid once (loading the models,
-the training images' descriptors of [verify] refs = nearest). When it exceeds `time_limit_h`,
-infer refuses with one line before the full run: nothing is written to `out`.
+with its own cold feature cache), timed per stage. The two points give each stage a fixed part
+(graph tracing, process start) and a per-image part (`fit_costs`); loading the models and the
+training images' descriptors of [verify] refs = nearest are paid once. The projection for
+`expect_test` images (default `expected_test_images`) adds them up, with the time already spent
+(the notebook's clock runs from its start). When it exceeds `time_limit_h`, infer refuses with one
+line before the full run: nothing is written to `out`.
+
+Known gap: with refs = nearest the training images' descriptors (1.58M images on GLDv2) are
+computed before the projection, so that cost is not refused early.
 """
 from __future__ import annotations
 
@@ -256,6 +260,8 @@ def infer(source: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.
     cfg, src = load_source(source)
     data_dir, out = Path(data_dir), Path(out).absolute()
     visible = len(Competition(data_dir).test_ids)
+    if not visible:
+        raise UserError(f"{data_dir}: no test images (sample_submission.csv lists none): nothing to infer")
     expect = int(expect_test) if expect_test else expected_test_images(cfg, visible)
     work = Layout(out.parent / f"{out.name}.infer")
     work.root.mkdir(parents=True, exist_ok=True)
@@ -274,7 +280,8 @@ def infer(source: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.
         timed.append((n, _chain(cfg, src, comp, Layout(folder / "work"), folder / "cache", workers, refs)))
     (na, ta), (nb, tb) = timed[0], timed[-1]
     costs = fit_costs(na if len(timed) > 1 else 0, ta if len(timed) > 1 else {}, nb, tb)
-    projected = project(costs, expect, refs_s)
+    # the notebook's clock runs from its start: what the references and the samples took counts too
+    projected = time.perf_counter() - t_all + project(costs, expect)
     limit_s = time_limit_h * 3600
     echo(f"sample: {a + b} test images, " + ", ".join(f"{k} {1 / per:,.1f} images/s" if per else f"{k} {f:.1f} s"
                                                     for k, (f, per) in costs.items())
@@ -284,7 +291,7 @@ def infer(source: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.
         shutil.rmtree(work.root / f"sample-{i}", ignore_errors=True)
     if projected > limit_s:
         raise UserError(f"projected time {_hours(projected)} for {expect:,} test images exceeds the limit of "
-                        f"{_hours(limit_s)} (--time-limit); nothing written — use fewer/smaller models or "
+                        f"{_hours(limit_s)} (--time-limit); no submission written — use fewer/smaller models or "
                         "verification candidates, or a larger --time-limit")
     secs = _chain(cfg, src, data_dir, work, cache, workers, refs)
     t = time.perf_counter()
