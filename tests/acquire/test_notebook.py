@@ -205,3 +205,26 @@ def test_notebook_runs_offline_in_a_fresh_venv_and_reproduces_the_submission(fin
     out = "".join(o.get("text", "") for c in nbformat.read(executed, as_version=4).cells for o in c.get("outputs", []))
     assert "Successfully installed glr" in out and "accelerator:" in out
     assert (kwork / "submission.csv").read_bytes() == (finished_run / "run" / "submission.csv").read_bytes()
+
+
+@pytest.mark.slow
+def test_run_with_notebook_and_submit_uploads_pushes_waits_and_submits(finished_run, tmp_path):  # noqa: F811
+    """[kaggle] notebook = true + submit = true: the upload stage takes the code-competition route."""
+    root = finished_run
+    toml = (root / "glr.toml").read_text()  # [data] competition: the default, landmark-recognition-2021
+    (root / "glr-submit.toml").write_text(
+        toml + f'[kaggle]\nnotebook = true\nsubmit = true\nmessage = "from glr run"\ndataset = "{DATASET}"\n')
+    home = _home(tmp_path)
+    with FakeKaggle(code_competitions={COMP}, kernel_polls=0) as fk:
+        env = _env(fk, home)
+        proc = subprocess.run([str(Path(sys.executable).with_name("glr")), "run", "glr-submit.toml"], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "[done] upload" in proc.stdout
+        assert set(fk.dataset_files(DATASET)) >= {"config.json", "tune/policy.json", "wheels/glr-0.1.0-py3-none-any.whl"}
+        assert fk.kernels[KERNEL][0]["enableInternet"] is False
+        sub = fk.submissions[-1]
+        assert (sub["competitionName"], sub["kernelSlug"], sub["kernelVersion"]) == (COMP, KERNEL.split("/")[1], 1)
+        assert sub["submissionDescription"] == "from glr run"
+        upload = json.loads((root / "run" / "upload.json").read_text())
+        assert upload["submit"]["ref"] == sub["ref"] and upload["dataset"]["created"] is True
