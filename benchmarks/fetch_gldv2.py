@@ -100,9 +100,9 @@ def main() -> None:
         "bound per pixel; GLDv2's images are up to 800 px a side (the synthetic ones 640), so the ratio row is "
         f"the better projection. At the rates above the 500 GB take {PUBLISHED_TRAIN_BYTES / rows[0]['mb_per_s'] / 1e6 / 3600:.1f} h "
         f"of this machine as published and {TRAIN_IMAGES / rows[1]['images_per_s'] / 3600:.1f} h with --resize 256 "
-        "(decoding and re-encoding is CPU work, in the shard threads: more --workers on more cores go faster; "
-        "Pillow releases the GIL while it decodes and encodes): over a fast link the CPU, not the network, sets the "
-        "pace of a resized fetch.",
+        "(decoding and re-encoding is CPU work, spread over every core: each shard gets cores/--workers threads and "
+        "Pillow releases the GIL while it decodes and encodes, so the resized rate grows with the cores): over a fast "
+        "link the CPU, not the network, sets the pace of a resized fetch.",
     ]
     body = "\n".join(lines)
     print(body)
