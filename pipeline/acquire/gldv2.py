@@ -339,6 +339,8 @@ def _plan(root: Path, mirror: str, split: str, todo: list[int], *, resize: int, 
             f"{human_bytes(extracted_full + held_tars)} as published")
     if resize:
         line += f", about {human_bytes(need)} with --resize {resize}"
+    else:  # what the study's sizes would take instead
+        line += f" (about {human_bytes(int(download * resized_fraction(256)) + held_tars)} with --resize 256)"
     print(line + f" ({human_bytes(free)} free)", file=sys.stderr, flush=True)
     if need > free:
         raise UserError(f"{root}: fetching {len(todo)} {split} shard(s) needs about {human_bytes(need)} but the disk has "

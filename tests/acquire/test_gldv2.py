@@ -291,3 +291,14 @@ def test_a_slow_host_is_cut_at_the_deadline_and_resumed_without_counting_as_a_fa
         ranges = [e[2] for e in srv.gets(path)]
     assert part.read_bytes() == m.files[path]
     assert len(ranges) >= 2 and ranges[0] is None and all(r.startswith("bytes=") for r in ranges[1:])
+
+
+def test_announces_download_and_disk_before_starting(tmp_path, capsys):
+    m = make_mirror(train_shards=2, per_shard=2)
+    with MirrorServer(m) as srv:
+        res = _fetch(srv, tmp_path, split="train")
+        heads = [e for e in srv.log if e[0] == "HEAD"]
+    err = capsys.readouterr().err
+    assert "2 shard(s) to fetch" in err and "with --resize 256" in err
+    assert len(heads) == 2
+    assert res["download_bytes"] == len(m.files["train/images_000.tar"]) + len(m.files["train/images_001.tar"])
