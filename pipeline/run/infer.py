@@ -16,14 +16,13 @@ competition's own (DATA_DIR/.glr-cache) when DATA_DIR is writable, else `<out fo
 Time: before the full run, the chain runs on two disjoint samples of the test set (the first
 [predict] batch_size images, then the next two batches; each in a competition folder of links,
 with its own cold feature cache), timed per stage. The two points give each stage a fixed part
-(graph tracing, process start) and a per-image part (`fit_costs`); loading the models and the
-training images' descriptors of [verify] refs = nearest are paid once. The projection for
-`expect_test` images (default `expected_test_images`) adds them up, with the time already spent
-(the notebook's clock runs from its start). When it exceeds `time_limit_h`, infer refuses with one
-line before the full run: nothing is written to `out`.
-
-Known gap: with refs = nearest the training images' descriptors (1.58M images on GLDv2) are
-computed before the projection, so that cost is not refused early.
+(graph tracing, process start) and a per-image part (`fit_costs`); loading the models is paid
+once. With [verify] refs = nearest the training images' descriptors are timed on as many training
+images as test images (a second sample folder) and get a per-training-image rate (BY_TRAIN), while
+the samples' verification draws its references at random (same pairs, same images to extract). The
+projection for `expect_test` images (default `expected_test_images`) and the competition's training
+images adds them up, with the time already spent (the notebook's clock runs from its start). When
+it exceeds `time_limit_h`, infer refuses with one line before the full run: nothing is written to `out`.
 """
 from __future__ import annotations
 
@@ -41,7 +40,8 @@ SAMPLE_BATCHES = 3  # test images timed before the full run: 3 predict batches (
 # recognition test set (117,577 images), of which the notebook sees ~1% (test/); an assumption
 # rounded up, documented in docs/commands.md. Other competitions: the visible test set is all there is.
 HIDDEN_TEST = {"landmark-recognition-2020": 120_000, "landmark-recognition-2021": 120_000}
-ONCE = ("load", "references")  # stages whose time does not grow with the test images
+ONCE = ("load",)  # stages whose time does not grow with the images
+BY_TRAIN = ("references",)  # stages whose time grows with the training images (refs = nearest), not the test
 CONFIG_FILE = "config.json"  # a bundle's copy of the run's validated config
 
 
@@ -138,8 +138,9 @@ def expected_test_images(cfg: dict, visible: int) -> int:
     return max(visible, HIDDEN_TEST.get(cfg["data"].get("competition", ""), 0))
 
 
-def _sample_competition(data_dir: Path, folder: Path, start: int, n: int) -> Path:
-    """A competition folder of links to DATA_DIR's files whose test set is `n` of its test images from `start`."""
+def _sample_competition(data_dir: Path, folder: Path, start: int, n: int, train_rows: int | None = None) -> Path:
+    """A competition folder of links to DATA_DIR's files whose test set is `n` of its test images from `start`
+    (and, with `train_rows`, whose train.csv is that many rows of DATA_DIR's from the same place)."""
     import shutil
 
     from pipeline.acquire.competition import Competition
@@ -149,8 +150,11 @@ def _sample_competition(data_dir: Path, folder: Path, start: int, n: int) -> Pat
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     for name in ("train.csv", "train", "test", "index"):
-        if (data_dir / name).exists():
+        if (data_dir / name).exists() and not (name == "train.csv" and train_rows):
             (folder / name).symlink_to((data_dir / name).resolve())
+    if train_rows:
+        rows = comp.train
+        rows.iloc[start % max(len(rows) - train_rows, 1):][:train_rows].to_csv(folder / "train.csv", index=False)
     ids = comp.test_ids[start:start + n]
     sample = comp.sample_submission
     if sample is not None:
@@ -164,39 +168,41 @@ def _sample_competition(data_dir: Path, folder: Path, start: int, n: int) -> Pat
 
 # -- the chain ----------------------------------------------------------------------------------
 
-def _refs(cfg: dict, src: Path, data_dir: Path, work: Layout) -> tuple[tuple[Path, Path] | None, float]:
-    """[verify] refs = nearest: the training images' descriptors (once, whatever the test size), and seconds."""
-    from pipeline.run.stages import predict_refs, test_model_dir
-
-    if cfg["verify"]["refs"] != "nearest":
-        return None, 0.0
-    first = cfg["models"][0]["name"]
-    refs = (work.train_predictions(first, "test"), work.embeddings(first, "test", train=True))
-    t = time.perf_counter()
-    predict_refs(cfg, test_model_dir(Layout(src), cfg, first), data_dir, *refs)
-    return refs, time.perf_counter() - t
-
-
 def _chain(cfg: dict, src: Path, data_dir: Path, work: Layout, cache: Path, workers: int | None,
-           refs: tuple[Path, Path] | None) -> dict[str, float]:
-    """predict → ensemble → verify → rescore on one competition folder's test set; seconds per stage."""
-    from pipeline.run.stages import ensemble_part, predict_part, rescore_part, test_model_dir, verify_part
+           refs_dir: Path | None = None) -> dict[str, float]:
+    """[references →] predict → ensemble → verify → rescore on one competition folder; seconds per stage.
+
+    `refs_dir` (a timed sample): the references' descriptors are computed on that folder's training
+    images (a sample of them), and verification draws its references at random — the same number of
+    pairs and images to extract, without the descriptors of every training image.
+    """
+    from pipeline.run.stages import (ensemble_part, predict_part, predict_refs, rescore_part, test_model_dir,
+                                     verify_part)
 
     lay, secs = Layout(src), {}
     names = [m["name"] for m in cfg["models"]]
+    refs, nearest = None, cfg["verify"]["refs"] == "nearest"
+    if nearest:  # the training images' descriptors: they grow with train, not test
+        refs = (work.train_predictions(names[0], "test"), work.embeddings(names[0], "test", train=True))
+        t = time.perf_counter()
+        predict_refs(cfg, test_model_dir(lay, cfg, names[0]), refs_dir or data_dir, *refs)
+        secs["references"] = time.perf_counter() - t
+        if refs_dir:
+            refs = None
     t, streamed = time.perf_counter(), 0.0
     for i, name in enumerate(names):
         streamed += predict_part(cfg, test_model_dir(lay, cfg, name), data_dir, work.predictions(name, "test"),
-                                 embeddings=work.embeddings(name, "test") if refs and i == 0 else None).seconds
+                                 embeddings=work.embeddings(name, "test") if nearest and i == 0 else None).seconds
     secs["load"] = time.perf_counter() - t - streamed  # reading the models and the test list: once
     secs["predict"] = streamed
     t = time.perf_counter()
     ensemble_part(cfg, [work.predictions(n, "test") for n in names], work.ensemble("test"))
     secs["ensemble"] = time.perf_counter() - t
     t = time.perf_counter()
+    overrides = {"workers": workers} if workers is not None else {}
     verify_part(cfg, work.ensemble("test"), data_dir, work.inliers("test"), cache,
                 embeddings=(work.embeddings(names[0], "test"), refs[1]) if refs else None,
-                **({"workers": workers} if workers is not None else {}))
+                **overrides, **({"refs": "random"} if refs_dir else {}))
     secs["verify"] = time.perf_counter() - t
     t = time.perf_counter()
     rescore_part(work.ensemble("test"), work.inliers("test"), lay.policy, work.rescored("test"))
@@ -232,9 +238,10 @@ def fit_costs(a: int, ta: dict[str, float], b: int, tb: dict[str, float]) -> dic
     return out
 
 
-def project(costs: dict[str, tuple[float, float]], n: int, fixed: float = 0.0) -> float:
-    """Seconds for `n` test images: each stage's fixed part plus n × its per-image seconds."""
-    return fixed + sum(f + n * per for f, per in costs.values())
+def project(costs: dict[str, tuple[float, float]], n: int, train: int = 0) -> float:
+    """Seconds for `n` test images (and `train` training images, for the stages in BY_TRAIN): each stage's
+    fixed part plus its images × its per-image seconds."""
+    return sum(f + (train if k in BY_TRAIN else n) * per for k, (f, per) in costs.items())
 
 
 def _hours(s: float) -> str:
@@ -269,7 +276,8 @@ def infer(source: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.
     echo(f"infer {src} on {data_dir}: {visible:,} test images; cache {cache}; work folder {work.root}")
     t_all = time.perf_counter()
 
-    refs, refs_s = _refs(cfg, src, data_dir, work)
+    nearest = cfg["verify"]["refs"] == "nearest"
+    n_train = len(Competition(data_dir).train) if nearest else 0
     a, b = _samples(min(sample or SAMPLE_BATCHES * cfg["predict"]["batch_size"], visible))
     timed = []
     for i, (start, n) in enumerate([(0, a), (a, b)]):
@@ -277,15 +285,16 @@ def infer(source: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.
             continue
         folder = work.root / f"sample-{i}"  # its own cold cache: the images the full run has not seen
         comp = _sample_competition(data_dir, folder / "competition", start, n)
-        timed.append((n, _chain(cfg, src, comp, Layout(folder / "work"), folder / "cache", workers, refs)))
+        # refs = nearest: the references' descriptors timed on as many training images as test images
+        refs_dir = _sample_competition(data_dir, folder / "refs", start, n, train_rows=n) if nearest else None
+        timed.append((n, _chain(cfg, src, comp, Layout(folder / "work"), folder / "cache", workers, refs_dir)))
     (na, ta), (nb, tb) = timed[0], timed[-1]
     costs = fit_costs(na if len(timed) > 1 else 0, ta if len(timed) > 1 else {}, nb, tb)
     # the notebook's clock runs from its start: what the references and the samples took counts too
-    projected = time.perf_counter() - t_all + project(costs, expect)
+    projected = time.perf_counter() - t_all + project(costs, expect, n_train)
     limit_s = time_limit_h * 3600
     echo(f"sample: {a + b} test images, " + ", ".join(f"{k} {1 / per:,.1f} images/s" if per else f"{k} {f:.1f} s"
                                                     for k, (f, per) in costs.items())
-         + (f", references {refs_s:.1f} s" if refs else "")
          + f"; projected for {expect:,} test images: {_hours(projected)} (limit {_hours(limit_s)})")
     for i in range(2):
         shutil.rmtree(work.root / f"sample-{i}", ignore_errors=True)
@@ -293,30 +302,31 @@ def infer(source: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.
         raise UserError(f"projected time {_hours(projected)} for {expect:,} test images exceeds the limit of "
                         f"{_hours(limit_s)} (--time-limit); no submission written — use fewer/smaller models or "
                         "verification candidates, or a larger --time-limit")
-    secs = _chain(cfg, src, data_dir, work, cache, workers, refs)
+    secs = _chain(cfg, src, data_dir, work, cache, workers)
     t = time.perf_counter()
     info = write_submission_file(work.rescored("test"), data_dir, out)
     secs["submission"] = time.perf_counter() - t
-    if refs:
-        secs["references"] = refs_s
     total = time.perf_counter() - t_all
     for k, s in secs.items():
-        echo(f"  {k:<12} {s:8.1f} s  {_rate(visible, s, k)}")
+        echo(f"  {k:<12} {s:8.1f} s  {_rate(visible, s, k, n_train)}")
     echo(f"submission: {out} ({info['rows']:,} rows, {info['predicted']:,} predicted) in {total:.1f} s")
     return {"submission": str(out), "rows": int(info["rows"]), "predicted": int(info["predicted"]),
             "test_images": visible, "expect_test": expect, "time_limit_h": time_limit_h,
             "projected_s": round(projected, 3),
-            "sample": {"images": a + b, "references_s": round(refs_s, 3),
+            "sample": {"images": a + b, "train_images": n_train,
                        "costs": {k: {"fixed_s": round(f, 3), "per_image_s": round(per, 9)}
                                  for k, (f, per) in costs.items()}},
-            "stages": _figures(secs, visible), "seconds": round(total, 3), "work": str(work.root),
+            "stages": _figures(secs, visible, n_train), "seconds": round(total, 3), "work": str(work.root),
             "cache_dir": str(cache)}
 
 
-def _rate(n: int, s: float, stage: str) -> str:
+def _rate(n: int, s: float, stage: str, train: int = 0) -> str:
+    if stage in BY_TRAIN:
+        return f"{train / s:,.1f} training images/s" if s > 0 else "-"
     return "once" if stage in ONCE else f"{n / s:,.1f} images/s" if s > 0 else "-"
 
 
-def _figures(secs: dict[str, float], n: int) -> dict:
-    return {k: {"seconds": round(s, 3), "images_per_s": None if k in ONCE or s <= 0 else round(n / s, 2)}
-            for k, s in secs.items()}
+def _figures(secs: dict[str, float], n: int, train: int = 0) -> dict:
+    """Seconds and images/s per stage (training images/s for the references; None for what is paid once)."""
+    return {k: {"seconds": round(s, 3), "images_per_s": None if k in ONCE or s <= 0
+                else round((train if k in BY_TRAIN else n) / s, 2)} for k, s in secs.items()}

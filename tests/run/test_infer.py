@@ -107,7 +107,10 @@ def test_the_projection_counts_fixed_costs_once():
     # 2 s to load and trace, then 0.1 s per image: 16 images in 3.6 s, 48 in 6.8 s
     costs = fit_costs(16, {"predict": 3.6}, 48, {"predict": 6.8})
     assert costs["predict"] == pytest.approx((2.0, 0.1))
-    assert project(costs, 1000, fixed=5.0) == pytest.approx(5.0 + 2.0 + 100.0)
+    assert project(costs, 1000) == pytest.approx(2.0 + 100.0)
+    # the references of refs = nearest grow with the training images, loading the models with nothing
+    costs.update(references=(1.0, 0.01), load=(3.0, 0.0))
+    assert project(costs, 1000, train=50_000) == pytest.approx(2.0 + 100.0 + 1.0 + 500.0 + 3.0)
     # noise (the larger sample faster per image than the slope allows): all of it per image, conservative
     assert fit_costs(16, {"verify": 5.0}, 48, {"verify": 4.8})["verify"] == pytest.approx((0.0, 0.1))
     assert expected_test_images({"data": {"competition": "landmark-recognition-2020"}}, 10_345) == 120_000
@@ -131,7 +134,9 @@ def test_infer_with_nearest_references_and_split_models(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "out" / "submission.csv").read_bytes() == (tmp_path / "run" / "submission.csv").read_bytes()
     figures = json.loads(res.stdout)
-    assert figures["stages"]["references"]["seconds"] > 0 and figures["sample"]["references_s"] > 0
+    assert figures["stages"]["references"]["seconds"] > 0 and figures["stages"]["references"]["images_per_s"] > 0
+    assert figures["sample"]["train_images"] == len((tmp_path / "comp" / "train.csv").read_text().splitlines()) - 1
+    assert figures["sample"]["costs"]["references"]["per_image_s"] > 0
 
 
 @pytest.mark.slow
