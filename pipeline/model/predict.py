@@ -93,7 +93,8 @@ def load_run_model(run_dir: str | os.PathLike, precision: str | None = None):
     policy = M._POLICY[M.set_precision(precision)] if precision is not None else None
     model = M.load_model(run_dir / "model.keras")
     if policy is not None and _policy(model) != policy:
-        rebuilt = M.build_model(manifest["backbone"], int(model.output.shape[-1]), manifest["image_size"], "none")
+        rebuilt = M.build_model(manifest["backbone"], int(model.output.shape[-1]), manifest["image_size"], "none",
+                                **M.head_spec(manifest.get("config", {})))
         rebuilt.set_weights(model.get_weights())
         model = rebuilt
     n_out = int(model.output.shape[-1])

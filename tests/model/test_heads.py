@@ -151,6 +151,11 @@ def test_arcface_gem_model_saves_reloads_predicts_and_exposes_the_embedding(comp
     ids, emb = read_embeddings(tmp_path / "e.npy")
     assert emb.shape == (60, 16) and np.isfinite(emb).all()
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, rtol=1e-3)
+    if bottleneck:  # another precision than training's rebuilds the model: with the same (ArcFace) head
+        from pipeline.model.predict import predict
+
+        other = predict(out, comp, split="train", out=tmp_path / "p16.parquet", top_k=3, precision="bf16")
+        assert other.precision == "mixed_bfloat16" and other.predicted == 60
 
 
 @pytest.mark.slow
