@@ -141,6 +141,13 @@ def _summary_section(lay: Layout, manifest: dict) -> str:
         out.append("</table>")
         out.append(_note("Tuning part: the validation queries Optuna chose the policy on; held-out part: "
                          "the ones it never saw — the honest estimate of what rescoring gains."))
+    bundle = (stages.get("bundle", {}).get("metrics") or {})
+    if bundle.get("bytes") is not None:
+        out.append("<h3>Kaggle code competition</h3>" + _note(
+            f"Bundle (dataset {html.escape(str(bundle.get('dataset', '')))}): {bundle['bytes'] / 2**20:.1f} MiB in "
+            f"{bundle.get('files', '?')} files, in bundle/; notebook in kernel/. The notebook's time on the hidden "
+            "test set: `glr infer RUN --data-dir DATA_DIR --expect-test N` projects it and refuses when it exceeds "
+            "the time limit."))
     out.append("<h3>Time per stage</h3><table><tr><th>stage</th><th>seconds</th><th>finished</th></tr>")
     for name in manifest.get("plan", []):
         rec = stages.get(name, {})

@@ -228,3 +228,5 @@ def test_run_with_notebook_and_submit_uploads_pushes_waits_and_submits(finished_
         assert sub["submissionDescription"] == "from glr run"
         upload = json.loads((root / "run" / "upload.json").read_text())
         assert upload["submit"]["ref"] == sub["ref"] and upload["dataset"]["created"] is True
+        report = (root / "run" / "report.html").read_text()
+        assert "Kaggle code competition" in report and f"dataset {DATASET}" in report and " MiB in " in report
