@@ -677,6 +677,43 @@ def knn_command(queries: str, index: str, as_json: bool, **options) -> None:
                    f"top-{info['k']} neighbours in {info['seconds']} s ({info['gflops']} GFLOP/s)")
 
 
+@cli.command("nonlandmark")
+@click.argument("queries", type=click.Path(dir_okay=False))
+@click.argument("pool", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=Output(), help="Non-landmark table (id, nonlandmark), Parquet.")
+@click.option("--k", "k", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Signal = mean of the k best similarities to the pool (negatives count 0).")
+@click.option("--block-size", type=click.IntRange(min=1), default=65536, show_default=True,
+              help="Pool rows per block.")
+@click.option("--query-block", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Query rows per block.")
+@click.option("--backend", type=click.Choice(["numpy", "tf"]), default="numpy", show_default=True,
+              help="numpy (BLAS on the CPU) or tf (TensorFlow's matmul; on a GPU when visible).")
+@quiet_option
+@json_option
+def nonlandmark_command(queries: str, pool: str, as_json: bool, **options) -> None:
+    """Per-query non-landmark signal: similarity of each query to a pool of non-landmark images.
+
+    QUERIES and POOL are embeddings files (`glr embed`). The pool: the local validation's
+    held-out-class queries, a folder of non-landmark photos, or the queries themselves (a query's
+    own row is skipped, so near-duplicates among the queries count). `glr tune --nonlandmark` then
+    searches a demotion by it; `glr rescore --nonlandmark` applies it.
+
+    \b
+    Example:
+      glr nonlandmark emb/val.npy emb/pool.npy --out nl.val.parquet
+      glr nonlandmark emb/test.npy emb/test.npy --out nl.test.parquet --k 2
+    """
+    from pipeline.model.nonlandmark import nonlandmark
+
+    info = nonlandmark(queries, pool, **options)
+    if as_json:
+        echo_json(info)
+    else:
+        click.echo(f"wrote {info['out']}: {info['queries']} queries against {info['pool']} pool images "
+                   f"(signal median {info['median']}, 90th percentile {info['p90']})")
+
+
 @cli.command("ensemble")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=Output(), help="Ensembled predictions table.")
@@ -858,6 +895,8 @@ def match_cmd(img_a: str, img_b: str, as_json: bool, **options) -> None:
               help="Ground truth of the validation queries (id,landmarks,Usage).")
 @click.option("--out", required=True, type=Output(), help="Policy JSON to write (plots go beside it).")
 @click_options(TUNE)
+@click.option("--nonlandmark", type=click.Path(dir_okay=False), default=None,
+              help="Non-landmark signal of the validation queries (`glr nonlandmark`): also search its demotion.")
 @quiet_option
 @json_option
 def tune_command(preds: str, inliers: str, solution: str, out: str, as_json: bool, **options) -> None:
@@ -900,8 +939,11 @@ def tune_command(preds: str, inliers: str, solution: str, out: str, as_json: boo
 @click.option("--policy", "policy", required=True,
               help="Policy JSON from `glr tune`, or a preset: identity, seed-rules.")
 @click.option("--out", required=True, type=Output(), help="Rescored predictions table (Parquet).")
+@click.option("--nonlandmark", type=click.Path(dir_okay=False), default=None,
+              help="Non-landmark signal of these queries (`glr nonlandmark`); needed by a policy with that term.")
 @json_option
-def rescore_command(preds: str, inliers: str, policy: str, out: str, as_json: bool) -> None:
+def rescore_command(preds: str, inliers: str, policy: str, out: str, as_json: bool,
+                    nonlandmark: str | None) -> None:
     """Apply a rescoring policy to a predictions table, writing a predictions table.
 
     Rank 0 of each id becomes the policy's prediction with its new confidence as score (other
@@ -914,7 +956,7 @@ def rescore_command(preds: str, inliers: str, policy: str, out: str, as_json: bo
     from submissions.tables import write_predictions
     from tuning.policy import rescore
 
-    df = rescore(preds, inliers, policy)
+    df = rescore(preds, inliers, policy, nonlandmark)
     write_predictions(df, out)
     top = df[df["rank"] == 0]
     info = {"path": out, "queries": int(len(top)), "rows": int(len(df))}

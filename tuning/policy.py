@@ -21,6 +21,12 @@ Options of both:
   inliers).
 - ``frequency`` ``{"max_share": s, "factor": f}``: a class predicted for more than a share s of the
   queries being rescored is probably a catch-all for non-landmarks: its confidences are multiplied by f.
+- ``nonlandmark`` ``{"above": t, "factor": f}`` (all kinds, identity included): a query whose
+  non-landmark signal (`read_nonlandmark`: a per-query score in [0, 1], e.g. its similarity to a pool
+  of non-landmark images) is at least t gets its confidence multiplied by f (t, f in [0, 1]). A step,
+  not a slope, so one threshold separates "looks like a distractor" from the rest and t = 1.0 with
+  f = 1.0 is the identity. Applying it needs the signal table (`prepare(..., nonlandmark=)`); null or
+  absent = no term, so a policy without it ranks exactly as before.
 
 Queries whose candidate was not verified (no inliers rows) keep their confidence. References are
 taken in the inliers table's row order per (query, class) — the order `glr verify` chose them in —
@@ -80,7 +86,7 @@ class Prepared:
     n_codes: int
     agg: dict[str, np.ndarray]
     unmatched_inliers: int = 0
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # per-query [n] arrays, e.g. "nonlandmark" (float64)
 
     @property
     def n(self) -> int:
@@ -130,11 +136,12 @@ def load_inliers(inliers) -> pd.DataFrame:
     return _table(inliers, read_inliers, validate_inliers, "inliers")
 
 
-def prepare(preds, inliers, *, max_refs: int = MAX_REFS) -> Prepared:
+def prepare(preds, inliers, *, max_refs: int = MAX_REFS, nonlandmark=None) -> Prepared:
     """Group predictions and inliers into `Prepared` arrays (once per table; trials reuse them).
 
-    Raises UserError when the inliers table references query ids the predictions do not have
-    (the two files come from different runs).
+    `nonlandmark`: optional per-query signal table (path or DataFrame, `read_nonlandmark`), kept as
+    `extra["nonlandmark"]`. Raises UserError when the inliers table references query ids the
+    predictions do not have (the two files come from different runs).
     """
     preds_name = "predictions" if isinstance(preds, pd.DataFrame) else str(preds)
     inl_name = "inliers" if isinstance(inliers, pd.DataFrame) or inliers is None else str(inliers)
@@ -187,8 +194,70 @@ def prepare(preds, inliers, *, max_refs: int = MAX_REFS) -> Prepared:
         refs = refs[:, :, : max(1, min(used, refs.shape[2]))]
     else:
         refs = refs[:, :, :1]
-    return Prepared(ids=ids, landmark=landmark, score=score, code=code, n_codes=len(uniq) + 1,
-                    agg=_aggregate(refs), unmatched_inliers=unmatched)
+    d = Prepared(ids=ids, landmark=landmark, score=score, code=code, n_codes=len(uniq) + 1,
+                 agg=_aggregate(refs), unmatched_inliers=unmatched)
+    if nonlandmark is not None:
+        attach_nonlandmark(d, nonlandmark)
+    return d
+
+
+# ------------------------------------------------------------------------------ non-landmark signal
+
+NONLANDMARK = {"id": "str", "nonlandmark": "float64"}  # one row per query id, value in [0, 1]
+
+
+def validate_nonlandmark(df: pd.DataFrame, source: str = "nonlandmark") -> pd.DataFrame:
+    """The table with columns id (str, non-empty, unique) and nonlandmark (float64, finite, in
+    [0, 1]), or one UserError naming the row and what is wrong."""
+    missing = [c for c in NONLANDMARK if c not in df.columns]
+    if missing:
+        raise UserError(f"{source}: non-landmark table lacks column(s) {', '.join(missing)} (expected id, "
+                        f"nonlandmark; found {', '.join(map(str, df.columns)) or 'none'}); write it with "
+                        "`glr nonlandmark`")
+    ids = df["id"].reset_index(drop=True)
+    empty = ids.isna().to_numpy() | (ids.astype(str) == "").to_numpy(dtype=bool)
+    if empty.any():
+        raise UserError(f"{source}: row {int(np.flatnonzero(empty)[0])}: column 'id' is empty")
+    ids = ids.astype(str)
+    dup = ids.duplicated().to_numpy()
+    if dup.any():
+        row = int(np.flatnonzero(dup)[0])
+        raise UserError(f"{source}: row {row}: id {ids[row]!r} appears twice; one row per query")
+    raw = df["nonlandmark"].reset_index(drop=True)
+    values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(values) | (values < 0) | (values > 1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        from submissions.tables import show_value
+
+        raise UserError(f"{source}: row {row}: column 'nonlandmark' is {show_value(raw[row])}, expected a finite number "
+                        "from 0 to 1")
+    return pd.DataFrame({"id": ids, "nonlandmark": values})
+
+
+def read_nonlandmark(table) -> pd.DataFrame:
+    """A non-landmark signal table from a path (Parquet, or CSV) or a DataFrame, validated."""
+    if isinstance(table, pd.DataFrame):
+        return validate_nonlandmark(table)
+    from submissions.tables import _read
+
+    return validate_nonlandmark(_read(table), str(table))
+
+
+def attach_nonlandmark(d: Prepared, table, source: str | None = None) -> Prepared:
+    """Store the signal of every query of `d` as `d.extra["nonlandmark"]` (ids the table has and `d`
+    has not are ignored: one table may cover validation and test). A query of `d` the table lacks
+    is a UserError: a missing signal must not silently read as "landmark"."""
+    src = source or ("nonlandmark" if isinstance(table, pd.DataFrame) else str(table))
+    t = read_nonlandmark(table)
+    pos = pd.Index(t["id"]).get_indexer(pd.Index(d.ids, dtype="str"))
+    missing = np.flatnonzero(pos < 0)
+    if len(missing):
+        raise UserError(f"{src}: {len(missing)} query id(s) of the predictions have no non-landmark score "
+                        f"(e.g. {d.ids[missing[0]]!r}); compute it for the same queries (`glr nonlandmark`)")
+    d.extra["nonlandmark"] = t["nonlandmark"].to_numpy(dtype=np.float64)[pos]
+    return d
 
 
 def _aggregate(refs: np.ndarray) -> dict[str, np.ndarray]:
@@ -253,7 +322,7 @@ PRESETS = {"identity": identity, "seed-rules": seed_rules}
 
 # The keys each object of a policy may hold; any other key is refused (a misspelt `promote_at` must
 # not silently mean "never promote"). "study" is glr tune's record of how the policy was found.
-_COMMON_KEYS = ("format", "version", "kind", "swap", "frequency", "study")
+_COMMON_KEYS = ("format", "version", "kind", "swap", "frequency", "nonlandmark", "study")
 _KIND_KEYS = {
     "identity": ("aggregator", "k"),  # used only with swap
     "bands": ("aggregator", "edges", "bands"),
@@ -262,6 +331,7 @@ _KIND_KEYS = {
 _BAND_KEYS = ("k", "demote_below", "demote", "demote_to", "promote_at", "promote_to")
 _SWAP_KEYS = ("margin",)
 _FREQUENCY_KEYS = ("max_share", "factor")
+_NONLANDMARK_KEYS = ("above", "factor")
 
 
 def _need(d: dict, key: str, where: str, kind=None):
@@ -361,7 +431,7 @@ def _check_bands(policy: dict, where: str) -> None:
 
 
 def _check_options(policy: dict, kind: str, where: str) -> None:
-    """swap, frequency and study: null or an object of known keys."""
+    """swap, frequency, nonlandmark and study: null or an object of known keys."""
     swap = policy.get("swap")
     if swap is not None:
         if not isinstance(swap, dict):
@@ -378,6 +448,13 @@ def _check_options(policy: dict, kind: str, where: str) -> None:
         _known_keys(freq, _FREQUENCY_KEYS, f"{where}: frequency", "frequency")
         _number(freq, "max_share", f"{where}: frequency", 0.0, 1.0)
         _number(freq, "factor", f"{where}: frequency", 0.0)
+    nl = policy.get("nonlandmark")
+    if nl is not None:
+        if not isinstance(nl, dict):
+            raise UserError(f"{where}: nonlandmark must be null or an object")
+        _known_keys(nl, _NONLANDMARK_KEYS, f"{where}: nonlandmark", "nonlandmark")
+        _number(nl, "above", f"{where}: nonlandmark", 0.0, 1.0)
+        _number(nl, "factor", f"{where}: nonlandmark", 0.0, 1.0)
     study = policy.get("study")
     if study is not None and not isinstance(study, dict):
         raise UserError(f"{where}: study must be null or an object (glr tune's record of the search)")
@@ -445,7 +522,11 @@ def apply_policy(policy: dict, d: Prepared) -> tuple[np.ndarray, np.ndarray]:
     s0 = d.score[:, 0]
     kind = policy["kind"]
     chosen = np.zeros(n, dtype=np.int64)
-    if kind == "identity" and policy.get("swap") is None and policy.get("frequency") is None:
+    nl = policy.get("nonlandmark")
+    if nl is not None and "nonlandmark" not in d.extra:
+        raise UserError("the policy has a nonlandmark term but no non-landmark table was given: pass "
+                        "--nonlandmark (from `glr nonlandmark`) or use a policy without the term")
+    if kind == "identity" and policy.get("swap") is None and policy.get("frequency") is None and nl is None:
         return chosen, s0.astype(np.float32).astype(np.float64)
 
     kmax = d.kmax
@@ -495,11 +576,14 @@ def apply_policy(policy: dict, d: Prepared) -> tuple[np.ndarray, np.ndarray]:
         counts = np.bincount(pc, minlength=d.n_codes)
         frequent = counts[pc] > float(freq["max_share"]) * n
         conf = np.where(frequent, conf * float(freq["factor"]), conf)
+    if nl is not None:
+        conf = np.where(d.extra["nonlandmark"] >= float(nl["above"]), conf * float(nl["factor"]), conf)
     return chosen, np.maximum(conf, 0.0).astype(np.float32).astype(np.float64)
 
 
-def rescore(preds, inliers, policy) -> pd.DataFrame:
-    """Apply `policy` (path, preset name or dict) to a predictions table (path or DataFrame).
+def rescore(preds, inliers, policy, nonlandmark=None) -> pd.DataFrame:
+    """Apply `policy` (path, preset name or dict) to a predictions table (path or DataFrame);
+    `nonlandmark`: the per-query signal table a policy with the nonlandmark term needs.
 
     Returns a predictions-shaped table (id, landmark_id, score float32, rank int16), sorted by id
     then rank: rank 0 is the policy's prediction with its new confidence as score; the other
@@ -507,7 +591,7 @@ def rescore(preds, inliers, policy) -> pd.DataFrame:
     (`submissions.format.write_submission_file`) takes it as is.
     """
     pol = load_policy(policy)
-    d = prepare(preds, inliers)
+    d = prepare(preds, inliers, nonlandmark=nonlandmark)
     chosen, conf = apply_policy(pol, d)
     n, C = d.landmark.shape
     rows = np.arange(n)

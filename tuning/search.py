@@ -33,10 +33,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from submissions.errors import UserError
 from tuning.options import POLICIES, TUNE
-from tuning.policy import AGGREGATORS, VERSION, identity, load_policy, save_policy
+from tuning.policy import AGGREGATORS, VERSION, attach_nonlandmark, identity, load_policy, read_nonlandmark, save_policy
 from tuning.space import N_BANDS, Space, identity_params, seed_rule_params, suggest_policy
 from tuning.split import Part, split_parts
 from tuning.storage import open_storage, recover_dead_trials, storage_label, worker_tag
@@ -56,7 +57,8 @@ def study_name(policy: str, parts: tuple[Part, Part | None], holdout: float, see
         if part is None:
             continue
         d = part.data
-        for arr in (d.ids.astype(str), d.landmark, d.score, part.correct, *(d.agg[a] for a in AGGREGATORS)):
+        extra = [d.extra[k] for k in sorted(d.extra)]  # the non-landmark signal, when given
+        for arr in (d.ids.astype(str), d.landmark, d.score, part.correct, *(d.agg[a] for a in AGGREGATORS), *extra):
             h.update(np.ascontiguousarray(arr).tobytes() if arr.dtype != object else "\0".join(arr).encode())
     h.update(f"{policy}|{holdout}|{seed}|v{VERSION}|{N_BANDS}".encode())
     return f"glr-{policy}-{h.hexdigest()[:12]}"
@@ -283,6 +285,7 @@ def tune(
     plots: bool = _D["plots"],
     bootstrap: int = _D["bootstrap"],
     progress: bool | None = None,
+    nonlandmark=None,
 ) -> dict:
     """Choose a rescoring policy on GAP with Optuna and write it to `out` (JSON) with PNG plots.
 
@@ -291,6 +294,8 @@ def tune(
     (fixed, evaluated the same way so they can be compared). `trials` is the study's total of
     finished trials (0/None = until `timeout`; 0/None = no time limit); `storage`/`study` empty or
     None = the journal beside `out` / a name derived from the inputs. Defaults: `tuning.options.TUNE`.
+    `nonlandmark`: the validation queries' non-landmark signal table (path or DataFrame,
+    `tuning.policy.read_nonlandmark`); given, the study also searches the policy's nonlandmark term.
 
     Returns GAP before/after on the tuning and held-out parts ("tune", "holdout") with bootstrap
     CIs, "verdict" (gain | noise | loss | unchecked), "accepted" (False only for a loss), "message"
@@ -304,6 +309,12 @@ def tune(
     out, timeout = Path(out), timeout or None  # a timeout of 0 (the config's "not set") is no limit
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tune_part, hold_part = split_parts(preds, inliers, solution, holdout=holdout, seed=seed)
+    if nonlandmark is not None:
+        src = "nonlandmark" if isinstance(nonlandmark, pd.DataFrame) else str(nonlandmark)
+        table = read_nonlandmark(nonlandmark)
+        for part in (tune_part, hold_part):
+            if part is not None:
+                attach_nonlandmark(part.data, table, src)
     result: dict = {"policy": policy, "out": str(out), "study": None, "storage": None, "trials": 0,
                     "inliers_not_candidates": tune_part.data.unmatched_inliers}
     if policy in SEARCHED:

@@ -3,7 +3,9 @@
 Ranges depend on the data (score quantiles, inlier counts of the tuning part), so the same data
 gives the same space and an interrupted study resumes. Every space contains the identity policy
 (a threshold range includes "never fires"); `identity_params` and `seed_rule_params` are the
-trial parameters of the identity and of the study's hand rules.
+trial parameters of the identity and of the study's hand rules. The nonlandmark term is searched
+only when the data carries the signal (`Space.nonlandmark`), so a study without it has exactly the
+parameters it had before.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class Space:
     hi: int  # inlier thresholds range over 0..hi; hi + 1 means "never"
     n_queries: int
     grid: np.ndarray  # score quantiles at 0, 0.001, …, 1 of the tuning part's top scores
+    nonlandmark: bool = False  # the tuning part has a per-query non-landmark signal: search its term
 
     def value(self, u: float) -> float:
         """The score at quantile u of the tuning part's top scores."""
@@ -38,7 +41,8 @@ class Space:
         top = data.score[:, 0]
         grid = np.quantile(top, np.linspace(0.0, 1.0, 1001)) if len(top) else np.zeros(1001)
         hi = int(np.ceil(data.max_inliers(0.99))) + 1
-        return cls(kmax=data.kmax, hi=max(2, min(hi, 1000)), n_queries=max(1, data.n), grid=grid)
+        return cls(kmax=data.kmax, hi=max(2, min(hi, 1000)), n_queries=max(1, data.n), grid=grid,
+                   nonlandmark="nonlandmark" in data.extra)
 
 
 def suggest_policy(trial, kind: str, space: Space) -> dict:
@@ -79,6 +83,10 @@ def suggest_policy(trial, kind: str, space: Space) -> dict:
         }
     else:
         pol["frequency"] = None
+    if space.nonlandmark:
+        pol["nonlandmark"] = ({"above": trial.suggest_float("nl_above", 0.0, 1.0),
+                               "factor": trial.suggest_float("nl_factor", 0.0, 1.0)}
+                              if trial.suggest_categorical("nonlandmark", [False, True]) else None)
     return pol
 
 
@@ -94,6 +102,8 @@ def identity_params(kind: str, space: Space) -> dict:
                            f"b{b}_promote_at": space.hi + 1, f"b{b}_promote_to": 0.0})
     else:
         params.update(k=1, a=0.0, b=0.0, floor=1.0)
+    if space.nonlandmark:
+        params["nonlandmark"] = False
     return params
 
 
@@ -101,6 +111,8 @@ def seed_rule_params(space: Space, kind: str) -> dict:
     """Trial parameters closest to `seed_rules()` (edges and values mapped to score quantiles)."""
     rules = seed_rules()
     params = {"aggregator": rules["aggregator"], "swap": False, "frequency": False}
+    if space.nonlandmark:
+        params["nonlandmark"] = False
     if kind == "auto":
         params["kind"] = "bands"
     params.update({f"edge{i}": space.quantile(e) for i, e in enumerate(rules["edges"])})
