@@ -639,6 +639,21 @@ def embed_command(run_dir: str, as_json: bool, **options) -> None:
                    f"{resumed}, {info['images_per_s']} images/s")
 
 
+def _search_options(f):
+    """The blocked exact search's options (pipeline.model.knn.search), shared by `glr knn` and `glr nonlandmark`."""
+    for decorate in reversed((
+        click.option("--block-size", type=click.IntRange(min=1), default=65536, show_default=True,
+                     help="Rows of the searched file (index or pool) per block (memory ≈ 4 B × query block × "
+                          "block size, ×3 at most)."),
+        click.option("--query-block", type=click.IntRange(min=1), default=1024, show_default=True,
+                     help="Query rows per block."),
+        click.option("--backend", type=click.Choice(["numpy", "tf"]), default="numpy", show_default=True,
+                     help="numpy (BLAS on the CPU) or tf (TensorFlow's matmul and top-k; on a GPU when visible)."),
+    )):
+        f = decorate(f)
+    return f
+
+
 @cli.command("knn")
 @click.argument("queries", type=click.Path(dir_okay=False))
 @click.argument("index", type=click.Path(dir_okay=False))
@@ -649,12 +664,7 @@ def embed_command(run_dir: str, as_json: bool, **options) -> None:
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Classes kept per query.")
 @click.option("--score", type=click.Choice(["sum", "max"]), default="sum", show_default=True,
               help="Class score: sum of its neighbours' similarities / k, or its best similarity (negatives count 0).")
-@click.option("--block-size", type=click.IntRange(min=1), default=65536, show_default=True,
-              help="Index rows per block (memory ≈ 4 B × query block × block size, ×3 at most).")
-@click.option("--query-block", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Query rows per block.")
-@click.option("--backend", type=click.Choice(["numpy", "tf"]), default="numpy", show_default=True,
-              help="numpy (BLAS on the CPU) or tf (TensorFlow's matmul and top-k; on a GPU when visible).")
+@_search_options
 @quiet_option
 @json_option
 def knn_command(queries: str, index: str, as_json: bool, **options) -> None:
@@ -683,12 +693,7 @@ def knn_command(queries: str, index: str, as_json: bool, **options) -> None:
 @click.option("--out", required=True, type=Output(), help="Non-landmark table (id, nonlandmark), Parquet.")
 @click.option("--k", "k", type=click.IntRange(min=1), default=1, show_default=True,
               help="Signal = mean of the k best similarities to the pool (negatives count 0).")
-@click.option("--block-size", type=click.IntRange(min=1), default=65536, show_default=True,
-              help="Pool rows per block.")
-@click.option("--query-block", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Query rows per block.")
-@click.option("--backend", type=click.Choice(["numpy", "tf"]), default="numpy", show_default=True,
-              help="numpy (BLAS on the CPU) or tf (TensorFlow's matmul; on a GPU when visible).")
+@_search_options
 @quiet_option
 @json_option
 def nonlandmark_command(queries: str, pool: str, as_json: bool, **options) -> None:

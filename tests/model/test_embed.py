@@ -13,19 +13,9 @@ from submissions.errors import UserError
 @pytest.fixture(scope="module")
 def run_and_comp(tmp_path_factory):
     """A head-only run (1 epoch) on 3 landmarks at 32 px, weights none; one test image corrupt."""
-    from pipeline.acquire.competition import Competition
-    from pipeline.acquire.synth import make_competition
-    from pipeline.model.train import train
+    from tests.model.tiny import tiny_run
 
-    root = tmp_path_factory.mktemp("embed") / "comp"
-    make_competition(root, seed=3, landmarks=3, per_landmark=6, test=11, distractor_frac=0.25, size=32)
-    comp = Competition(root)
-    bad = comp.test_ids[4]
-    comp.image_path(bad, "test").write_bytes(b"garbage")
-    out = root.parent / "run"
-    train(root, backbone="vgg16", out=out, weights="none", image_size=32, epochs=1, fine_tune_epochs=0,
-          batch_size=8, precision="fp32")
-    return out, root, bad
+    return tiny_run(tmp_path_factory.mktemp("embed"), seed=3, landmarks=3, per_landmark=6, test=11, epochs=1, bad=4)
 
 
 @pytest.mark.slow

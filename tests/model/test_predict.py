@@ -17,19 +17,9 @@ from submissions.errors import UserError
 @pytest.fixture(scope="module")
 def run_and_comp(tmp_path_factory):
     """A head-only run (2 epochs on bottleneck features) on 4 landmarks at 32 px; one test image corrupt."""
-    from pipeline.acquire.competition import Competition
-    from pipeline.acquire.synth import make_competition
-    from pipeline.model.train import train
+    from tests.model.tiny import tiny_run
 
-    root = tmp_path_factory.mktemp("pred") / "comp"
-    make_competition(root, seed=2, landmarks=4, per_landmark=8, test=12, distractor_frac=0.25, size=32)
-    comp = Competition(root)
-    bad = comp.test_ids[5]
-    comp.image_path(bad, "test").write_bytes(b"garbage")
-    out = root.parent / "run"
-    train(root, backbone="vgg16", out=out, weights="none", image_size=32, epochs=2, fine_tune_epochs=0,
-          batch_size=8, precision="fp32")
-    return out, root, bad
+    return tiny_run(tmp_path_factory.mktemp("pred"), seed=2, landmarks=4, per_landmark=8, test=12, epochs=2, bad=5)
 
 
 @pytest.mark.slow
