@@ -48,7 +48,8 @@ def _run_notebook(demo: Path, bundle: Path, tmp: Path) -> tuple[float | None, st
         "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"], "language": "python",
         "display_name": "kaggle-like"}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "PIP_"))}
-    env.update(GLR_KAGGLE_INPUT=str(kin), GLR_KAGGLE_WORKING=str(kwork), JUPYTER_PATH=str(tmp / "jupyter"),
+    env.update(GLR_KAGGLE_INPUT=str(kin), GLR_KAGGLE_WORKING=str(kwork), GLR_KAGGLE_SCRATCH=str(tmp / "scratch"),
+               JUPYTER_PATH=str(tmp / "jupyter"),
                JUPYTER_DATA_DIR=str(tmp / "jupyter"), PIP_NO_CACHE_DIR="1", HOME=str(tmp))
     t0 = time.perf_counter()
     proc = subprocess.run(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" -c "$1" "$2" "$3" "$4"',

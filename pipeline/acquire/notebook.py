@@ -22,7 +22,7 @@ from submissions.files import atomic_write_json, atomic_write_text
 
 NOTEBOOK = "glr-submit.ipynb"
 METADATA = "kernel-metadata.json"
-INPUT_ENV, WORKING_ENV = "GLR_KAGGLE_INPUT", "GLR_KAGGLE_WORKING"
+INPUT_ENV, WORKING_ENV, SCRATCH_ENV = "GLR_KAGGLE_INPUT", "GLR_KAGGLE_WORKING", "GLR_KAGGLE_SCRATCH"
 GPU_PRECISIONS = ("auto", "fp16")  # a run meant for a GPU: Kaggle's GPU notebooks run it at these
 
 
@@ -56,7 +56,9 @@ def _cells(competition: str, bundle_slug: str, infer_args: list[str]) -> list:
             f'WORKING = pathlib.Path(os.environ.get("{WORKING_ENV}", "/kaggle/working"))\n'
             f'COMPETITION = INPUT / "{competition}"\n'
             f'BUNDLE = INPUT / "{bundle_slug}"\n'
-            'SUBMISSION = WORKING / "submission.csv"\n\n\n'
+            'SUBMISSION = WORKING / "submission.csv"\n'
+            "# local features and intermediate tables: off /kaggle/working (limited, and saved as outputs)\n"
+            f'SCRATCH = pathlib.Path(os.environ.get("{SCRATCH_ENV}", "/tmp/glr"))\n\n\n'
             "def sh(*cmd):\n"
             '    """Run a command, showing its output here; stop the notebook when it fails."""\n'
             "    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)\n"
@@ -80,7 +82,9 @@ def _cells(competition: str, bundle_slug: str, infer_args: list[str]) -> list:
             'print("accelerator:", gpus or f"none (CPU, {os.cpu_count()} cores)")'),
         new_code_cell(
             'sh(sys.executable, "-m", "pipeline.cli", "infer", str(BUNDLE), "--data-dir", str(COMPETITION),\n'
-            f'   "--out", str(SUBMISSION){"".join(", " + json.dumps(a) for a in infer_args)})'),
+            f'   "--out", str(SCRATCH / "submission.csv"), "--cache-dir", str(SCRATCH / "cache")'
+            f'{"".join(", " + json.dumps(a) for a in infer_args)})\n'
+            'shutil.copyfile(SCRATCH / "submission.csv", SUBMISSION)  # the only output Kaggle needs'),
         new_code_cell(
             "import pandas as pd\n\n"
             "sub = pd.read_csv(SUBMISSION)\n"

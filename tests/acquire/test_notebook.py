@@ -47,6 +47,7 @@ def test_notebook_folder_is_kaggles_format_internet_off(finished_run, tmp_path):
     assert '"--no-index", "--find-links", str(BUNDLE / "wheels"), "glr"' in code
     assert 'os.environ.get("GLR_KAGGLE_INPUT", "/kaggle/input")' in code
     assert 'os.environ.get("GLR_KAGGLE_WORKING", "/kaggle/working")' in code
+    assert 'os.environ.get("GLR_KAGGLE_SCRATCH", "/tmp/glr")' in code and '"--cache-dir"' in code
     assert 'BUNDLE = INPUT / "glr-test-bundle"' in code and f'COMPETITION = INPUT / "{COMP}"' in code
     assert '"infer", str(BUNDLE), "--data-dir", str(COMPETITION)' in code and '"--expect-test=12"' in code
     # the run's precision (auto) asks for a GPU unless told otherwise
@@ -193,7 +194,8 @@ def test_notebook_runs_offline_in_a_fresh_venv_and_reproduces_the_submission(fin
     (spec / "kernel.json").write_text(json.dumps({
         "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "kaggle-like", "language": "python"}))
-    env.update(GLR_KAGGLE_INPUT=str(kin), GLR_KAGGLE_WORKING=str(kwork), JUPYTER_PATH=str(tmp_path / "jupyter"),
+    env.update(GLR_KAGGLE_INPUT=str(kin), GLR_KAGGLE_WORKING=str(kwork), GLR_KAGGLE_SCRATCH=str(tmp_path / "scratch"),
+               JUPYTER_PATH=str(tmp_path / "jupyter"),
                JUPYTER_DATA_DIR=str(tmp_path / "jupyter"), PIP_NO_CACHE_DIR="1", HOME=str(tmp_path))
     executed = tmp_path / "executed.ipynb"
     proc = subprocess.run(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" -c "$1" "$2" "$3" "$4"',
@@ -205,6 +207,7 @@ def test_notebook_runs_offline_in_a_fresh_venv_and_reproduces_the_submission(fin
     out = "".join(o.get("text", "") for c in nbformat.read(executed, as_version=4).cells for o in c.get("outputs", []))
     assert "Successfully installed glr" in out and "accelerator:" in out
     assert (kwork / "submission.csv").read_bytes() == (finished_run / "run" / "submission.csv").read_bytes()
+    assert sorted(p.name for p in kwork.iterdir()) == ["submission.csv"]  # caches and tables stay in scratch
 
 
 @pytest.mark.slow
