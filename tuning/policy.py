@@ -430,29 +430,28 @@ def _check_bands(policy: dict, where: str) -> None:
         _number(b, "promote_to", w, 0.0)
 
 
+def _option(policy: dict, name: str, keys: tuple[str, ...], where: str) -> dict | None:
+    """An optional term of a policy (swap, frequency, nonlandmark): None, or an object of known keys."""
+    d = policy.get(name)
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: {name} must be null or an object")
+    _known_keys(d, keys, f"{where}: {name}", name)
+    return d
+
+
 def _check_options(policy: dict, kind: str, where: str) -> None:
     """swap, frequency, nonlandmark and study: null or an object of known keys."""
-    swap = policy.get("swap")
-    if swap is not None:
-        if not isinstance(swap, dict):
-            raise UserError(f"{where}: swap must be null or an object")
-        _known_keys(swap, _SWAP_KEYS, f"{where}: swap", "swap")
+    if (swap := _option(policy, "swap", _SWAP_KEYS, where)) is not None:
         _number(swap, "margin", f"{where}: swap")
         if kind == "identity":
             _need(policy, "aggregator", where, str)
             _k(policy, where)
-    freq = policy.get("frequency")
-    if freq is not None:
-        if not isinstance(freq, dict):
-            raise UserError(f"{where}: frequency must be null or an object")
-        _known_keys(freq, _FREQUENCY_KEYS, f"{where}: frequency", "frequency")
+    if (freq := _option(policy, "frequency", _FREQUENCY_KEYS, where)) is not None:
         _number(freq, "max_share", f"{where}: frequency", 0.0, 1.0)
         _number(freq, "factor", f"{where}: frequency", 0.0)
-    nl = policy.get("nonlandmark")
-    if nl is not None:
-        if not isinstance(nl, dict):
-            raise UserError(f"{where}: nonlandmark must be null or an object")
-        _known_keys(nl, _NONLANDMARK_KEYS, f"{where}: nonlandmark", "nonlandmark")
+    if (nl := _option(policy, "nonlandmark", _NONLANDMARK_KEYS, where)) is not None:
         _number(nl, "above", f"{where}: nonlandmark", 0.0, 1.0)
         _number(nl, "factor", f"{where}: nonlandmark", 0.0, 1.0)
     study = policy.get("study")
