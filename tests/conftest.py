@@ -26,3 +26,18 @@ def synth_comp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "comp"
     make_competition(root, **SYNTH_COMP_ARGS)
     return root
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny `glr run` (synthetic competition, one vgg16, 1 epoch): `root/run`, `root/comp`,
+    `root/glr.toml`. Read it only; a test that runs `glr run` again there must leave its outputs as they were."""
+    from pipeline.acquire.synth import make_competition
+    from tests.run.test_stages import TINY, glr
+
+    root = tmp_path_factory.mktemp("finished")
+    make_competition(root / "comp", landmarks=4, per_landmark=8, test=12, size=64, seed=0)
+    (root / "glr.toml").write_text(TINY.format(epochs=1, trials=2))
+    res = glr("run", "glr.toml", "-q", cwd=root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return root

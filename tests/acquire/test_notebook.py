@@ -13,7 +13,7 @@ import pytest
 
 from tests.acquire.test_kaggle import _env, _home, _one_line_error, glr
 from tests.fake_kaggle import FakeKaggle
-from tests.run.test_bundle import DATASET, bundle, finished_run  # noqa: F401  (fixtures)
+from tests.run.test_bundle import DATASET, bundle  # noqa: F401  (a fixture)
 
 COMP = "landmark-recognition-2021"
 KERNEL = "alice/glr-landmark-recognition-2021"
@@ -31,7 +31,7 @@ def _notebook(run: Path, out: Path, *extra: str, env: dict | None = None) -> sub
 
 
 @pytest.mark.slow
-def test_notebook_folder_is_kaggles_format_internet_off(finished_run, tmp_path):  # noqa: F811
+def test_notebook_folder_is_kaggles_format_internet_off(finished_run, tmp_path):
     import nbformat
 
     res = _notebook(finished_run / "run", tmp_path / "k", "--cpu", "--expect-test", "12")
@@ -56,7 +56,7 @@ def test_notebook_folder_is_kaggles_format_internet_off(finished_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_push_wait_then_submit_the_kernel_version(finished_run, tmp_path):  # noqa: F811
+def test_push_wait_then_submit_the_kernel_version(finished_run, tmp_path):
     home = _home(tmp_path)
     with _fake() as fk:
         env = _env(fk, home)
@@ -84,7 +84,7 @@ def test_push_wait_then_submit_the_kernel_version(finished_run, tmp_path):  # no
 
 
 @pytest.mark.slow
-def test_kernel_that_fails_on_kaggle_shows_its_log_tail(finished_run, tmp_path):  # noqa: F811
+def test_kernel_that_fails_on_kaggle_shows_its_log_tail(finished_run, tmp_path):
     home = _home(tmp_path)
     with _fake(kernel_error="Traceback (most recent call last):\nValueError: boom in infer") as fk:
         res = _notebook(finished_run / "run", tmp_path / "k", "--push", "--wait", "--poll", "0", env=_env(fk, home))
@@ -98,7 +98,7 @@ def test_kernel_that_fails_on_kaggle_shows_its_log_tail(finished_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_push_with_a_dataset_kaggle_does_not_have_is_one_line(finished_run, tmp_path):  # noqa: F811
+def test_push_with_a_dataset_kaggle_does_not_have_is_one_line(finished_run, tmp_path):
     home = _home(tmp_path)
     with FakeKaggle(code_competitions={COMP}) as fk:
         res = _notebook(finished_run / "run", tmp_path / "k", "--push", env=_env(fk, home))
@@ -211,7 +211,7 @@ def test_notebook_runs_offline_in_a_fresh_venv_and_reproduces_the_submission(fin
 
 
 @pytest.mark.slow
-def test_run_with_notebook_and_submit_uploads_pushes_waits_and_submits(finished_run, tmp_path):  # noqa: F811
+def test_run_with_notebook_and_submit_uploads_pushes_waits_and_submits(finished_run, tmp_path):
     """[kaggle] notebook = true + submit = true: the upload stage takes the code-competition route."""
     root = finished_run
     toml = (root / "glr.toml").read_text()  # [data] competition: the default, landmark-recognition-2021

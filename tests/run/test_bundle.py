@@ -12,22 +12,9 @@ import pytest
 
 from tests.acquire.test_kaggle import _env, _home, _one_line_error, glr as glr_kaggle
 from tests.fake_kaggle import FakeKaggle
-from tests.run.test_stages import TINY, glr
+from tests.run.test_stages import glr
 
 DATASET = "alice/glr-test-bundle"
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    """A finished tiny run (synthetic competition, one vgg16, 1 epoch): `root/run`, `root/comp`."""
-    from pipeline.acquire.synth import make_competition
-
-    root = tmp_path_factory.mktemp("bundle")
-    make_competition(root / "comp", landmarks=4, per_landmark=8, test=12, size=64, seed=0)
-    (root / "glr.toml").write_text(TINY.format(epochs=1, trials=2))
-    res = glr("run", "glr.toml", "-q", cwd=root)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,6 @@ def _digests(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    from pipeline.acquire.synth import make_competition
-
-    root = tmp_path_factory.mktemp("infer")
-    make_competition(root / "comp", landmarks=4, per_landmark=8, test=12, size=64, seed=0)
-    (root / "glr.toml").write_text(TINY.format(epochs=1, trials=2))
-    res = glr("run", "glr.toml", "-q", cwd=root)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return root
-
-
 @pytest.mark.slow
 def test_infer_reproduces_the_runs_submission_and_leaves_the_run_alone(finished_run, tmp_path):
     run_dir = finished_run / "run"
