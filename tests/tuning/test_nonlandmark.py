@@ -23,30 +23,16 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def make_tables(n=1200, classes=30, cands=3, refs=3, seed=0):
-    """Validation predictions, inliers, solution and a planted non-landmark signal. Inliers carry no
-    information (Poisson 8 for every candidate) and scores barely separate right from wrong, so
-    rescoring by inliers cannot help; the signal is high (0.7 ± 0.12) for non-landmark queries and
-    low (0.3 ± 0.12) for landmark ones."""
-    rng = np.random.default_rng(seed)
-    ids = np.array([f"q{i:05d}" for i in range(n)], dtype=object)
-    has = rng.random(n) < 0.6
-    truth = rng.integers(0, classes, n)
-    lm = np.stack([rng.permutation(classes)[:cands] for _ in range(n)])
-    right = has & (rng.random(n) < 0.6)
-    fix = right & (lm[:, 0] != truth)
-    lm[fix, 1:] = np.where(lm[fix, 1:] == truth[fix, None], lm[fix, :1], lm[fix, 1:])
-    lm[fix, 0] = truth[fix]
-    score = np.sort(rng.random((n, cands)), axis=1)[:, ::-1] * 0.9 + 0.05
-    inl = rng.poisson(8.0, (n, cands, refs))
-    preds = pd.DataFrame({"id": np.repeat(ids, cands), "landmark_id": lm.ravel(),
-                          "score": score.ravel().astype(np.float32), "rank": np.tile(np.arange(cands, dtype=np.int16), n)})
-    inliers = pd.DataFrame({"id": np.repeat(ids, cands * refs), "landmark_id": np.repeat(lm.ravel(), refs),
-                            "ref_id": [f"r{k}" for k in range(n * cands * refs)], "inliers": inl.ravel().astype(np.int32)})
-    solution = pd.DataFrame({"id": ids, "landmarks": [str(t) if h else "" for t, h in zip(truth, has)],
-                             "Usage": np.where(rng.random(n) < 0.5, "Public", "Private")})
+    """Validation predictions, inliers and solution as test_tune makes them without an inlier signal
+    (Poisson 8 for every candidate: rescoring by inliers cannot help), plus a planted non-landmark
+    signal: high (0.7 ± 0.12) for non-landmark queries, low (0.3 ± 0.12) for landmark ones."""
+    from tests.tuning.test_tune import make_tables as tune_tables
+
+    preds, inliers, solution = tune_tables(n=n, classes=classes, cands=cands, refs=refs, signal=False, seed=seed)
+    has = (solution["landmarks"] != "").to_numpy()
+    rng = np.random.default_rng(seed + 1)
     signal = np.clip(np.where(has, 0.3, 0.7) + rng.normal(0, 0.12, n), 0.0, 1.0)
-    nl = pd.DataFrame({"id": ids, "nonlandmark": signal})
-    return preds, inliers, solution, nl
+    return preds, inliers, solution, pd.DataFrame({"id": solution["id"], "nonlandmark": signal})
 
 
 # ------------------------------------------------------------------------------ the signal
