@@ -271,7 +271,8 @@ def verify(preds: str | os.PathLike | pd.DataFrame, data_dir: str | os.PathLike,
                         embeddings=embeddings, ref_embeddings=ref_embeddings)
 
     settings, fingerprint = settings_fingerprint(comp.root, config, mcfg)
-    parts = _parts_dir(out, fingerprint, images_digest(comp, plan))
+    images = images_digest(comp, plan)  # the table written holds exactly the plan's pairs: its digest too
+    parts = _parts_dir(out, fingerprint, images)
     done = _read_parts(parts)
     previous = _reusable_rows(out, fingerprint, comp)
     if previous is not None and len(previous):  # a finished run with the same settings: keep its counts
@@ -291,7 +292,7 @@ def verify(preds: str | os.PathLike | pd.DataFrame, data_dir: str | os.PathLike,
         raise RuntimeError("internal error: some planned pairs have no inlier count")
     result = validate_inliers(result)
     stats = {"computed_pairs": int(len(todo)), "reused_pairs": int(len(plan) - len(todo))}
-    record = {"fingerprint": fingerprint, "settings": settings, "images": images_digest(comp, result), **stats}
+    record = {"fingerprint": fingerprint, "settings": settings, "images": images, **stats}
     write_inliers(result, out, {META_KEY: json.dumps(record, sort_keys=True)})
     if parts.exists():
         shutil.rmtree(parts, ignore_errors=True)
