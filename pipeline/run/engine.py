@@ -54,6 +54,7 @@ class Context:
     records: dict[str, dict]
     resume: bool = False  # the stage was interrupted before with the same config and inputs
     echo: Callable[[str], None] = print
+    external: Any = None  # the running stage's outside inputs as digested for its fingerprint (read once)
 
     @property
     def layout(self) -> Layout:
@@ -341,6 +342,7 @@ def execute(stages: list[Stage], run_dir: str | os.PathLike, cfg: dict | None = 
             echo(f"[run ] {stage.name}: {why}")
             ctx.resume = bool(rec and rec.get("status") == "running" and rec.get("config_hash") == config_hash
                               and rec.get("inputs") == inputs and i not in forced)
+            ctx.external = external
             current[stage.name] = _run_stage(stage, ctx, manifest, rec, config_hash, inputs, external)
         if dry_run:
             _echo_plan(run_dir, plan_rows, echo)
