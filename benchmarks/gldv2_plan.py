@@ -23,7 +23,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._results import write_section  # noqa: E402
-from pipeline.run.costs import GB, Limits, dry_run, fmt_bytes  # noqa: E402
+from pipeline.caches import human_bytes  # noqa: E402
+from pipeline.run.costs import GB, Limits, dry_run  # noqa: E402
 
 ROWS, CLASSES, TEST, MAX_CLASS = 1_580_470, 81_313, 117_577, 6_272
 LIMITS = Limits(ram=24 * GB, ram_available=24 * GB, run_free=500 * GB, cache_free=500 * GB, same_disk=True)
@@ -78,8 +79,8 @@ def _table(result: dict, lines: list[str], seconds: float) -> str:
 def _totals(result: dict) -> str:
     t = result["totals"]
     return (f"Total: {t['seconds'] / 3600:.0f} h of compute on this 2-core machine, "
-            f"{fmt_bytes(t['disk_run_bytes'] + t['disk_cache_bytes'])} of disk "
-            f"({fmt_bytes(t['disk_cache_bytes'])} of it shared cache), peak RAM {fmt_bytes(t['ram_bytes'])} "
+            f"{human_bytes(t['disk_run_bytes'] + t['disk_cache_bytes'])} of disk "
+            f"({human_bytes(t['disk_cache_bytes'])} of it shared cache), peak RAM {human_bytes(t['ram_bytes'])} "
             f"({t['ram_stage']}).")
 
 

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.caches import human_bytes
 from pipeline.parallel import available_cores
 
 KB, MB, GB = 1e3, 1e6, 1e9
@@ -543,13 +544,6 @@ class Limits:
 
 # -- the plan ------------------------------------------------------------------------------------------
 
-def fmt_bytes(n: float) -> str:
-    for unit, size in (("TB", 1e12), ("GB", GB), ("MB", MB), ("KB", KB)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
-
-
 def fmt_seconds(s: float) -> str:
     if s < 60:
         return f"{s:.0f} s"
@@ -679,12 +673,12 @@ def warnings_of(plan: dict) -> list[str]:
     lines = []
     for pr in plan["problems"]:
         if pr["kind"] == "ram":
-            lines.append(f"warning: {pr['stage']} needs ~{fmt_bytes(pr['need'])} RAM, the machine has "
-                         f"{fmt_bytes(pr['have'])}: lower {' or '.join(pr['options'])}")
+            lines.append(f"warning: {pr['stage']} needs ~{human_bytes(pr['need'])} RAM, the machine has "
+                         f"{human_bytes(pr['have'])}: lower {' or '.join(pr['options'])}")
         else:
-            what = f" (the largest part: {pr['biggest']}, {fmt_bytes(pr['biggest_bytes'])})" if pr["biggest"] else ""
+            what = f" (the largest part: {pr['biggest']}, {human_bytes(pr['biggest_bytes'])})" if pr["biggest"] else ""
             lines.append(f"warning: disk: by the end of {pr['stage']} the {pr['where']} will hold "
-                         f"{fmt_bytes(pr['need'])}, {fmt_bytes(pr['have'])} free{what}: set "
+                         f"{human_bytes(pr['need'])}, {human_bytes(pr['have'])} free{what}: set "
                          f"{' or '.join(pr['options'])}")
     if plan["fixes"]:
         lines.append(f"warning: the whole run fits with any one of: {'; '.join(plan['fixes'])}")
@@ -698,8 +692,8 @@ def format_plan(plan: dict) -> list[str]:
     def cells(c: dict | None) -> tuple[str, ...]:
         if c is None:
             return ("-", "-", "-", "-")
-        return (f"{c['images']:,}", fmt_seconds(c["seconds"]), fmt_bytes(c["disk_run_bytes"] + c["disk_cache_bytes"]),
-                fmt_bytes(c["ram_bytes"]))
+        return (f"{c['images']:,}", fmt_seconds(c["seconds"]), human_bytes(c["disk_run_bytes"] + c["disk_cache_bytes"]),
+                human_bytes(c["ram_bytes"]))
 
     known = plan["counts"] is not None
     extra = [cells(s["cost"]) if known else ("?",) * 4 for s in plan["stages"]]
@@ -711,12 +705,12 @@ def format_plan(plan: dict) -> list[str]:
                         "(fetch = true downloads it in the data stage)"]
     c = plan["counts"]
     lines += [
-        f"total of the stages to run: {fmt_seconds(tot['seconds'])}, disk {fmt_bytes(tot['disk_run_bytes'])} in the "
-        f"run folder + {fmt_bytes(tot['disk_cache_bytes'])} in the cache, peak RAM {fmt_bytes(tot['ram_bytes'])}"
+        f"total of the stages to run: {fmt_seconds(tot['seconds'])}, disk {human_bytes(tot['disk_run_bytes'])} in the "
+        f"run folder + {human_bytes(tot['disk_cache_bytes'])} in the cache, peak RAM {human_bytes(tot['ram_bytes'])}"
         + (f" ({tot['ram_stage']})" if tot["ram_stage"] else ""),
-        f"this machine: {fmt_bytes(lim['ram_bytes'])} RAM ({fmt_bytes(lim['ram_available_bytes'])} available); "
-        f"free disk {fmt_bytes(lim['run_free_bytes'])} at {plan['run_dir']}"
-        + ("" if lim["same_disk"] else f", {fmt_bytes(lim['cache_free_bytes'])} at {plan['cache_dir']}")
+        f"this machine: {human_bytes(lim['ram_bytes'])} RAM ({human_bytes(lim['ram_available_bytes'])} available); "
+        f"free disk {human_bytes(lim['run_free_bytes'])} at {plan['run_dir']}"
+        + ("" if lim["same_disk"] else f", {human_bytes(lim['cache_free_bytes'])} at {plan['cache_dir']}")
         + (f" (cache {plan['cache_dir']} on the same disk)" if lim["same_disk"] else ""),
         f"competition: {c['train_images']:,} training images, {c['classes']:,} classes, {c['test_images']:,} test "
         f"images; rates: {plan['rates']['source']} ({plan['rates']['machine']}, {plan['rates']['cores_here']} "
