@@ -73,12 +73,17 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def free_bytes(path: str | os.PathLike) -> int:
-    """Free space on the disk that holds `path` (or its nearest existing parent)."""
+def existing_parent(path: str | os.PathLike) -> Path:
+    """`path`, or its nearest parent that exists: where a folder to be made will live."""
     p = Path(path).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
-    return shutil.disk_usage(p).free
+    return p
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free space on the disk that holds `path` (or its nearest existing parent)."""
+    return shutil.disk_usage(existing_parent(path)).free
 
 
 def announce(folder: Path, what: str, n_new: int, n_have: int, row_bytes: int) -> int:

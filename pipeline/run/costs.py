@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.caches import human_bytes
+from pipeline.caches import existing_parent, human_bytes
 from pipeline.parallel import available_cores
 
 KB, MB, GB = 1e3, 1e6, 1e9
@@ -513,16 +513,9 @@ def memory() -> dict:
     return {"total": total, "available": out.get("MemAvailable", total)}
 
 
-def _existing(path: Path) -> Path:
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def disk(path: str | os.PathLike) -> dict:
     """{"path", "free", "device"} of the filesystem that holds (or will hold) `path`."""
-    p = _existing(Path(path))
+    p = existing_parent(path)
     return {"path": str(path), "free": shutil.disk_usage(p).free, "device": os.stat(p).st_dev}
 
 
