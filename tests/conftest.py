@@ -28,10 +28,10 @@ def synth_comp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny `glr run` (synthetic competition, one vgg16, 1 epoch): `root/run`, `root/comp`,
-    `root/glr.toml`. Read it only; a test that runs `glr run` again there must leave its outputs as they were."""
+    `root/glr.toml`. One per test module: some modules run `glr run` there again with more stages."""
     from pipeline.acquire.synth import make_competition
     from tests.run.test_stages import TINY, glr
 
