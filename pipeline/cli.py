@@ -665,26 +665,48 @@ def _search_options(f):
 @click.option("--score", type=click.Choice(["sum", "max"]), default="sum", show_default=True,
               help="Class score: sum of its neighbours' similarities / k, or its best similarity (negatives count 0).")
 @_search_options
+@click.option("--search", "method", type=click.Choice(["exact", "ivf", "hnsw"]), default="exact", show_default=True,
+              help="exact (blocked matmul), or an approximate faiss index in RAM (N × D × 4 B; pip install "
+                   "glr[ann]): ivf (inverted lists) or hnsw (neighbour graph).")
+@click.option("--nlist", type=click.IntRange(min=0), default=0, show_default=True,
+              help="ivf: lists (k-means centroids); 0 = about 4·sqrt(index rows).")
+@click.option("--nprobe", type=click.IntRange(min=1), default=16, show_default=True,
+              help="ivf: lists scanned per query (more: higher recall, slower; = nlist: exact).")
+@click.option("--hnsw-m", type=click.IntRange(min=2), default=32, show_default=True, help="hnsw: links per node.")
+@click.option("--ef-search", type=click.IntRange(min=1), default=64, show_default=True,
+              help="hnsw: search breadth (at least k is used; more: higher recall, slower).")
+@click.option("--recall-sample", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="ivf/hnsw: queries (seeded sample) searched exactly too, to measure recall@k; 0 = skip.")
 @quiet_option
 @json_option
 def knn_command(queries: str, index: str, as_json: bool, **options) -> None:
-    """Exact cosine kNN of query embeddings among index embeddings; classes scored from the neighbours.
+    """Cosine kNN of query embeddings among index embeddings; classes scored from the neighbours.
 
     QUERIES and INDEX are embeddings files (`glr embed`, `glr predict --embeddings`). The table has
-    the predictions contract, so `glr ensemble` averages it with classifier members.
+    the predictions contract, so `glr ensemble` averages it with classifier members. The search is
+    exact by default; `--search ivf|hnsw` uses a faiss index and prints its recall@k against the
+    exact search on `--recall-sample` queries.
 
     \b
     Example:
       glr knn emb/test.npy emb/train.npy --labels data/train.csv --out preds/knn.parquet --k 20
+      glr knn emb/test.npy emb/train.npy --labels data/train.csv --out preds/knn.parquet --search ivf --nprobe 32
     """
     from pipeline.model.knn import knn
 
     info = knn(queries, index, **options).stats()
     if as_json:
         echo_json(info)
-    else:
+        return
+    if info["method"] == "exact":
         click.echo(f"{info['out']}: {info['queries']} queries × {info['index']} index rows ({info['dim']}-D), "
                    f"top-{info['k']} neighbours in {info['seconds']} s ({info['gflops']} GFLOP/s)")
+        return
+    click.echo(f"{info['out']}: {info['queries']} queries × {info['index']} index rows ({info['dim']}-D), "
+               f"top-{info['k']} neighbours ({info['params']}): index built in {info['build_seconds']} s, "
+               f"searched in {info['seconds']} s")
+    if info["recall_queries"]:
+        click.echo(f"recall@{info['k']} vs exact on {info['recall_queries']} sampled queries: {info['recall']:.3f}")
 
 
 @cli.command("nonlandmark")

@@ -19,6 +19,10 @@ scores stay finite and >= 0 as the predictions contract asks). `sum`: a class's 
 over its neighbours among the k, divided by k (so it lies in [0, 1], like a classifier's
 probability, and `glr ensemble` can average it with them); `max`: its best neighbour's similarity.
 Equal scores go to the lower landmark id.
+
+Approximate search (`method="ivf"` or `"hnsw"`, faiss, optional): pipeline.model.knn_ann builds the
+index and searches it; its neighbours feed the same class scoring, and the exact search on a seeded
+sample of the queries (`recall_sample`) gives the recall@k that the result reports.
 """
 from __future__ import annotations
 
@@ -204,7 +208,12 @@ class KnnResult:
     dim: int
     k: int
     seconds: float
-    gflops: float
+    gflops: float | None  # exact search only
+    method: str = "exact"
+    params: str = ""  # the approximate index's parameters, in words
+    build_seconds: float | None = None
+    recall: float | None = None  # recall@k vs exact on recall_queries sampled queries (approximate only)
+    recall_queries: int = 0
 
     def stats(self) -> dict:
         return dict(self.__dict__)
@@ -212,13 +221,23 @@ class KnnResult:
 
 def knn(queries_path: str | os.PathLike, index_path: str | os.PathLike, *, labels: str | os.PathLike,
         out: str | os.PathLike, k: int = 20, top_k: int = 5, block_size: int = 65536, query_block: int = 1024,
-        score: str = "sum", backend: str = "numpy") -> KnnResult:
-    """Search every query among the index (exact cosine, blocked), score classes from the neighbours
-    and write the predictions table to `out`."""
+        score: str = "sum", backend: str = "numpy", method: str = "exact", nlist: int = 0, nprobe: int = 16,
+        hnsw_m: int = 32, ef_search: int = 64, recall_sample: int = 1000) -> KnnResult:
+    """Search every query among the index (exact cosine, blocked; or `method` ivf/hnsw through faiss,
+    its recall@k measured on `recall_sample` queries), score classes from the neighbours and write the
+    predictions table to `out`."""
     from pipeline.model.embeddings import read_embeddings
     from submissions.tables import write_predictions
 
-    for name, v in (("--k", k), ("--top-k", top_k), ("--block-size", block_size), ("--query-block", query_block)):
+    if method not in ("exact", "ivf", "hnsw"):
+        raise UserError(f"--search {method!r}: choose one of exact, ivf, hnsw")
+    if method != "exact":
+        from pipeline.model.knn_ann import import_faiss
+
+        import_faiss()  # before reading anything: the missing package is the first thing to say
+    for name, v in (("--k", k), ("--top-k", top_k), ("--block-size", block_size), ("--query-block", query_block),
+                    ("--nprobe", nprobe), ("--hnsw-m", hnsw_m), ("--ef-search", ef_search),
+                    ("--recall-sample", recall_sample + 1), ("--nlist", nlist + 1)):
         if v < 1:
             raise UserError(f"{name} {v}: must be at least 1")
     if score not in SCORES:
@@ -229,6 +248,11 @@ def knn(queries_path: str | os.PathLike, index_path: str | os.PathLike, *, label
         raise UserError(f"{queries_path}: {queries.shape[1]}-D queries but {index_path} holds {index.shape[1]}-D "
                         "rows; embed both with the same model")
     row_labels = index_labels(x_ids, labels)
+    if method != "exact":
+        return _knn_approximate(q_ids, queries, index, row_labels, out=out, k=k, top_k=top_k, score=score,
+                                block_size=block_size, query_block=query_block, backend=backend, method=method,
+                                nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search,
+                                recall_sample=recall_sample)
     t0 = time.perf_counter()
     sims, rows = search(queries, index, k, block_size=block_size, query_block=query_block, backend=backend)
     secs = time.perf_counter() - t0
@@ -236,3 +260,28 @@ def knn(queries_path: str | os.PathLike, index_path: str | os.PathLike, *, label
     flops = 2.0 * len(queries) * len(index) * queries.shape[1]
     return KnnResult(str(out), len(queries), len(index), int(queries.shape[1]), k, round(secs, 3),
                      round(flops / max(secs, 1e-9) / 1e9, 2))
+
+
+def _knn_approximate(q_ids: list[str], queries: np.ndarray, index: np.ndarray, row_labels: np.ndarray, *,
+                     out, k: int, top_k: int, score: str, block_size: int, query_block: int, backend: str,
+                     method: str, nlist: int, nprobe: int, hnsw_m: int, ef_search: int,
+                     recall_sample: int) -> KnnResult:
+    """`knn` through a faiss index (pipeline.model.knn_ann): build (its RAM said first), search,
+    recall@k against the exact search on a sample of the queries, the same class scoring."""
+    from pipeline.model.knn_ann import AnnParams, announce_memory, ann_search, build_index, sampled_recall
+    from submissions.tables import write_predictions
+
+    params = AnnParams(method, nlist=nlist, nprobe=nprobe, m=hnsw_m, ef_search=ef_search)
+    announce_memory(params, len(index), int(index.shape[1]))
+    t0 = time.perf_counter()
+    ann = build_index(index, params, block_size=block_size)
+    t1 = time.perf_counter()
+    sims, rows = ann_search(ann, queries, k, query_block=query_block)
+    secs = time.perf_counter() - t1
+    del ann
+    recall, m = sampled_recall(queries, index, rows, k, recall_sample, block_size=block_size,
+                               query_block=query_block, backend=backend)
+    write_predictions(class_scores(q_ids, sims, rows, row_labels, top_k=top_k, score=score), out)
+    return KnnResult(str(out), len(queries), len(index), int(queries.shape[1]), k, round(secs, 3), None,
+                     method, params.describe(len(index)), round(t1 - t0, 3),
+                     round(recall, 4) if m else None, m)
