@@ -112,6 +112,20 @@ PREDICT = Section("predict", "`glr predict`: top-k landmarks of every image.", (
            choices=PRECISIONS, advanced=True),
 ))
 
+KNN = Section("knn", "Retrieval members (`[[models]] kind = \"retrieval\"`): `glr embed` of the training and test "
+              "images with the member's model, then `glr knn` (exact cosine kNN; classes scored from the neighbours).", (
+    Option("k", 20, "Neighbours per query.", type=int, min=1),
+    Option("score", "sum", "Class score: sum of its neighbours' similarities / k (in [0, 1], averaged with "
+           "classifiers' probabilities as is), or its best similarity (negatives count 0).", choices=("sum", "max")),
+    Option("float16", False, "Store the embeddings as float16 (half the disk; about 1e-3 per component).",
+           type=bool),
+    Option("block_size", 65536, "Index rows per block (memory ≈ 4 B × query block × block size, ×3 at most).",
+           type=int, min=1, advanced=True),
+    Option("query_block", 1024, "Query rows per block.", type=int, min=1, advanced=True),
+    Option("backend", "numpy", "numpy (BLAS on the CPU) or tf (TensorFlow's matmul and top-k; on a GPU when "
+           "visible).", choices=("numpy", "tf"), advanced=True),
+))
+
 ENSEMBLE = Section("ensemble", "`glr ensemble`: weighted average of the models' predictions.", (
     Option("weights", [], "One weight per model (per [[models]] entry, in order); empty = equal weights. On the "
            "command line: comma-separated.", type=list, item=float, min=0),
@@ -164,12 +178,14 @@ REPORT = Section("report", "report.html.", (
 ))
 
 # the `glr run` config's sections, in file order ([[models]] comes after [train])
-SECTIONS: tuple[Section, ...] = (RUN, DATA, LOCALVAL, TRAIN, PREDICT, ENSEMBLE, VERIFY, TUNE, SUBMISSION,
+SECTIONS: tuple[Section, ...] = (RUN, DATA, LOCALVAL, TRAIN, PREDICT, KNN, ENSEMBLE, VERIFY, TUNE, SUBMISSION,
                                  KAGGLE, REPORT)
 BY_NAME = {s.name: s for s in SECTIONS}
 # [train] keys about the run, not about one model: never set per [[models]] entry, never passed to `glr train`
 RUN_LEVEL_TRAIN_KEYS = tuple(o.name for o in TRAIN.options if not o.cli)
 DEFAULT_MODELS = [{"backbone": b} for b in BACKBONES]
+# what a [[models]] entry's predictions come from: its classifier head, or kNN over its embeddings ([knn])
+MODEL_KINDS = ("classifier", "retrieval")
 # `glr features` and `glr match` take the extractor subset of [verify]
 EXTRACTOR_KEYS = ("extractor", "max_side", "n_features", "delf_handle")
 MATCH_KEYS = ("ratio", "mutual", "model", "method", "threshold", "seed")
@@ -290,7 +306,11 @@ def example_config() -> str:
                       "model;", "# `name` is the stage and folder name (default: the backbone)."]
             for m in DEFAULT_MODELS:
                 lines += ["[[models]]", f"{'backbone = ' + _toml(m['backbone']):<28} # {' | '.join(BACKBONES)}", ""]
-            lines.pop()
+            lines += ["# A retrieval member ([knn]): kind = \"retrieval\" predicts by kNN of its embeddings among the",
+                      "# training images, usually with a metric-learning head:",
+                      "# [[models]]", "# name = \"arcface\"", "# backbone = \"resnet50\"",
+                      f"# {'kind = ' + _toml('retrieval'):<26} # {' | '.join(MODEL_KINDS)}",
+                      "# head = \"arcface\"", "# pooling = \"gem\"", "# embedding_dim = 512"]
     return "\n".join(lines) + "\n"
 
 
@@ -315,6 +335,9 @@ def config_reference() -> str:
         out.append("")
         if sec is TRAIN:
             out += ["## [[models]]", "", "One table per model, in order: `backbone` (" + ", ".join(BACKBONES)
-                    + "), optional `name` (stage and folder name; default: the backbone), and any [train] key "
+                    + "), optional `name` (stage and folder name; default: the backbone), optional `kind` ("
+                    + " \\| ".join(MODEL_KINDS) + "; default classifier: the head's predictions; retrieval: kNN of "
+                    "the model's embeddings among the training images, see [knn], usually with head = \"arcface\" "
+                    "and pooling = \"gem\"), and any [train] key "
                     "but " + ", ".join(RUN_LEVEL_TRAIN_KEYS) + ". Default: one model per backbone.", ""]
     return "\n".join(out)

@@ -91,6 +91,11 @@ def load_run_model(run_dir: str | os.PathLike, precision: str | None = None):
     manifest = json.loads(mpath.read_text())
     labels = read_labels(run_dir)
     policy = M._POLICY[M.set_precision(precision)] if precision is not None else None
+    if precision is None and manifest.get("precision") in M._POLICY:
+        # load under the global policy it was trained under: Keras gives the nested base model (and the
+        # input) the global policy at load time, which moves a GeM embedding by ~1e-3 — a fresh process
+        # must compute what the training process (glr run's later stages) computes
+        M.set_precision(manifest["precision"])
     model = M.load_model(run_dir / "model.keras")
     if policy is not None and _policy(model) != policy:
         rebuilt = M.build_model(manifest["backbone"], int(model.output.shape[-1]), manifest["image_size"], "none",

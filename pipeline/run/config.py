@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.run.layout import check_name, check_submission_file
-from pipeline.options import BACKBONES, BY_NAME, DEFAULT_MODELS, RUN_LEVEL_TRAIN_KEYS, SECTIONS, TRAIN
+from pipeline.options import BACKBONES, BY_NAME, DEFAULT_MODELS, MODEL_KINDS, RUN_LEVEL_TRAIN_KEYS, SECTIONS, TRAIN
 from submissions.errors import UserError
 from tuning.options import check_storage_spec
 
@@ -58,17 +58,22 @@ def _models(raw: Any, train: dict) -> list[dict]:
         if name in names:
             raise UserError(f"{where} name: {name!r} is used twice; give each model a distinct name")
         names.add(name)
+        kind = m.get("kind", "classifier")
+        if kind not in MODEL_KINDS:
+            raise UserError(f"{where} kind: {kind!r} is not one of {', '.join(MODEL_KINDS)}")
         merged = {k: v for k, v in train.items() if k not in RUN_LEVEL_TRAIN_KEYS}
         for k, v in m.items():
-            if k in ("backbone", "name"):
+            if k in ("backbone", "name", "kind"):
                 continue
             if k in RUN_LEVEL_TRAIN_KEYS:
                 raise UserError(f"{where} {k}: set it once in [train]; it applies to every model")
             if k not in TRAIN:
-                raise UserError(f"{where} {k}: unknown key; known keys: backbone, name, "
+                raise UserError(f"{where} {k}: unknown key; known keys: backbone, name, kind, "
                                 f"{', '.join(o.name for o in TRAIN.options if o.cli)}")
             merged[k] = TRAIN[k].check(v, f"{where} {k}")
-        models.append({"name": name, "backbone": m["backbone"], **merged})
+        # kind only when retrieval: a classifier entry (and its stages' fingerprints) as before kinds existed
+        models.append({"name": name, "backbone": m["backbone"], **({"kind": kind} if kind != "classifier" else {}),
+                       **merged})
     return models
 
 

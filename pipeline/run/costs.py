@@ -60,6 +60,8 @@ RATES: dict[str, Any] = {
     # per core, one BLAS thread: matching + RANSAC of one pair, scaled to 1000 keypoints per image
     "match_per_core": {"sift": 195.0, "orb": 250.0, "delf": 150.0},
     "table_rows_per_s": 1.6e6,  # predictions rows written + read back (parquet)
+    # exact kNN (retrieval members): GFLOP/s of the blocked float32 search, whole machine (benchmarks/knn.py)
+    "knn_gflops": 48.0,
     "tune_row_trials_per_s": 5.0e6,  # GAP evaluations: rows × trials per second (not measured)
     "tune_trial_s": 0.05,  # Optuna's own work per trial (sampler, storage; not measured)
     "stat_per_s": 590_000.0,  # file existence checks, warm (localval checks every training image)
@@ -406,17 +408,24 @@ def _split_disk(c: Cost) -> Cost:
 def _predict_cost(p: _Plan, model: dict, embeddings: bool) -> Cost:
     b, size, r = model["backbone"], model["image_size"], p.rates
     pr = p.cfg["predict"]
+    retrieval = model.get("kind") == "retrieval"
+    embeddings = embeddings or retrieval
     val_fit, test_fit = p.fit(model, False), p.test_fit(model)
     parts = [(p.lv["queries"], val_fit), (p.counts.test_images, test_fit)]
-    if embeddings:  # the training images of each part, as references for refs = nearest
+    if embeddings:  # the training images of each part: references for refs = nearest, a retrieval member's index
         parts += [(p.lv["train_images"], val_fit), (p.counts.rows, test_fit)]
+    dim = model.get("embedding_dim") or EMBEDDING_DIM[b]
     c = Cost(images=sum(n for n, _ in parts))
     for n, fit in parts:
         ph = head_params(b, fit["classes"], size)
         c.seconds += n * (1 / r.decode(size) + 1 / r.forward(b, size) + r.head_forward(ph))
         c.parts["predictions"] = c.parts.get("predictions", 0) + n * pr["top_k"] * PRED_ROW_BYTES + PARQUET_FILE_BYTES
         if embeddings:
-            c.parts["embeddings"] = c.parts.get("embeddings", 0) + n * EMBEDDING_DIM[b] * 4
+            width = 2 if retrieval and p.cfg["knn"]["float16"] else 4
+            c.parts["embeddings"] = c.parts.get("embeddings", 0) + n * dim * width
+    if retrieval:  # every query against every training image of its part
+        flops = 2.0 * dim * (p.lv["queries"] * p.lv["train_images"] + p.counts.test_images * p.counts.rows)
+        c.seconds += flops / (r.r.get("knn_gflops", RATES["knn_gflops"]) * 1e9)
     classes = max(fit["classes"] for _, fit in parts)
     full_params = BASE_PARAMS[b] + head_params(b, classes, size)
     act = ACTIVATION_BYTES_PER_PIXEL[b] * size * size * INFERENCE_ACTIVATION_SHARE

@@ -69,6 +69,43 @@ def predict_refs(cfg: dict, model_dir: Path, data_dir: Path, out: Path, embeddin
     return predict(model_dir, data_dir, split="train", out=out, embeddings=embeddings, **cfg["predict"])
 
 
+def is_retrieval(model: dict) -> bool:
+    """A [[models]] entry predicting by kNN of its embeddings ([knn]) rather than by its head."""
+    return model.get("kind", "classifier") == "retrieval"
+
+
+def embed_index(cfg: dict, model_dir: Path, data_dir: Path, out: Path):
+    """`glr embed` of a folder's training images: a retrieval member's index (grows with train, not test)."""
+    from pipeline.model.predict import embed
+
+    p = cfg["predict"]
+    return embed(model_dir, data_dir, split="train", out=out, batch_size=p["batch_size"], precision=p["precision"],
+                 float16=cfg["knn"]["float16"])
+
+
+def retrieval_part(cfg: dict, model_dir: Path, data_dir: Path, out: Path, queries: Path, index: Path) -> float:
+    """A retrieval member's predictions of a folder's test images: `glr embed` of them into `queries`, then
+    `glr knn` among `index` (embed_index) with the run's [knn] options. Returns the seconds spent."""
+    from pipeline.model.knn import knn
+    from pipeline.model.predict import embed
+
+    p, kn = cfg["predict"], cfg["knn"]
+    q = embed(model_dir, data_dir, split="test", out=queries, batch_size=p["batch_size"], precision=p["precision"],
+              float16=kn["float16"])
+    res = knn(queries, index, labels=Path(data_dir) / "train.csv", out=out, k=kn["k"], top_k=p["top_k"],
+              score=kn["score"], block_size=kn["block_size"], query_block=kn["query_block"], backend=kn["backend"])
+    return q.seconds + res.seconds
+
+
+def member_part(cfg: dict, model: dict, model_dir: Path, data_dir: Path, out: Path,
+                embeddings: Path | None = None, index: Path | None = None) -> float:
+    """One [[models]] member's predictions of a folder's test images (a classifier's `glr predict`, or
+    retrieval_part, whose `index` embed_index wrote); returns the seconds spent streaming images."""
+    if is_retrieval(model):
+        return retrieval_part(cfg, model_dir, data_dir, out, queries=embeddings, index=index)
+    return predict_part(cfg, model_dir, data_dir, out, embeddings=embeddings).seconds
+
+
 def ensemble_part(cfg: dict, paths: list[Path], out: Path):
     """`glr ensemble` of the models' tables (in [[models]] order) with the run's [ensemble] options."""
     from pipeline.model.ensemble import ensemble
@@ -133,7 +170,7 @@ def train_stage(ctx: Context, model: dict, full: bool) -> dict:
     out = ctx.layout.model_dir(model["name"], full)
     if out.exists() and not ctx.resume:
         shutil.rmtree(out)  # a stale run of another config, written by this stage: start afresh
-    options = {k: v for k, v in model.items() if k not in ("name", "backbone")}
+    options = {k: v for k, v in model.items() if k not in ("name", "backbone", "kind")}
     source = _data_dir(ctx) if full else ctx.layout.localval
     # one cache for both fits: the local-validation folder's images are links to the competition's
     cache_dir = ctx.cfg["run"]["cache_dir"] or cache_root(_data_dir(ctx))
@@ -141,17 +178,22 @@ def train_stage(ctx: Context, model: dict, full: bool) -> dict:
     return jsonable({k: m.get(k) for k in ("final", "best", "timings", "n_classes", "resumed", "caches")})
 
 
-def predict_stage(ctx: Context, model: str, embeddings: bool) -> dict:
-    """`glr predict` of one model on both parts (val by the split model; test by the model final_fit chose)."""
-    lay = ctx.layout
-    folders = {"val": lay.model_dir(model), "test": test_model_dir(lay, ctx.cfg, model)}
+def predict_stage(ctx: Context, model: dict, embeddings: bool) -> dict:
+    """One model's predictions of both parts (val by the split model; test by the model final_fit chose):
+    `glr predict`, or for a retrieval member `glr embed` of the part's training and test images + `glr knn`."""
+    lay, name = ctx.layout, model["name"]
+    folders = {"val": lay.model_dir(name), "test": test_model_dir(lay, ctx.cfg, name)}
     out: dict = {"models": {part: lay.rel(f) for part, f in folders.items()}}
+    retrieval = is_retrieval(model)
     for part in PARTS:
-        ddir, target = _part_dir(ctx, part), lay.predictions(model, part)
-        predict_part(ctx.cfg, folders[part], ddir, target, embeddings=lay.embeddings(model, part) if embeddings else None)
-        if embeddings:  # references for refs = nearest: the training images of the same folder
-            predict_refs(ctx.cfg, folders[part], ddir, lay.train_predictions(model, part),
-                         lay.embeddings(model, part, train=True))
+        ddir, target = _part_dir(ctx, part), lay.predictions(name, part)
+        queries, index = lay.embeddings(name, part), lay.embeddings(name, part, train=True)
+        if retrieval:  # its index is also the references of refs = nearest
+            embed_index(ctx.cfg, folders[part], ddir, index)
+        member_part(ctx.cfg, model, folders[part], ddir, target,
+                    embeddings=queries if embeddings or retrieval else None, index=index)
+        if embeddings and not retrieval:  # references for refs = nearest: the training images of the same folder
+            predict_refs(ctx.cfg, folders[part], ddir, lay.train_predictions(name, part), index)
         out[part] = _evaluate(target, ddir)
     return out
 
@@ -300,17 +342,20 @@ def plan(cfg: dict) -> list[Stage]:
     for kind, full, source in [("train", False, "localval")] + ([("train_all", True, "data")] if final_all else []):
         for m in models:
             f = lay.model_files(m["name"], full)
+            # the kind is not a training option: turning a member into a retrieval one keeps its models
             stages.append(Stage(f"{kind}:{m['name']}", partial(train_stage, model=m, full=full), deps=[source],
-                                config=m, outputs=[rel(f["model"]), rel(f["manifest"])],
+                                config={k: v for k, v in m.items() if k != "kind"},
+                                outputs=[rel(f["model"]), rel(f["manifest"])],
                                 digest=[rel(f["model"]), rel(f["labels"])]))
-    for i, name in enumerate(names):
-        emb = nearest and i == 0
+    for i, (name, m) in enumerate(zip(names, models)):
+        emb, retrieval = nearest and i == 0, is_retrieval(m)
         outputs = [rel(lay.predictions(name, part)) for part in PARTS]
-        if emb:
+        if emb or retrieval:
             outputs += [rel(lay.embeddings(name, part, train)) for part in PARTS for train in (False, True)]
         deps = ["data", "localval", f"train:{name}"] + ([f"train_all:{name}"] if final_all else [])
-        stages.append(Stage(f"predict:{name}", partial(predict_stage, model=name, embeddings=emb), deps=deps,
+        stages.append(Stage(f"predict:{name}", partial(predict_stage, model=m, embeddings=emb), deps=deps,
                             config={"predict": cfg["predict"], "embeddings": emb,
+                                    **({"retrieval": cfg["knn"]} if retrieval else {}),
                                     **({"test_models": rel(lay.model_dir("", full=True))} if final_all else {})},
                             outputs=outputs))
     stages.append(Stage("ensemble", ensemble_stage, deps=[f"predict:{n}" for n in names],

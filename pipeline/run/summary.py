@@ -34,10 +34,12 @@ def summary_rows(manifest: dict) -> list[tuple[str, float | None, float | None]]
         val, test = m.get("val") or {}, m.get("test") or {}
         return val.get("gap"), test.get("gap")
 
+    retrieval = {m.get("name") for m in (manifest.get("config") or {}).get("models", []) if m.get("kind") == "retrieval"}
     rows = []
     for name in manifest.get("plan", []):
         if name.startswith("predict:"):
-            rows.append((f"model {name.split(':', 1)[1]}", *gaps(name)))
+            model = name.split(":", 1)[1]
+            rows.append((f"model {model}{' (retrieval: kNN)' if model in retrieval else ''}", *gaps(name)))
     rows.append(("ensemble", *gaps("ensemble")))
     rows.append(("ensemble + rescoring", *gaps("rescore")))
     return rows

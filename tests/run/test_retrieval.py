@@ -1,0 +1,99 @@
+"""A retrieval member in `glr run` (`[[models]] kind = "retrieval"`): embed + exact kNN as an ensemble member,
+its index serving as refs = nearest, reproduced by `glr infer`, and its own fingerprint ([knn])."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.run.test_stages import TINY, glr
+
+RETRIEVAL = """
+[[models]]
+name = "arc"
+backbone = "vgg16"
+kind = "retrieval"
+head = "arcface"
+pooling = "gem"
+embedding_dim = 32
+[knn]
+k = 5
+"""
+
+
+def _config(epochs: int = 1) -> str:
+    """TINY with the retrieval member first (so its index is refs = nearest's references) and the classifier."""
+    toml = TINY.format(epochs=epochs, trials=2).replace("[[models]]", RETRIEVAL.strip() + "\n[[models]]", 1)
+    return toml.replace("[verify]\n", '[verify]\nrefs = "nearest"\n')
+
+
+def _brute_force_top1(queries: np.ndarray, index: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray,
+                                                                                                     np.ndarray]:
+    """Per query: the class with the largest sum of max(similarity, 0) over its top-k neighbours, / k."""
+    sims = queries.astype(np.float64) @ index.astype(np.float64).T
+    best, scores = [], []
+    for row in sims:
+        top = np.argsort(-row, kind="stable")[:k]
+        per = pd.Series(np.maximum(row[top], 0)).groupby(labels[top]).sum() / k
+        best.append(per.idxmax())
+        scores.append(per.max())
+    return np.array(best), np.array(scores)
+
+
+@pytest.mark.slow
+def test_a_retrieval_member_runs_beside_a_classifier_and_infer_reproduces_it(tmp_path):
+    from pipeline.acquire.synth import make_competition
+    from pipeline.model.embeddings import read_embeddings
+    from pipeline.run.layout import Layout
+    from submissions.tables import read_predictions
+
+    make_competition(tmp_path / "comp", landmarks=4, per_landmark=8, test=12, size=64, seed=0)
+    (tmp_path / "glr.toml").write_text(_config())
+    res = glr("run", "glr.toml", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert re.search(r"model arc \(retrieval: kNN\)\s+\d\.\d{4}", res.stdout), res.stdout
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert all(r["status"] == "done" for r in manifest["stages"].values())
+    assert manifest["stages"]["predict:arc"]["metrics"]["val"]["gap"] is not None
+
+    # the member's table is the kNN of its stored embeddings: the brute-force top class and score
+    lay = Layout(tmp_path / "run")
+    for part, folder in (("val", lay.localval), ("test", tmp_path / "comp")):
+        q_ids, q = read_embeddings(lay.embeddings("arc", part))
+        x_ids, x = read_embeddings(lay.embeddings("arc", part, train=True))
+        train = pd.read_csv(folder / "train.csv").set_index("id")["landmark_id"]
+        assert sorted(x_ids) == sorted(train.index) and len(q_ids) == len(pd.read_csv(folder / "sample_submission.csv"))
+        best, score = _brute_force_top1(np.asarray(q), np.asarray(x), train.loc[x_ids].to_numpy(), k=5)
+        top = read_predictions(lay.predictions("arc", part)).query("rank == 0").set_index("id").loc[q_ids]
+        assert (top["landmark_id"].to_numpy() == best).all(), part
+        np.testing.assert_allclose(top["score"].to_numpy(), score, atol=1e-5)
+
+    # the test-time half on the same competition: the same submission, byte for byte
+    out = glr("infer", "run", "--data-dir", "comp", "--out", "out/submission.csv", "--expect-test", "100", "--json",
+              "-q", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "out" / "submission.csv").read_bytes() == (tmp_path / "run" / "submission.csv").read_bytes()
+    figures = json.loads(out.stdout)
+    assert figures["stages"]["index"]["images_per_s"] > 0 and "references" not in figures["stages"]
+
+    # [knn] is the member's own setting: changing it redoes its predictions, not its training
+    (tmp_path / "glr.toml").write_text(_config().replace("k = 5", "k = 3"))
+    plan = glr("run", "glr.toml", "--dry-run", cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    assert re.search(r"train:arc\s+skip\s+unchanged", plan.stdout), plan.stdout
+    assert re.search(r"predict:arc\s+run\s+config changed", plan.stdout), plan.stdout
+    assert re.search(r"predict:vgg16\s+skip\s+unchanged", plan.stdout), plan.stdout
+
+
+def test_a_models_kind_is_checked(tmp_path):
+    from pipeline.run.config import validate
+
+    with pytest.raises(Exception, match=r"\[\[models\]\] #1 kind: 'knn' is not one of classifier, retrieval"):
+        validate({"models": [{"backbone": "vgg16", "kind": "knn"}]}, tmp_path)
+    cfg = validate({"models": [{"backbone": "vgg16"}, {"backbone": "vgg16", "name": "r", "kind": "retrieval"}]},
+                   tmp_path)
+    assert "kind" not in cfg["models"][0] and cfg["models"][1]["kind"] == "retrieval"
+    assert cfg["knn"]["k"] == 20 and cfg["knn"]["score"] == "sum"
