@@ -9,7 +9,8 @@ measures the recall it got instead of assuming it (`recall_at_k`).
 
 Memory (said before building, `announce_memory`): both indexes hold every index row as float32 in
 RAM (N × D × 4 B: 3.2 GB at 1.58M × 512), plus the lists' ids (IVF, 8 B a row) or the graph's
-links (HNSW, about 2·M × 4 B a row). IVF's k-means trains on a seeded sample of at most
+links (HNSW, about 2·M × 4 B a row; its single row array is copied when it grows, so up to
+N × D × 4 B more while rows are added). IVF's k-means trains on a seeded sample of at most
 `TRAIN_PER_LIST` × nlist rows, gathered in one pass over the file. The index file (memory-mapped by
 read_embeddings) is added to faiss block by block through `knn.read_rows`: never a second full copy.
 
@@ -75,7 +76,7 @@ def index_bytes(params: AnnParams, n: int, dim: int) -> tuple[int, int]:
         nlist = params.nlist or default_nlist(n)
         train = min(n, TRAIN_PER_LIST * nlist) * dim * 4
         return vectors + n * 8 + nlist * dim * 4, train
-    return vectors + int(n * (2 * params.m * 4 * 1.1 + 16)), 0
+    return vectors + int(n * (2 * params.m * 4 * 1.1 + 16)), vectors  # its one row array is copied as it grows
 
 
 def _available_bytes() -> int | None:
@@ -94,7 +95,8 @@ def announce_memory(params: AnnParams, n: int, dim: int) -> int:
 
     held, transient = index_bytes(params, n, dim)
     avail = _available_bytes()
-    extra = f" (+ {human_bytes(transient)} k-means sample while training)" if transient else ""
+    extra = (f" (+ {human_bytes(transient)} k-means sample while training)" if params.kind == "ivf" else
+             f" (up to {human_bytes(transient)} more while its row array grows)")
     print(f"{params.describe(n)} index in RAM: {n:,} rows × {dim}-D, {human_bytes(held)}{extra}; "
           f"{human_bytes(avail) if avail is not None else 'unknown'} available", file=sys.stderr, flush=True)
     if avail is not None and held + transient > avail:
