@@ -308,9 +308,9 @@ def example_config() -> str:
                 lines += ["[[models]]", f"{'backbone = ' + _toml(m['backbone']):<28} # {' | '.join(BACKBONES)}", ""]
             lines += ["# A retrieval member ([knn]): kind = \"retrieval\" predicts by kNN of its embeddings among the",
                       "# training images, usually with a metric-learning head:",
-                      "# [[models]]", "# name = \"arcface\"", "# backbone = \"resnet50\"",
-                      f"# {'kind = ' + _toml('retrieval'):<26} # {' | '.join(MODEL_KINDS)}",
-                      "# head = \"arcface\"", "# pooling = \"gem\"", "# embedding_dim = 512"]
+                      "#   [[models]]", "#   name = \"arcface\"", "#   backbone = \"resnet50\"",
+                      f"#   {'kind = ' + _toml('retrieval'):<24} # {' | '.join(MODEL_KINDS)}",
+                      "#   head = \"arcface\"", "#   pooling = \"gem\"", "#   embedding_dim = 512"]
     return "\n".join(lines) + "\n"
 
 

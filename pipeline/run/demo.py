@@ -1,8 +1,9 @@
 """`glr demo`: the embedded default — a synthetic mini-competition and the whole pipeline on it.
 
-Small enough to finish in a few minutes on two CPU cores (12 landmarks × 30 photos at 64 px,
-models from scratch, head epochs on bottleneck features, SIFT verification, a modest Optuna
-budget), yet every stage is the real one, so the same folder is a template for `glr run`.
+Small enough to finish in a few minutes on two CPU cores (12 landmarks × 30 photos at 64 px, three
+classifiers and one retrieval member (ArcFace + kNN) from scratch, head epochs on bottleneck
+features, SIFT verification, a modest Optuna budget), yet every stage is the real one, so the same
+folder is a template for `glr run`.
 """
 from __future__ import annotations
 
@@ -52,6 +53,17 @@ backbone = "vgg19"
 
 [[models]]
 backbone = "resnet50"
+
+[[models]]                   # a retrieval member: ArcFace + GeM embeddings, classes by kNN among the
+name = "arcface"             # training images ([knn]), averaged with the classifiers like any member
+backbone = "vgg16"
+kind = "retrieval"
+head = "arcface"
+pooling = "gem"
+embedding_dim = 64
+
+[knn]
+k = 10
 
 [predict]
 top_k = 5

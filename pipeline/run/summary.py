@@ -39,7 +39,7 @@ def summary_rows(manifest: dict) -> list[tuple[str, float | None, float | None]]
     for name in manifest.get("plan", []):
         if name.startswith("predict:"):
             model = name.split(":", 1)[1]
-            rows.append((f"model {model}{' (retrieval: kNN)' if model in retrieval else ''}", *gaps(name)))
+            rows.append((f"model {model}{' (kNN)' if model in retrieval else ''}", *gaps(name)))
     rows.append(("ensemble", *gaps("ensemble")))
     rows.append(("ensemble + rescoring", *gaps("rescore")))
     return rows
@@ -80,9 +80,10 @@ def summary_table(manifest: dict) -> str:
 
     rows = summary_rows(manifest)
     has_test = any(t is not None for _, _, t in rows)
-    lines = ["", f"{'GAP':<24} {'local val':>10}" + (f" {'test':>8}" if has_test else "")]
+    w = max([24] + [len(what) + 1 for what, _, _ in rows])
+    lines = ["", f"{'GAP':<{w}} {'local val':>10}" + (f" {'test':>8}" if has_test else "")]
     for what, val, test in rows:
-        lines.append(f"{what:<24} {f(val):>10}" + (f" {f(test):>8}" if has_test else ""))
+        lines.append(f"{what:<{w}} {f(val):>10}" + (f" {f(test):>8}" if has_test else ""))
     which = predicting_models(manifest)
     if which:
         lines += textwrap.wrap(which, 100, subsequent_indent="  ", break_on_hyphens=False)

@@ -6,6 +6,8 @@ schema rather than compare copies.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import json
 import tomllib
 
@@ -199,16 +201,22 @@ def test_every_config_key_reaches_the_function_that_uses_it(tmp_path, monkeypatc
                         spy("localval", dict.fromkeys(["train_images", "train_classes", "queries",
                                                        "landmark_queries", "non_landmark_queries"], 0)))
     monkeypatch.setattr(pipeline.model.train, "train", spy("train", {}))
-    monkeypatch.setattr(pipeline.model.predict, "predict", spy("predict", None))
+    import pipeline.model.knn
+
+    done = SimpleNamespace(seconds=0.0)
+    monkeypatch.setattr(pipeline.model.predict, "predict", spy("predict", done))
+    monkeypatch.setattr(pipeline.model.predict, "embed", spy("embed", done))  # a retrieval member's embeddings
+    monkeypatch.setattr(pipeline.model.knn, "knn", spy("knn", done))
     monkeypatch.setattr(pipeline.model.ensemble, "ensemble", spy("ensemble", None))
     monkeypatch.setattr(pipeline.verify.inliers, "verify",
                         spy("verify", pipeline.verify.inliers.VerifyResult(pd.DataFrame(), 0, 0)))
     monkeypatch.setattr(tuning.search, "tune", spy("tune", {"accepted": True}))
     raw = {name: {o.name: _other(o) for o in BY_NAME[name].options if o.config and o.name != "cache_dir"}
-           for name in ("localval", "train", "predict", "ensemble", "verify", "tune")}
+           for name in ("localval", "train", "predict", "knn", "ensemble", "verify", "tune")}
     raw["train"].pop("final_fit")
     raw["verify"]["refs"] = "random"  # nearest needs embeddings written by predict
-    raw["models"] = [{"backbone": "vgg16"}]
+    raw["models"] = [{"backbone": "vgg16"}, {"backbone": "vgg16", "name": "r", "kind": "retrieval"}]
+    raw["ensemble"]["weights"] = [2.0, 2.0]
     raw["data"] = {"data_dir": str(tmp_path)}
     cfg = validate(raw, tmp_path)
     ctx = Context(tmp_path / "run", cfg, {"tune": {"inputs": {}}}, echo=lambda s: None)
@@ -218,12 +226,9 @@ def test_every_config_key_reaches_the_function_that_uses_it(tmp_path, monkeypatc
     for name, values in raw.items():
         if name in ("models", "data"):
             continue
-        calls = seen[name]
-        for key, value in values.items():
-            want = value
-            if name == "ensemble" and key == "weights":
-                want = [2.0]
-            got = [c.get(key) for c in calls]
+        for key, want in values.items():
+            # [knn] float16 is the storage of `glr embed`'s output; its other keys go to `glr knn`
+            got = [c.get(key) for c in seen["embed" if (name, key) == ("knn", "float16") else name]]
             assert all(g == want for g in got), f"[{name}] {key}: set {want!r}, the stage passed {got!r}"
 
 

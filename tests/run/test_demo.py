@@ -29,13 +29,13 @@ def test_demo_end_to_end_then_rerun_skips_everything(tmp_path, monkeypatch):
     small = (demo_module.CONFIG.replace("epochs = 40 ", "epochs = 25 ").replace("trials = 60", "trials = 15")
              .replace('[[models]]\nbackbone = "resnet50"\n', "").replace('[[models]]\nbackbone = "vgg19"\n', "")
              .replace("examples = 6", "examples = 3"))
-    assert small.count("[[models]]") == 1
+    assert small.count("[[models]]") == 2 and 'kind = "retrieval"' in small  # vgg16 and the retrieval member
     monkeypatch.setattr(demo_module, "CONFIG", small)
     out = tmp_path / "demo"
     res = CliRunner().invoke(cli, ["demo", "--out", str(out), "-q"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     text = res.output
-    for needle in ("model vgg16", "ensemble + rescoring", "time per stage", "train:vgg16", "tune",
+    for needle in ("model vgg16", "model arcface (kNN)", "ensemble + rescoring", "time per stage", "train:vgg16", "tune",
                    f"submission: {out / 'run' / 'submission.csv'}", f"report:     {out / 'run' / 'report.html'}"):
         assert needle in text, needle
     assert "tuning part" in text and "held-out part" in text

@@ -54,7 +54,7 @@ def test_a_retrieval_member_runs_beside_a_classifier_and_infer_reproduces_it(tmp
     (tmp_path / "glr.toml").write_text(_config())
     res = glr("run", "glr.toml", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert re.search(r"model arc \(retrieval: kNN\)\s+\d\.\d{4}", res.stdout), res.stdout
+    assert re.search(r"model arc \(kNN\)\s+\d\.\d{4}", res.stdout), res.stdout
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert all(r["status"] == "done" for r in manifest["stages"].values())
     assert manifest["stages"]["predict:arc"]["metrics"]["val"]["gap"] is not None
