@@ -236,10 +236,14 @@ def knn(queries_path: str | os.PathLike, index_path: str | os.PathLike, *, label
 
         import_faiss()  # before reading anything: the missing package is the first thing to say
     for name, v in (("--k", k), ("--top-k", top_k), ("--block-size", block_size), ("--query-block", query_block),
-                    ("--nprobe", nprobe), ("--hnsw-m", hnsw_m), ("--ef-search", ef_search),
-                    ("--recall-sample", recall_sample + 1), ("--nlist", nlist + 1)):
+                    ("--nprobe", nprobe), ("--ef-search", ef_search)):
         if v < 1:
             raise UserError(f"{name} {v}: must be at least 1")
+    if hnsw_m < 2:
+        raise UserError(f"--hnsw-m {hnsw_m}: must be at least 2 (links per node of the graph)")
+    for name, v in (("--recall-sample", recall_sample), ("--nlist", nlist)):
+        if v < 0:
+            raise UserError(f"{name} {v}: must be at least 0")
     if score not in SCORES:
         raise UserError(f"--score {score!r}: choose one of {', '.join(SCORES)}")
     q_ids, queries = read_embeddings(queries_path)
