@@ -36,7 +36,7 @@ def one_seed(seed: int, root: Path) -> dict:
         sys.exit(f"glr demo --seed {seed} failed:\n{res.stderr[-3000:]}")
     seconds = time.perf_counter() - t0
     run = root / "run"
-    manifest = read_manifest(run / "manifest.json")
+    manifest = read_manifest(run)
     models = [m["name"] for m in manifest["config"]["models"]]
     kinds = {m["name"]: m.get("kind", "classifier") for m in manifest["config"]["models"]}
     solution, sample = run / "localval" / "solution.csv", run / "localval"
