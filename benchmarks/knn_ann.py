@@ -2,14 +2,14 @@
 the exact search, on random unit vectors and on clustered ones.
 
     .venv/bin/python benchmarks/knn_ann.py [--index 200000] [--queries 1000] [--dim 512] [--k 20]
-        [--clusters 10000] [--data random clustered] [--kinds ivf hnsw] [--nprobe 8 16 32 64]
+        [--cluster-size 20] [--data random clustered] [--kinds ivf hnsw] [--nprobe 8 16 32 64]
         [--ef-search 32 64 128] [--section knn-ann] [--write]
 
 Data: `--index` + `--queries` float32 rows written as embeddings files (what `glr embed` writes), either
 random unit vectors (no structure: the worst case for IVF, whose lists then split space arbitrarily)
-or a mixture of `--clusters` Gaussian clusters on the sphere (a unit centre plus noise of norm 0.8,
-renormalised: cosine ≈ 0.6 between two rows of a cluster, ≈ 0 across; 20 rows per cluster at 200k,
-GLDv2's ~20 images per class), queries drawn from the same clusters. Ground truth: the exact search
+or a mixture of index / `--cluster-size` Gaussian clusters on the sphere (a unit centre plus noise of
+norm 0.8, renormalised: cosine ≈ 0.6 between two rows of a cluster, ≈ 0 across; 20 rows per cluster
+on average, GLDv2's ~20 images per class), queries drawn from the same clusters. Ground truth: the exact search
 (pipeline.model.knn.search, what `glr knn` runs by default) in this process, timed. Then each index
 kind is built in a fresh subprocess through pipeline.model.knn_ann (what `glr knn --search` runs:
 the index file read memory-mapped and added block by block) and searched once per parameter
@@ -67,12 +67,13 @@ print(json.dumps({"kind": kind, "nlist": default_nlist(len(x)) if kind == "ivf" 
 """
 
 
-def make_files(folder: Path, data: str, n_index: int, n_queries: int, dim: int, clusters: int,
+def make_files(folder: Path, data: str, n_index: int, n_queries: int, dim: int, cluster_size: int,
                seed: int = 0) -> tuple[Path, Path]:
     """Index and query rows as two embeddings files, written chunk by chunk (never all in RAM)."""
     from pipeline.model.embeddings import embedding_writer
 
     rng = np.random.default_rng(seed)
+    clusters = max(1, n_index // cluster_size)
     centres = rng.standard_normal((clusters, dim), np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     paths = []
@@ -117,7 +118,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--k", type=int, default=20)
-    ap.add_argument("--clusters", type=int, default=10_000)
+    ap.add_argument("--cluster-size", type=int, default=20, help="Mean index rows per cluster (clustered data).")
     ap.add_argument("--data", nargs="+", default=["random", "clustered"], choices=["random", "clustered"])
     ap.add_argument("--kinds", nargs="+", default=["ivf", "hnsw"], choices=["ivf", "hnsw"])
     ap.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64])
@@ -129,7 +130,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="glr-knn-ann-bench-") as tmp:
         for data in args.data:
-            xpath, qpath = make_files(Path(tmp), data, args.index, args.queries, args.dim, args.clusters)
+            xpath, qpath = make_files(Path(tmp), data, args.index, args.queries, args.dim, args.cluster_size)
             gt = Path(tmp) / f"{data}-truth.npy"
             exact_s = exact_truth(qpath, xpath, args.k, gt)
             print(json.dumps({"data": data, "exact_s": exact_s}), flush=True)
@@ -209,8 +210,8 @@ NOTES = (
     "while adding (HNSW), which `glr knn` prints before building. "
     "The extrapolation to GLDv2 (1.58M index rows, 117k queries) scales the measured figures: exact search "
     "∝ N per query; IVF (nlist = 4·sqrt(N)) build ∝ N^1.5 (the k-means part grows only ∝ N, so an upper "
-    "bound), a query ∝ sqrt(N) at the same nprobe (whose recall then drops somewhat, as nlist grows: compare "
-    "the 200k and 1M sections); HNSW build ∝ N·log N, a query ∝ log N. The recall sample (1000 queries "
+    "bound), a query ∝ sqrt(N) at the same nprobe (a smaller share of the lists as nlist grows: compare "
+    "the recall of the 200k and 1M sections); HNSW build ∝ N·log N, a query ∝ log N. The recall sample (1000 queries "
     "searched exactly) adds 1000/117k of the exact time, under a minute at that size. The machine is "
     "shared (2 cores, other jobs beside it): times are upper bounds."
 )

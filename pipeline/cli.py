@@ -670,7 +670,7 @@ def _search_options(f):
                    "glr[ann]): ivf (inverted lists) or hnsw (neighbour graph).")
 @click.option("--nlist", type=click.IntRange(min=0), default=0, show_default=True,
               help="ivf: lists (k-means centroids); 0 = about 4·sqrt(index rows).")
-@click.option("--nprobe", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--nprobe", type=click.IntRange(min=1), default=64, show_default=True,
               help="ivf: lists scanned per query (more: higher recall, slower; = nlist: exact).")
 @click.option("--hnsw-m", type=click.IntRange(min=2), default=32, show_default=True, help="hnsw: links per node.")
 @click.option("--ef-search", type=click.IntRange(min=1), default=64, show_default=True,

@@ -221,7 +221,7 @@ class KnnResult:
 
 def knn(queries_path: str | os.PathLike, index_path: str | os.PathLike, *, labels: str | os.PathLike,
         out: str | os.PathLike, k: int = 20, top_k: int = 5, block_size: int = 65536, query_block: int = 1024,
-        score: str = "sum", backend: str = "numpy", method: str = "exact", nlist: int = 0, nprobe: int = 16,
+        score: str = "sum", backend: str = "numpy", method: str = "exact", nlist: int = 0, nprobe: int = 64,
         hnsw_m: int = 32, ef_search: int = 64, recall_sample: int = 1000) -> KnnResult:
     """Search every query among the index (exact cosine, blocked; or `method` ivf/hnsw through faiss,
     its recall@k measured on `recall_sample` queries), score classes from the neighbours and write the
@@ -276,7 +276,7 @@ def _knn_approximate(q_ids: list[str], queries: np.ndarray, index: np.ndarray, r
     from submissions.tables import write_predictions
 
     params = AnnParams(method, nlist=nlist, nprobe=nprobe, m=hnsw_m, ef_search=ef_search)
-    announce_memory(params, len(index), int(index.shape[1]))
+    announce_memory(params, len(index), int(index.shape[1]), block_size)
     t0 = time.perf_counter()
     ann = build_index(index, params, block_size=block_size)
     t1 = time.perf_counter()

@@ -8,7 +8,8 @@ nearest to each query; HNSW walks a neighbour graph. Both trade recall for time,
 measures the recall it got instead of assuming it (`recall_at_k`).
 
 Memory (said before building, `announce_memory`): both indexes hold every index row as float32 in
-RAM (N × D × 4 B: 3.2 GB at 1.58M × 512), plus the lists' ids (IVF, 8 B a row) or the graph's
+RAM (N × D × 4 B: 3.2 GB at 1.58M × 512; IVF's lists, grown by copies, about 20% more), plus the
+lists' ids (IVF, 8 B a row) or the graph's
 links (HNSW, about 2·M × 4 B a row; its single row array is copied when it grows, so up to
 N × D × 4 B more while rows are added). IVF's k-means trains on a seeded sample of at most
 `TRAIN_PER_LIST` × nlist rows, gathered in one pass over the file. The index file (memory-mapped by
@@ -33,6 +34,7 @@ from submissions.errors import UserError
 KINDS = ("ivf", "hnsw")
 TRAIN_PER_LIST = 40  # k-means rows per IVF list (faiss warns under 39)
 EF_CONSTRUCTION = 40  # HNSW's build-time breadth (faiss's default)
+IVF_SLACK = 1.2  # IVF's lists grow by copies: peak RSS measured ~20% above the rows (benchmarks/knn_ann.py)
 _NO_ROW = np.iinfo(np.int64).max
 
 
@@ -58,7 +60,7 @@ class AnnParams:
 
     kind: str
     nlist: int = 0  # ivf: 0 = default_nlist(N)
-    nprobe: int = 16  # ivf: lists scanned per query
+    nprobe: int = 64  # ivf: lists scanned per query
     m: int = 32  # hnsw: links per node
     ef_search: int = 64  # hnsw: search breadth (faiss uses at least k)
 
@@ -69,14 +71,16 @@ class AnnParams:
         return f"hnsw, M {self.m}, efSearch {self.ef_search}"
 
 
-def index_bytes(params: AnnParams, n: int, dim: int) -> tuple[int, int]:
-    """(bytes the built index holds, bytes held only while it is built) for n rows of dim floats."""
+def index_bytes(params: AnnParams, n: int, dim: int, block_size: int = 65536) -> tuple[int, int]:
+    """(bytes the built index holds, bytes held only while it is built) for n rows of dim floats
+    added `block_size` rows at a time (a block read, and faiss's copies of it: about 3 blocks)."""
     vectors = n * dim * 4
+    blocks = 3 * min(n, block_size) * dim * 4
     if params.kind == "ivf":
         nlist = params.nlist or default_nlist(n)
         train = min(n, TRAIN_PER_LIST * nlist) * dim * 4
-        return vectors + n * 8 + nlist * dim * 4, train
-    return vectors + int(n * (2 * params.m * 4 * 1.1 + 16)), vectors  # its one row array is copied as it grows
+        return int(vectors * IVF_SLACK) + n * 8 + nlist * dim * 4, max(train, blocks)
+    return vectors + int(n * (2 * params.m * 4 * 1.1 + 16)), vectors + blocks  # its row array is copied as it grows
 
 
 def _available_bytes() -> int | None:
@@ -88,15 +92,15 @@ def _available_bytes() -> int | None:
         return None
 
 
-def announce_memory(params: AnnParams, n: int, dim: int) -> int:
+def announce_memory(params: AnnParams, n: int, dim: int, block_size: int = 65536) -> int:
     """Before building: one line (rows, bytes in RAM, memory available); a UserError when the
     machine's available memory cannot hold the index. Returns the bytes."""
     from pipeline.caches import human_bytes
 
-    held, transient = index_bytes(params, n, dim)
+    held, transient = index_bytes(params, n, dim, block_size)
     avail = _available_bytes()
-    extra = (f" (+ {human_bytes(transient)} k-means sample while training)" if params.kind == "ivf" else
-             f" (up to {human_bytes(transient)} more while its row array grows)")
+    extra = f" (+ up to {human_bytes(transient)} while building: " + \
+        ("the k-means sample, then the blocks added)" if params.kind == "ivf" else "its row array grows by copies)")
     print(f"{params.describe(n)} index in RAM: {n:,} rows × {dim}-D, {human_bytes(held)}{extra}; "
           f"{human_bytes(avail) if avail is not None else 'unknown'} available", file=sys.stderr, flush=True)
     if avail is not None and held + transient > avail:
