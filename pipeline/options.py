@@ -152,9 +152,10 @@ VERIFY = Section("verify", "`glr verify`: RANSAC inliers between each query and 
     Option("mutual", True, "Keep only mutual nearest neighbours.", type=bool, advanced=True),
     Option("model", "affine", "Geometric model checked by RANSAC.", choices=("affine", "homography", "fundamental"),
            advanced=True),
-    Option("method", "ransac", "OpenCV RANSAC or USAC_MAGSAC.", choices=("ransac", "magsac"), advanced=True),
-    Option("threshold", None, "Reprojection threshold in working-image pixels [default: 12 for sift/orb, 20 for "
-           "delf (its reference matcher's)].", type=float, min=0, min_open=True, advanced=True),
+    Option("method", "prosac", "OpenCV USAC_PROSAC (samples the best matches first), RANSAC or USAC_MAGSAC.",
+           choices=("prosac", "ransac", "magsac"), advanced=True),
+    Option("threshold", None, "Reprojection threshold in working-image pixels [default: 20 for sift (with "
+           "prosac) and delf (its reference matcher's), 12 for orb].", type=float, min=0, min_open=True, advanced=True),
     Option("chunk_size", 64, "Pairs per finished chunk (the unit of resuming).", type=int, min=1, advanced=True),
 ))
 

@@ -11,11 +11,13 @@ same entry, and an image changed on disk is a new entry, never stale features.
 
 An entry holds only what matching uses (`pipeline.verify.matching`): keypoint locations, as
 uint16 fixed point over the keypoints' extent (≤ 0.03 px error on a 4,000-px photo), and
-quantised descriptors: RootSIFT (components in [0, 0.5)) as uint8 at a fixed scale of 512,
-DELF (unit 40-D, components in [-1, 1]) as int8 at 127, ORB's binary bytes as they are; the
-arrays are deflated and float descriptors are renormalised to unit length when read. About
-100 KB per 1,000 SIFT keypoints (float16 npz with scales and scores: 260 KB). Scales and scores
-are not kept (NaN when read back).
+quantised descriptors: non-negative ones (128-D RootSIFT, components in [0, 0.5)) as uint8 at a
+fixed scale of 512, signed unit ones (the default projected 64-D RootSIFT, DELF's 40-D; components
+in [-1, 1]) as int8 at 127, ORB's binary bytes as they are — the codec follows the descriptors and
+is written in each entry's header. The arrays are deflated and float descriptors are renormalised
+to unit length when read. About 100 KB per 1,000 128-D RootSIFT keypoints, 62 KB per 1,000
+projected 64-D ones (float16 npz with scales and scores: 260 KB). Scales and scores are not kept
+(NaN when read back).
 
 Each entry is written to a temporary file beside it and renamed into place, so concurrent
 writers (workers, shards on a shared disk) and interrupted runs never leave a half-written
@@ -46,15 +48,25 @@ _MAGIC = b"GLRF"
 _HEAD = struct.Struct("<4sBBHIffff")  # magic, format, codec, dim, n, work_scale, x0, y0, location step
 _RAW, _U8, _I8 = 0, 1, 2  # descriptor codecs: bytes as they are; non-negative ×512 → uint8; signed ×127 → int8
 _SCALE = {_U8: 512.0, _I8: 127.0}
-_CODEC = {"sift": _U8, "delf": _I8, "orb": _RAW}
+_CODEC = {"sift": _U8, "delf": _I8, "orb": _RAW}  # each extractor's codec before projected SIFT (tests use it)
 
 
 class DamagedEntry(ValueError):
     """An entry that cannot be decoded (a disk error, or not written by this version)."""
 
 
-def encode(feats: Features, codec: int) -> bytes:
-    """One entry's bytes (see the module docstring)."""
+def codec_of(descriptors: np.ndarray) -> int:
+    """The codec for these descriptors: bytes as they are; 128-D non-negative floats (RootSIFT, SIFT) as uint8;
+    any other floats (projected RootSIFT, DELF: signed unit vectors) as int8."""
+    if descriptors.dtype == np.uint8:
+        return _RAW
+    signed = descriptors.ndim != 2 or descriptors.shape[1] != 128 or (descriptors.size and descriptors.min() < 0)
+    return _I8 if signed else _U8
+
+
+def encode(feats: Features, codec: int | None = None) -> bytes:
+    """One entry's bytes (see the module docstring); `codec` None: the one the descriptors need."""
+    codec = codec_of(np.asarray(feats.descriptors)) if codec is None else codec
     n = feats.n
     loc = np.asarray(feats.locations, np.float64).reshape(n, 2)
     lo = loc.min(axis=0) if n else np.zeros(2)
@@ -94,15 +106,16 @@ def decode(blob: bytes) -> Features:
     return Features(loc, desc, nan, nan.copy(), float(work_scale))
 
 
-def stored_form(feats: Features, extractor: str = "sift") -> Features:
-    """What the cache returns for `feats` of `extractor` (quantised and read back): benchmarks use it."""
-    return decode(encode(feats, _CODEC[extractor]))
+def stored_form(feats: Features, extractor: str | None = None) -> Features:
+    """What the cache returns for `feats` (quantised and read back): benchmarks use it. `extractor` is
+    ignored (the codec follows the descriptors); kept for callers that name it."""
+    return decode(encode(feats))
 
 
 def entry_bytes_at_most(config: ExtractorConfig) -> int:
     """Bound on one entry's size (before deflate), for the size shown before extracting."""
     n = config.max_feature_num if config.name == "delf" else config.n_features
-    dim = {"sift": 128, "orb": 32, "delf": 40}[config.name]
+    dim = {"sift": (config.pca_dims or 128) if config.rootsift else 128, "orb": 32, "delf": 40}[config.name]
     return _HEAD.size + int(n) * (4 + dim)
 
 
@@ -125,7 +138,6 @@ class FeatureCache:
 
     def __init__(self, folder: str | os.PathLike, config: ExtractorConfig, memory_mb: float = 64):
         self.config = config
-        self.codec = _CODEC[config.name]
         self.base = Path(folder) / config.key()
         self.memory_bytes = int(memory_mb * 2**20)
         self._lru: OrderedDict[str, Features] = OrderedDict()
@@ -174,7 +186,7 @@ class FeatureCache:
                               json.dumps({"format": FORMAT, **self.config.relevant()}, indent=1, default=list))
         path = self.path(key)
         with atomic_path(path, suffix=".feat") as tmp:
-            tmp.write_bytes(encode(feats, self.codec))
+            tmp.write_bytes(encode(feats))
         return path
 
 

@@ -1,10 +1,12 @@
 """Match the local features of two images and count the geometrically consistent matches (RANSAC inliers).
 
-Matching is vectorised (one BLAS matrix product per pair for float descriptors; OpenCV's
-brute-force Hamming matcher for ORB), with Lowe's ratio test (+ optional mutual check) for
-SIFT/ORB and DELF's own rule (nearest neighbour within L2 distance 0.8) for DELF. Geometry is
-checked by OpenCV (`estimateAffine2D` by default; homography, fundamental matrix, MAGSAC as
-options), seeded before every call so a pair always gives the same count. `skimage_inliers`
+Matching is vectorised (one BLAS matrix product per pair for float descriptors, taken in row
+blocks that stay in cache; OpenCV's brute-force Hamming matcher for ORB), with Lowe's ratio test
+(+ optional mutual check) for SIFT/ORB and DELF's own rule (nearest neighbour within L2 distance
+0.8) for DELF. Matches come out best first (by distance ratio, DELF by distance), the order
+PROSAC samples in. Geometry is checked by OpenCV (`estimateAffine2D` with USAC_PROSAC by default;
+RANSAC, MAGSAC, homography, fundamental matrix as options), seeded before every call so a pair
+always gives the same count. `skimage_inliers`
 is the study's reference path, kept only for tests and benchmarks.
 """
 from __future__ import annotations
@@ -25,9 +27,12 @@ _V = VERIFY.default  # the user-facing settings' defaults are the schema's
 MODELS = VERIFY["model"].choices
 METHODS = VERIFY["method"].choices
 _MIN_POINTS = {"affine": 3, "homography": 4, "fundamental": 8}
-# reprojection threshold when none is set, in working-image pixels: 12 chosen on real photos for SIFT
-# (benchmarks/real_pairs.py); 20 for DELF, as its reference matcher (DELF's match_images.py) uses
-DEFAULT_THRESHOLD = {"sift": 12.0, "orb": 12.0, "delf": 20.0}
+# reprojection threshold when none is set, in working-image pixels: 20 chosen on real photos for SIFT with
+# PROSAC (benchmarks/real_pairs.py; 12 with plain RANSAC before); 20 for DELF, as its reference matcher
+# (DELF's match_images.py) uses; ORB keeps 12 (not re-measured)
+DEFAULT_THRESHOLD = {"sift": 20.0, "orb": 12.0, "delf": 20.0}
+_BLOCK = 256  # score-matrix rows per block: the passes over a block read it from cache, not memory
+_METHOD_FLAGS = {"ransac": "RANSAC", "magsac": "USAC_MAGSAC", "prosac": "USAC_PROSAC"}
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class MatchConfig:
     mutual: bool = _V("mutual")  # sift/orb: keep only mutual nearest neighbours
     delf_distance: float = 0.8  # delf: nearest neighbour accepted within this L2 distance
     model: str = _V("model")  # affine | homography | fundamental
-    method: str = _V("method")  # ransac | magsac (OpenCV USAC_MAGSAC)
+    method: str = _V("method")  # prosac (OpenCV USAC_PROSAC: needs matches best first) | ransac | magsac
     threshold: float | None = _V("threshold")  # reprojection threshold, working-image pixels; None: per extractor
     max_iters: int = 2000  # real photos: same AUC as 10000 (total inliers -0.4%), 5x cheaper on negatives
     confidence: float = 0.9999  # high, so adaptive termination does not stop at a weaker model
@@ -61,52 +66,68 @@ class MatchConfig:
         return dataclasses.replace(self, threshold=DEFAULT_THRESHOLD[extractor])
 
 
-def _top2(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: index of the best, best and second-best value (larger is better), in O(n·m)."""
-    rows = np.arange(scores.shape[0])
-    best = scores.argmax(axis=1)
-    v1 = scores[rows, best].copy()
-    scores[rows, best] = -np.inf  # scores is a scratch matrix owned by the caller
-    v2 = scores.max(axis=1) if scores.shape[1] > 1 else np.full_like(v1, -np.inf)
-    scores[rows, best] = v1
-    return best, v1, v2
-
-
 def match_descriptors(da: np.ndarray, db: np.ndarray, *, ratio: float | None = 0.85, mutual: bool = False,
                       max_distance: float | None = None) -> np.ndarray:
-    """Tentative matches (M×2 int index pairs a→b): nearest neighbour + ratio test / distance bound.
+    """Tentative matches (M×2 int index pairs a→b), best first: nearest neighbour + ratio test / distance bound.
 
-    Float descriptors: squared L2 distances from one matrix product (‖a‖² + ‖b‖² − 2a·b).
-    uint8 descriptors (ORB): Hamming distances via OpenCV's brute-force matcher.
+    Float descriptors: squared L2 distances from one matrix product (‖a‖² + ‖b‖² − 2a·b), in blocks of
+    rows. uint8 descriptors (ORB): Hamming distances via OpenCV's brute-force matcher. Order: by
+    distance ratio (nearest / second nearest) with a ratio, else by distance; ties by index.
     """
     if len(da) == 0 or len(db) == 0:
         return np.zeros((0, 2), np.int64)
     if da.dtype == np.uint8:
         return _match_hamming(da, db, ratio=ratio, mutual=mutual, max_distance=max_distance)
-    da = np.asarray(da, np.float32)
-    db = np.asarray(db, np.float32)
+    best, d1, d2, col_ok = _nearest_two(np.asarray(da, np.float32), np.asarray(db, np.float32), mutual)
+    return _select(best, d1, d2, col_ok, ratio, max_distance)
+
+
+def _nearest_two(da: np.ndarray, db: np.ndarray, mutual: bool):
+    """Per row of `da`: nearest row of `db`, squared distances to the nearest and second nearest, and
+    (with `mutual`) whether the nearest has this row as its own nearest."""
     na = np.einsum("ij,ij->i", da, da)
     nb = np.einsum("ij,ij->i", db, db)
-    scores = da @ db.T  # the one O(n·m·d) step: BLAS sgemm
-    if np.abs(nb - 1).max() < 1e-5:  # unit descriptors (RootSIFT, DELF): d² = ‖a‖² + 1 − 2a·b
-        best, v1, v2 = _top2(scores)
+    unit = np.abs(nb - 1).max() < 1e-5  # unit descriptors (RootSIFT, projected RootSIFT, DELF): d² = ‖a‖² + 1 − 2a·b
+    dbt = np.ascontiguousarray(db.T)
+    n = len(da)
+    best = np.empty(n, np.int64)
+    v1 = np.empty(n, np.float32)
+    v2 = np.full(n, -np.inf, np.float32)
+    col_best = np.full(len(db), -np.inf, np.float32)
+    for s in range(0, n, _BLOCK):
+        scores = da[s:s + _BLOCK] @ dbt  # the one O(n·m·d) step: BLAS sgemm
+        if not unit:  # score = a·b − ‖a‖²/2 − ‖b‖²/2 = −d²/2 (comparable along rows and columns)
+            scores -= 0.5 * nb[None, :]
+            scores -= 0.5 * na[s:s + _BLOCK, None]
+        rows = np.arange(scores.shape[0])
+        b = scores.argmax(axis=1)
+        best[s:s + _BLOCK] = b
+        v1[s:s + _BLOCK] = scores[rows, b]
+        if mutual:
+            np.maximum(col_best, scores.max(axis=0), out=col_best)
+        if scores.shape[1] > 1:
+            scores[rows, b] = -np.inf
+            v2[s:s + _BLOCK] = scores.max(axis=1)
+    if unit:
         d1, d2 = na + 1 - 2 * v1, na + 1 - 2 * v2
-        col_best = scores.max(axis=0) if mutual else None
-    else:  # any other float descriptors: score = a·b − ‖a‖²/2 − ‖b‖²/2 = −d²/2 (rows and columns)
-        scores -= 0.5 * nb[None, :]
-        scores -= 0.5 * na[:, None]
-        best, v1, v2 = _top2(scores)
+    else:
         d1, d2 = -2 * v1, -2 * v2
-        col_best = scores.max(axis=0) if mutual else None
-    d1, d2 = np.maximum(d1, 0), np.maximum(d2, 0)  # squared distances
-    keep = np.ones(len(da), bool)
+    col_ok = v1 >= col_best[best] if mutual else None  # a's best b has a as its best too
+    return best, np.maximum(d1, 0), np.maximum(d2, 0), col_ok
+
+
+def _select(best, d1, d2, col_ok, ratio, max_distance) -> np.ndarray:
+    """The kept matches of nearest-two results (squared distances), best first."""
+    keep = np.ones(len(best), bool)
     if max_distance is not None:
         keep &= d1 < max_distance**2
     if ratio is not None and ratio < 1:
         keep &= d1 < (ratio**2) * d2
-    if mutual:  # a's best b has a as its best too (column maxima: contiguous, SIMD-friendly)
-        keep &= v1 >= col_best[best]
+    if col_ok is not None:
+        keep &= col_ok
     idx = np.flatnonzero(keep)
+    quality = d1[idx] / np.maximum(d2[idx], 1e-12) if ratio is not None else d1[idx]
+    idx = idx[np.argsort(quality, kind="stable")]
     return np.stack([idx, best[idx]], axis=1)
 
 
@@ -129,11 +150,14 @@ def _match_hamming(da, db, *, ratio, mutual, max_distance) -> np.ndarray:
         rev = np.full(len(db), -1, np.int64)
         rev[[m.queryIdx for m in back]] = [m.trainIdx for m in back]
         keep &= rev[t] == q
-    return np.stack([q[keep], t[keep]], axis=1)
+    quality = d1 / np.maximum(d2, 1e-12) if ratio is not None else d1
+    order = np.flatnonzero(keep)[np.argsort(quality[keep], kind="stable")]  # best first, as PROSAC samples
+    return np.stack([q[order], t[order]], axis=1)
 
 
 def ransac_inliers(src: np.ndarray, dst: np.ndarray, config: MatchConfig = MatchConfig()) -> np.ndarray:
-    """Boolean inlier mask of the matched points under the configured model (seeded OpenCV)."""
+    """Boolean inlier mask of the matched points under the configured model (seeded OpenCV; prosac samples
+    the matches in the order given: best first, as match_descriptors returns them)."""
     import cv2
 
     n = len(src)
@@ -144,7 +168,7 @@ def ransac_inliers(src: np.ndarray, dst: np.ndarray, config: MatchConfig = Match
     src = np.ascontiguousarray(src, np.float32).reshape(-1, 1, 2)
     dst = np.ascontiguousarray(dst, np.float32).reshape(-1, 1, 2)
     cv2.setRNGSeed(int(config.seed))  # same pair → same count, on every run and machine
-    method = cv2.USAC_MAGSAC if config.method == "magsac" else cv2.RANSAC
+    method = getattr(cv2, _METHOD_FLAGS[config.method])
     try:
         if config.model == "affine":
             model, mask = cv2.estimateAffine2D(src, dst, method=method, ransacReprojThreshold=config.threshold,
@@ -154,9 +178,8 @@ def ransac_inliers(src: np.ndarray, dst: np.ndarray, config: MatchConfig = Match
             model, mask = cv2.findHomography(src, dst, method, config.threshold, maxIters=config.max_iters,
                                              confidence=config.confidence)
         else:
-            model, mask = cv2.findFundamentalMat(src, dst, cv2.USAC_MAGSAC if config.method == "magsac"
-                                                 else cv2.FM_RANSAC, config.threshold, config.confidence,
-                                                 config.max_iters)
+            model, mask = cv2.findFundamentalMat(src, dst, cv2.FM_RANSAC if config.method == "ransac" else method,
+                                                 config.threshold, config.confidence, config.max_iters)
     except cv2.error:  # degenerate configurations (all points collinear, ...)
         return np.zeros(n, bool)
     if model is None or mask is None:

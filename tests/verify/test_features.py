@@ -41,12 +41,17 @@ def test_sift_rootsift_descriptors_and_original_pixel_locations(tmp_path):
     small = textured(128)
     big = cv2.resize(small, (256, 256), interpolation=cv2.INTER_CUBIC)
     p = save(tmp_path / "big.png", big)
-    ext = make_extractor("sift", max_side=128, n_features=300)
+    ext = make_extractor("sift", max_side=128, n_features=300, pca_dims=0)
     f = ext.extract_path(p)
     assert 20 <= f.n <= 300
     assert f.descriptors.dtype == np.float32 and f.descriptors.shape == (f.n, 128)
     assert (f.descriptors >= 0).all()
     np.testing.assert_allclose(np.linalg.norm(f.descriptors, axis=1), 1, atol=1e-4)  # RootSIFT: unit L2
+    # the default: the same keypoints, RootSIFT projected to 64 signed unit dims
+    g = make_extractor("sift", max_side=128, n_features=300).extract_path(p)
+    np.testing.assert_array_equal(g.locations, f.locations)
+    assert g.descriptors.shape == (f.n, 64) and (g.descriptors < 0).any()
+    np.testing.assert_allclose(np.linalg.norm(g.descriptors, axis=1), 1, atol=1e-4)
     assert f.work_scale == pytest.approx(0.5)
     # keypoints found on the 128-px working image are reported in the 256-px original's pixels
     assert f.locations.max() > 128 and f.locations.max() <= 256
@@ -64,6 +69,8 @@ def test_orb_is_binary_and_capped(tmp_path):
 
 def test_blank_image_gives_empty_features():
     f = make_extractor("sift").extract_array(np.full((64, 64, 3), 128, np.uint8))
+    assert f.n == 0 and f.descriptors.shape == (0, 64)
+    f = make_extractor("sift", pca_dims=0).extract_array(np.full((64, 64, 3), 128, np.uint8))
     assert f.n == 0 and f.descriptors.shape == (0, 128)
 
 
@@ -72,6 +79,7 @@ def test_config_key_tracks_only_relevant_settings():
     assert a.key() == make_config("sift").key()
     assert a.key() != make_config("sift", n_features=500).key()
     assert a.key() != make_config("sift", max_side=300).key()
+    assert a.key() != make_config("sift", pca_dims=0).key() != make_config("sift", pca_dims=0, contrast_threshold=0.04).key()
     assert make_config("orb").key() != a.key()
     # DELF-only options do not change a SIFT key
     assert a.key() == make_config("sift", score_threshold=5.0).key()
@@ -95,7 +103,7 @@ def test_cache_roundtrip_quantised_bounded_and_damaged_entry(tmp_path):
         g = fresh.get(k)
         assert g.n == f.n and g.work_scale == f.work_scale
         np.testing.assert_allclose(g.locations, f.locations, atol=0.01)  # uint16 fixed point
-        np.testing.assert_allclose(g.descriptors, f.descriptors, atol=2.5e-3)  # uint8 at 1/512, renormalised
+        np.testing.assert_allclose(g.descriptors, f.descriptors, atol=6e-3)  # int8 at 1/127, renormalised
         np.testing.assert_allclose(np.linalg.norm(g.descriptors, axis=1), 1, atol=1e-5)
         np.testing.assert_array_equal(g.descriptors, FeatureCache.get_stored_form(f).descriptors)
         assert np.isnan(g.scales).all() and g.scales.shape == (f.n,)  # not kept: matching does not use them
@@ -110,7 +118,7 @@ def test_cache_roundtrip_quantised_bounded_and_damaged_entry(tmp_path):
     assert FeatureCache(tmp_path, make_config("sift", n_features=201)).get("k01") is None
 
 
-@pytest.mark.parametrize("name", ["sift", "orb", "delf"])
+@pytest.mark.parametrize("name", ["sift", "sift-pca", "orb", "delf"])
 def test_entry_codecs_keep_what_matching_uses(name):
     from pipeline.verify.cache import decode, encode, _CODEC
     from pipeline.verify.features import Features
@@ -121,19 +129,21 @@ def test_entry_codecs_keep_what_matching_uses(name):
     if name == "orb":
         desc = rng.integers(0, 256, (n, 32), dtype=np.uint8)
     else:
-        desc = rng.random((n, 128)).astype(np.float32) if name == "sift" else rng.normal(size=(n, 40)).astype(np.float32)
+        dim = {"sift": 128, "sift-pca": 64, "delf": 40}[name]
+        desc = rng.random((n, dim)).astype(np.float32) if name == "sift" else rng.normal(size=(n, dim)).astype(np.float32)
         desc /= np.linalg.norm(desc, axis=1, keepdims=True)
     f = Features(loc, desc, np.ones(n, np.float32), np.ones(n, np.float32), 0.25)
-    g = decode(encode(f, _CODEC[name]))
+    g = decode(encode(f, _CODEC.get(name)))
+    assert decode(encode(f)).descriptors.tobytes() == g.descriptors.tobytes()  # the codec the descriptors need
     np.testing.assert_allclose(g.locations, loc, atol=0.04)  # ≤ extent/131070 on a 4,000-px photo
     if name == "orb":
         np.testing.assert_array_equal(g.descriptors, desc)  # binary: as it is
     else:
         assert g.descriptors.dtype == np.float32
-        np.testing.assert_allclose(g.descriptors, desc, atol=0.006 if name == "delf" else 0.0015)
+        np.testing.assert_allclose(g.descriptors, desc, atol=0.0015 if name == "sift" else 0.006)
         np.testing.assert_allclose(np.linalg.norm(g.descriptors, axis=1), 1, atol=1e-5)
     empty = decode(encode(Features(np.zeros((0, 2), np.float32), desc[:0], np.zeros(0), np.zeros(0), 1.0),
-                          _CODEC[name]))
+                          _CODEC.get(name)))
     assert empty.n == 0 and empty.descriptors.shape == (0, desc.shape[1])
 
 
@@ -230,3 +240,38 @@ def _nothing():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+@pytest.mark.slow
+def test_projection_refits_to_the_shipped_axes():
+    """fit_rootsift_pca on skimage's bundled photos gives back the stored mean and leading axes (same signs)."""
+    from pipeline.verify.projection import _stored, fit_rootsift_pca
+
+    mean, basis, _ = _stored()
+    refit_mean, refit = fit_rootsift_pca(8)
+    np.testing.assert_allclose(refit, basis[:, :8], atol=0.02)
+    np.testing.assert_allclose(refit_mean, mean, atol=2e-3)
+
+
+def test_projection_is_orthonormal_and_keeps_neighbours():
+    """The stored basis is orthonormal (float16); projected RootSIFT of a warped copy still finds its own
+    keypoints as nearest neighbours."""
+    import cv2
+
+    from pipeline.verify.projection import _stored, basis_digest, project
+
+    _, basis, digest = _stored()
+    assert basis.shape == (128, 64) and digest == basis_digest()
+    np.testing.assert_allclose(basis.T @ basis, np.eye(64), atol=2e-3)
+    img = textured(192, seed=4)
+    warped = cv2.warpAffine(img, np.float32([[0.95, 0.08, 6], [-0.06, 1.0, 4]]), (192, 192),
+                            borderMode=cv2.BORDER_REFLECT)
+    full = make_extractor("sift", pca_dims=0, n_features=300)
+    fa, fb = full.extract_array(img), full.extract_array(warped)
+    pa, pb = project(fa.descriptors, 64), project(fb.descriptors, 64)
+    np.testing.assert_allclose(np.linalg.norm(pa, axis=1), 1, atol=1e-5)
+    nn_full = (fa.descriptors @ fb.descriptors.T).argmax(axis=1)
+    nn_proj = (pa @ pb.T).argmax(axis=1)
+    assert np.mean(nn_full == nn_proj) > 0.85  # 64 dims keep (nearly) the same nearest neighbours
+    with pytest.raises(ValueError):
+        project(fa.descriptors, 65)
