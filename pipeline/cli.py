@@ -690,7 +690,7 @@ def knn_command(queries: str, index: str, as_json: bool, **options) -> None:
     \b
     Example:
       glr knn emb/test.npy emb/train.npy --labels data/train.csv --out preds/knn.parquet --k 20
-      glr knn emb/test.npy emb/train.npy --labels data/train.csv --out preds/knn.parquet --search ivf --nprobe 32
+      glr knn emb/test.npy emb/train.npy --labels data/train.csv --out preds/knn.parquet --search ivf --nprobe 128
     """
     from pipeline.model.knn import knn
 
