@@ -140,9 +140,12 @@ def main() -> None:
         for d in (32, 48):
             run(f"{d}-D projection", {**base, "pca_dims": d}, d_match, pairs=sample)
         run("contrast 0.04 (OpenCV's default)", {**base, "contrast_threshold": 0.04}, d_match, pairs=sample)
-        for nf in (1000, 1500, 2500):
+        for nf in (1500, 2000, 2500):
             run(f"{nf} feats", {**base, "n_features": nf}, d_match, pairs=sample)
-        run("640px 2000 feats", {**base, "max_side": 640}, d_match, pairs=sample)
+        run("2000 feats, contrast 0.04", {**base, "n_features": 2000, "contrast_threshold": 0.04}, d_match,
+            pairs=sample)
+        run("2000 feats, 48-D projection", {**base, "n_features": 2000, "pca_dims": 48}, d_match, pairs=sample)
+        run("640px", {**base, "max_side": 640}, d_match, pairs=sample)
         run("RANSAC 20px instead of PROSAC", base, replace(d_match, method="ransac"), pairs=sample)
         run("RANSAC 12px instead of PROSAC 20px", base, replace(d_match, method="ransac", threshold=12.0), pairs=sample)
         for t in (12.0, 16.0, 25.0):
@@ -150,11 +153,13 @@ def main() -> None:
         run("MAGSAC 20px", base, replace(d_match, method="magsac"), pairs=sample)
         for r in (0.8, 0.9):
             run(f"ratio {r}", base, replace(d_match, ratio=r), pairs=sample)
-        run("fundamental PROSAC 4px", base, replace(d_match, model="fundamental", threshold=4.0), pairs=sample)
+        run("homography PROSAC 20px", base, replace(d_match, model="homography"), pairs=sample)
+        for t in (4.0, 6.0):
+            run(f"fundamental PROSAC {t:g}px", base, replace(d_match, model="fundamental", threshold=t), pairs=sample)
         run("ORB 512px 1000 feats (RANSAC 12px)", {"extractor": "orb", "max_side": 512, "n_features": 1000},
             prev_match, pairs=sample)
-        run("ORB 512px 2000 feats (PROSAC 12px)", {"extractor": "orb", **base}, replace(d_match, threshold=12.0),
-            pairs=sample)
+        run("ORB 512px 1000 feats (PROSAC 12px: ORB's default now)", {"extractor": "orb", **base},
+            replace(d_match, threshold=12.0), pairs=sample)
 
     if args.write:
         sys.path.insert(0, str(Path(__file__).parent))
@@ -172,7 +177,19 @@ def main() -> None:
             body += ["", f"Rows after the first two: all same-landmark pairs plus {args.sweep_negatives} other pairs "
                      "drawn at random (seed 0); each row changes one setting from the default (or from the previous "
                      "default where it says so)."]
-        body += ["", "Times are CPU time of the single-threaded process (the machine's 2 cores were shared with "
+        body += ["", "Noise: 146 same-landmark pairs, and most of them score in the range negatives reach (6–13 inliers), "
+                 "so AUC moves by up to ±0.01 when nothing but RANSAC's sampling changes (feeding the previous default's "
+                 "matches best first instead of by index moved it from 0.894 to 0.900; 1000/1500/2000 features read "
+                 "0.921/0.908/0.924 on all pairs). What held across settings: PROSAC over RANSAC (+0.01), the 64-D "
+                 "projection (same AUC as 128-D at about half the matching time), contrast 0.02 over 0.04.",
+                 "", "Tried outside this script (exploratory, sample pairs, then dropped): upright SIFT (one descriptor "
+                 "per location, angle 0) 0.889 vs 0.896; counting only inliers whose keypoint scale and orientation "
+                 "agree with the affine model 0.84–0.88; inliers in distinct 8/16-px cells 0.901/0.876; a tighter 6-px "
+                 "refit 0.881; inliers minus 0.1 × tentative matches 0.844; USAC_ACCURATE 0.905–0.915 (below PROSAC); "
+                 "a PCA fitted on these photos themselves (no better than the shipped skimage one); int8 storage at "
+                 "a larger scale (clipping) no better. Score = the tentative-match count alone reached 0.90–0.92: "
+                 "RANSAC adds little on this set, but it is what makes a count mean geometry.",
+                 "", "Times are CPU time of the single-threaded process (the machine's 2 cores were shared with "
                  "other jobs while this ran, which still inflates them somewhat)."]
         cmd = "python benchmarks/real_pairs.py --photos /work/shared/realphotos-dev" + (" --sweep" if args.sweep else "") + " --write"
         write_section("real_pairs", "\n".join(body), cmd)
