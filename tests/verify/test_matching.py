@@ -177,3 +177,28 @@ def _feats(loc):
     desc = np.random.default_rng(7).normal(size=(n, 40)).astype(np.float32)  # the same for both sets: i ↔ i
     desc /= np.linalg.norm(desc, axis=1, keepdims=True)
     return Features(loc, desc, np.ones(n, np.float32), np.ones(n, np.float32), 1.0)
+
+
+def test_second_model_counts_a_second_plane():
+    """Two planes moved differently: one model counts one plane's matches, two models count both; unrelated
+    points add (nearly) nothing either way."""
+    from pipeline.verify.features import Features
+
+    rng = np.random.default_rng(3)
+    a1, a2 = rng.uniform(0, 250, (60, 2)), rng.uniform(260, 500, (40, 2))
+    noise = rng.uniform(0, 500, (40, 2))
+    src = np.concatenate([a1, a2, noise]).astype(np.float32)
+    dst = np.concatenate([a1 @ np.array([[1.0, 0.1], [0.0, 0.95]]).T + [15, 5],
+                          a2 @ np.array([[0.8, -0.2], [0.1, 1.1]]).T + [-60, 40],
+                          rng.uniform(0, 500, (40, 2))]).astype(np.float32)
+    fa, fb = _feats(src), _feats(dst)
+    one = match_features(fa, fb, MatchConfig(threshold=4.0, models=1), delf=True)
+    two = match_features(fa, fb, MatchConfig(threshold=4.0, models=2), delf=True)
+    inl1, inl2 = (set(r["matches"][r["inlier_mask"], 0].tolist()) for r in (one, two))  # point indices
+    assert 60 <= one["inliers"] <= 63 and set(range(60)) <= inl1
+    assert 100 <= two["inliers"] <= 104 and set(range(100)) <= inl2
+    assert two["inliers"] == int(two["inlier_mask"].sum()) and len(two["inlier_mask"]) == len(two["matches"])
+    empty = Features(np.zeros((0, 2), np.float32), np.zeros((0, 40), np.float32), np.zeros(0), np.zeros(0), 1.0)
+    assert match_features(empty, fb, MatchConfig())["inliers"] == 0
+    with pytest.raises(ValueError):
+        MatchConfig(models=0)
