@@ -12,8 +12,8 @@ import sys
 
 import click
 
-from pipeline.options import (BACKBONES, DATA, ENSEMBLE, EXTRACTOR_KEYS, MATCH_KEYS, PREDICT, RUN, TRAIN, TUNE,
-                              VERIFY, click_option, click_options)
+from pipeline.options import (BACKBONES, DATA, ENSEMBLE, EXTRACTOR_KEYS, KNN, MATCH_KEYS, PREDICT, RUN, SEARCH_KEYS,
+                              TRAIN, TUNE, VERIFY, click_option, click_options)
 from submissions.errors import UserError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -639,44 +639,15 @@ def embed_command(run_dir: str, as_json: bool, **options) -> None:
                    f"{resumed}, {info['images_per_s']} images/s")
 
 
-def _search_options(f):
-    """The blocked exact search's options (pipeline.model.knn.search), shared by `glr knn` and `glr nonlandmark`."""
-    for decorate in reversed((
-        click.option("--block-size", type=click.IntRange(min=1), default=65536, show_default=True,
-                     help="Rows of the searched file (index or pool) per block (memory ≈ 4 B × query block × "
-                          "block size, ×3 at most)."),
-        click.option("--query-block", type=click.IntRange(min=1), default=1024, show_default=True,
-                     help="Query rows per block."),
-        click.option("--backend", type=click.Choice(["numpy", "tf"]), default="numpy", show_default=True,
-                     help="numpy (BLAS on the CPU) or tf (TensorFlow's matmul and top-k; on a GPU when visible)."),
-    )):
-        f = decorate(f)
-    return f
-
-
 @cli.command("knn")
 @click.argument("queries", type=click.Path(dir_okay=False))
 @click.argument("index", type=click.Path(dir_okay=False))
 @click.option("--labels", required=True, type=click.Path(dir_okay=False),
               help="train.csv (id,landmark_id) giving each index row's landmark.")
 @click.option("--out", required=True, type=Output(), help="Predictions table (Parquet).")
-@click.option("--k", "k", type=click.IntRange(min=1), default=20, show_default=True, help="Neighbours per query.")
-@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Classes kept per query.")
-@click.option("--score", type=click.Choice(["sum", "max"]), default="sum", show_default=True,
-              help="Class score: sum of its neighbours' similarities / k, or its best similarity (negatives count 0).")
-@_search_options
-@click.option("--search", "method", type=click.Choice(["exact", "ivf", "hnsw"]), default="exact", show_default=True,
-              help="exact (blocked matmul), or an approximate faiss index in RAM (N × D × 4 B; pip install "
-                   "glr[ann]): ivf (inverted lists) or hnsw (neighbour graph).")
-@click.option("--nlist", type=click.IntRange(min=0), default=0, show_default=True,
-              help="ivf: lists (k-means centroids); 0 = about 4·sqrt(index rows).")
-@click.option("--nprobe", type=click.IntRange(min=1), default=64, show_default=True,
-              help="ivf: lists scanned per query (more: higher recall, slower; = nlist: exact).")
-@click.option("--hnsw-m", type=click.IntRange(min=2), default=32, show_default=True, help="hnsw: links per node.")
-@click.option("--ef-search", type=click.IntRange(min=1), default=64, show_default=True,
-              help="hnsw: search breadth (at least k is used; more: higher recall, slower).")
-@click.option("--recall-sample", type=click.IntRange(min=0), default=1000, show_default=True,
-              help="ivf/hnsw: queries (seeded sample) searched exactly too, to measure recall@k; 0 = skip.")
+@click.option("--top-k", type=click.IntRange(min=1), default=PREDICT.default("top_k"), show_default=True,
+              help="Classes kept per query.")
+@click_options(KNN)
 @quiet_option
 @json_option
 def knn_command(queries: str, index: str, as_json: bool, **options) -> None:
@@ -715,7 +686,7 @@ def knn_command(queries: str, index: str, as_json: bool, **options) -> None:
 @click.option("--out", required=True, type=Output(), help="Non-landmark table (id, nonlandmark), Parquet.")
 @click.option("--k", "k", type=click.IntRange(min=1), default=1, show_default=True,
               help="Signal = mean of the k best similarities to the pool (negatives count 0).")
-@_search_options
+@click_options(KNN, SEARCH_KEYS)
 @quiet_option
 @json_option
 def nonlandmark_command(queries: str, pool: str, as_json: bool, **options) -> None:

@@ -112,19 +112,34 @@ PREDICT = Section("predict", "`glr predict`: top-k landmarks of every image.", (
            choices=PRECISIONS, advanced=True),
 ))
 
-KNN = Section("knn", "Retrieval members (`[[models]] kind = \"retrieval\"`): `glr embed` of the training and test "
-              "images with the member's model, then `glr knn` (exact cosine kNN; classes scored from the neighbours).", (
+KNN = Section("knn", "`glr knn`, and the retrieval members of `glr run` (`[[models]] kind = \"retrieval\"`): `glr embed` "
+              "of the training and test images with the member's model, then `glr knn` (cosine kNN; classes scored "
+              "from the neighbours).", (
     Option("k", 20, "Neighbours per query.", type=int, min=1),
     Option("score", "sum", "Class score: sum of its neighbours' similarities / k (in [0, 1], averaged with "
            "classifiers' probabilities as is), or its best similarity (negatives count 0).", choices=("sum", "max")),
+    Option("search", "exact", "exact (blocked matmul), or an approximate faiss index in RAM (N × D × 4 B; pip install "
+           "glr[ann]): ivf (inverted lists) or hnsw (neighbour graph); its recall@k vs exact is printed.",
+           choices=("exact", "ivf", "hnsw")),
     Option("float16", False, "Store the embeddings as float16 (half the disk; about 1e-3 per component).",
-           type=bool),
-    Option("block_size", 65536, "Index rows per block (memory ≈ 4 B × query block × block size, ×3 at most).",
-           type=int, min=1, advanced=True),
+           type=bool, cli=False),
+    Option("nlist", 0, "ivf: lists (k-means centroids); 0 = about 4·sqrt(index rows).", type=int, min=0,
+           advanced=True),
+    Option("nprobe", 64, "ivf: lists scanned per query (more: higher recall, slower; = nlist: exact).", type=int,
+           min=1, advanced=True),
+    Option("hnsw_m", 32, "hnsw: links per node.", type=int, min=2, advanced=True),
+    Option("ef_search", 64, "hnsw: search breadth (at least k is used; more: higher recall, slower).", type=int,
+           min=1, advanced=True),
+    Option("recall_sample", 1000, "ivf/hnsw: queries (seeded sample) searched exactly too, to measure recall@k; "
+           "0 = skip.", type=int, min=0, advanced=True),
+    Option("block_size", 65536, "Rows of the searched file (index or pool) per block (memory ≈ 4 B × query block × "
+           "block size, ×3 at most).", type=int, min=1, advanced=True),
     Option("query_block", 1024, "Query rows per block.", type=int, min=1, advanced=True),
     Option("backend", "numpy", "numpy (BLAS on the CPU) or tf (TensorFlow's matmul and top-k; on a GPU when "
            "visible).", choices=("numpy", "tf"), advanced=True),
 ))
+# the exact search's own keys, shared by `glr knn` and `glr nonlandmark`
+SEARCH_KEYS = ("block_size", "query_block", "backend")
 
 ENSEMBLE = Section("ensemble", "`glr ensemble`: weighted average of the models' predictions.", (
     Option("weights", [], "One weight per model (per [[models]] entry, in order); empty = equal weights. On the "

@@ -20,7 +20,7 @@ over its neighbours among the k, divided by k (so it lies in [0, 1], like a clas
 probability, and `glr ensemble` can average it with them); `max`: its best neighbour's similarity.
 Equal scores go to the lower landmark id.
 
-Approximate search (`method="ivf"` or `"hnsw"`, faiss, optional): pipeline.model.knn_ann builds the
+Approximate search (`search="ivf"` or `"hnsw"`, faiss, optional): pipeline.model.knn_ann builds the
 index and searches it; its neighbours feed the same class scoring, and the exact search on a seeded
 sample of the queries (`recall_sample`) gives the recall@k that the result reports.
 """
@@ -35,10 +35,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.options import KNN, PREDICT
 from submissions.errors import UserError
 
-SCORES = ("sum", "max")
-BACKENDS = ("numpy", "tf")
+_K = KNN.default
+SCORES = KNN["score"].choices
+BACKENDS = KNN["backend"].choices
 _NO_ROW = np.iinfo(np.int64).max  # index of an empty slot (sorts after every real row)
 _CUT = 512  # a row with more than max(_CUT, 4k) candidates in a block is cut to its k best first
 _SAMPLE = 8192  # columns whose k-th best bounds a row's floor from below while its top-k is not full
@@ -220,17 +222,19 @@ class KnnResult:
 
 
 def knn(queries_path: str | os.PathLike, index_path: str | os.PathLike, *, labels: str | os.PathLike,
-        out: str | os.PathLike, k: int = 20, top_k: int = 5, block_size: int = 65536, query_block: int = 1024,
-        score: str = "sum", backend: str = "numpy", method: str = "exact", nlist: int = 0, nprobe: int = 64,
-        hnsw_m: int = 32, ef_search: int = 64, recall_sample: int = 1000) -> KnnResult:
-    """Search every query among the index (exact cosine, blocked; or `method` ivf/hnsw through faiss,
+        out: str | os.PathLike, k: int = _K("k"), top_k: int = PREDICT.default("top_k"),
+        block_size: int = _K("block_size"), query_block: int = _K("query_block"), score: str = _K("score"),
+        backend: str = _K("backend"), search: str = _K("search"), nlist: int = _K("nlist"),
+        nprobe: int = _K("nprobe"), hnsw_m: int = _K("hnsw_m"), ef_search: int = _K("ef_search"),
+        recall_sample: int = _K("recall_sample")) -> KnnResult:
+    """Search every query among the index (exact cosine, blocked; or `search` ivf/hnsw through faiss,
     its recall@k measured on `recall_sample` queries), score classes from the neighbours and write the
     predictions table to `out`."""
     from pipeline.model.embeddings import read_embeddings
-    from submissions.tables import write_predictions
 
-    if method not in ("exact", "ivf", "hnsw"):
-        raise UserError(f"--search {method!r}: choose one of exact, ivf, hnsw")
+    method = search  # the exact search is this module's `search` function
+    if method not in KNN["search"].choices:
+        raise UserError(f"--search {method!r}: choose one of {', '.join(KNN['search'].choices)}")
     if method != "exact":
         from pipeline.model.knn_ann import import_faiss
 
@@ -257,6 +261,15 @@ def knn(queries_path: str | os.PathLike, index_path: str | os.PathLike, *, label
                                 block_size=block_size, query_block=query_block, backend=backend, method=method,
                                 nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search,
                                 recall_sample=recall_sample)
+    return _knn_exact(q_ids, queries, index, row_labels, out=out, k=k, top_k=top_k, score=score,
+                      block_size=block_size, query_block=query_block, backend=backend)
+
+
+def _knn_exact(q_ids: list[str], queries: np.ndarray, index: np.ndarray, row_labels: np.ndarray, *,
+               out, k: int, top_k: int, score: str, block_size: int, query_block: int, backend: str) -> KnnResult:
+    """`knn` by the exact blocked search, with its throughput."""
+    from submissions.tables import write_predictions
+
     t0 = time.perf_counter()
     sims, rows = search(queries, index, k, block_size=block_size, query_block=query_block, backend=backend)
     secs = time.perf_counter() - t0

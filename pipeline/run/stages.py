@@ -92,8 +92,8 @@ def retrieval_part(cfg: dict, model_dir: Path, data_dir: Path, out: Path, querie
     p, kn = cfg["predict"], cfg["knn"]
     q = embed(model_dir, data_dir, split="test", out=queries, batch_size=p["batch_size"], precision=p["precision"],
               float16=kn["float16"])
-    res = knn(queries, index, labels=Path(data_dir) / "train.csv", out=out, k=kn["k"], top_k=p["top_k"],
-              score=kn["score"], block_size=kn["block_size"], query_block=kn["query_block"], backend=kn["backend"])
+    res = knn(queries, index, labels=Path(data_dir) / "train.csv", out=out, top_k=p["top_k"],
+              **{key: v for key, v in kn.items() if key != "float16"})
     return q.seconds + res.seconds
 
 

@@ -137,7 +137,8 @@ def test_every_command_option_is_its_schema_option():
     from pipeline.cli import cli
     from pipeline.options import BY_NAME
 
-    commands = {"train": "train", "predict": "predict", "ensemble": "ensemble", "verify": "verify", "tune": "tune"}
+    commands = {"train": "train", "predict": "predict", "ensemble": "ensemble", "verify": "verify", "tune": "tune",
+                "knn": "knn"}
     for command, section in commands.items():
         params = {p.name: p for p in cli.commands[command].params}
         for o in BY_NAME[section].options:
