@@ -97,6 +97,10 @@ INFERENCE_ACTIVATION_SHARE = 0.25  # inference keeps a fraction of the training 
 # base (no top) parameters, embedding width, and the weights the top 4 weighted layers hold (BatchNorm frozen)
 BASE_PARAMS = {"vgg16": 14_714_688, "vgg19": 20_024_384, "resnet50": 23_587_712}
 EMBEDDING_DIM = {"vgg16": 256, "vgg19": 1024, "resnet50": 2048}
+# [knn] search = ivf/hnsw against exact, build included (IVF nprobe 64 on 1M clustered rows extrapolated to
+# GLDv2: ~13 vs ~52 min; benchmarks/RESULTS.md, knn-ann-1m), and the index's RAM per row byte (IVF: 1.2)
+ANN_SPEEDUP = 4.0
+ANN_RAM_FACTOR = 1.2
 TOP4_PARAMS = {"vgg16": 9_439_232, "vgg19": 9_439_232, "resnet50": 3_411_968}
 
 
@@ -423,15 +427,21 @@ def _predict_cost(p: _Plan, model: dict, embeddings: bool) -> Cost:
         if embeddings:
             width = 2 if retrieval and p.cfg["knn"]["float16"] else 4
             c.parts["embeddings"] = c.parts.get("embeddings", 0) + n * dim * width
+    search_ram = 0
     if retrieval:  # every query against every training image of its part
+        kn = p.cfg["knn"]
         flops = 2.0 * dim * (p.lv["queries"] * p.lv["train_images"] + p.counts.test_images * p.counts.rows)
-        c.seconds += flops / (r.r.get("knn_gflops", RATES["knn_gflops"]) * 1e9)
+        c.seconds += flops / (r.r.get("knn_gflops", RATES["knn_gflops"]) * 1e9) / (
+            1 if kn["search"] == "exact" else ANN_SPEEDUP)
+        search_ram = (3 * 4 * kn["query_block"] * kn["block_size"] if kn["search"] == "exact"
+                      else int(p.counts.rows * dim * 4 * ANN_RAM_FACTOR))
     classes = max(fit["classes"] for _, fit in parts)
     full_params = BASE_PARAMS[b] + head_params(b, classes, size)
     act = ACTIVATION_BYTES_PER_PIXEL[b] * size * size * INFERENCE_ACTIVATION_SHARE
     c.ram = (TF_BASE_RAM + full_params * 4 + pr["batch_size"] * (classes * 4 * PREDICT_FACTOR + act)
-             + max(n for n, _ in parts) * pr["top_k"] * TABLE_ROW_RAM)  # the N×k table, written at the end
-    c.ram_fixes = ["[predict] batch_size"]
+             + max(n for n, _ in parts) * pr["top_k"] * TABLE_ROW_RAM  # the N×k table, written at the end
+             + search_ram)
+    c.ram_fixes = ["[predict] batch_size"] + (["[knn] block_size"] if retrieval else [])
     return _split_disk(c)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.model.data import select_rows, stratified_split
 from pipeline.run.config import validate
-from pipeline.run.costs import (Counts, Limits, costed_plan, distinct_references, dry_run, format_plan,
+from pipeline.run.costs import (RATES, Counts, Limits, costed_plan, distinct_references, dry_run, format_plan,
                                 localval_counts, read_counts, selection_counts, stage_costs)
 from pipeline.run.localval import make_local_validation, split_ids
 
@@ -244,3 +244,29 @@ def test_plan_without_the_competition_says_costs_are_unknown(tmp_path):
     plan = dry_run(tmp_path / "glr.toml", echo=lines.append)
     assert plan["counts"] is None and plan["fits"]
     assert any(l.startswith("costs: unknown") for l in lines)
+
+
+def test_a_retrieval_member_costs_its_index_and_its_search():
+    """kind = retrieval: the training images of both parts embedded, q × N × dim × 2 FLOPs of exact search
+    (the approximate index: faster, but its rows in RAM)."""
+    counts = counts_of(long_tailed(), test=2000)
+    member = {"backbone": "vgg16", "embedding_dim": 512}
+
+    def predict(kind: str | None, refs: str = "random", **knn):
+        cfg = validate({"localval": LV, "knn": knn, "verify": {"refs": refs},
+                        "models": [{**member, **({"kind": kind} if kind else {})}]})
+        return stage_costs(cfg, counts)["predict:vgg16"], cfg
+
+    classifier, _ = predict(None)
+    exact, cfg = predict("retrieval")
+    assert exact.images > classifier.images and exact.parts["embeddings"] > 0 and "embeddings" not in classifier.parts
+    # the same images embedded by a classifier for refs = nearest: the difference is the search alone
+    nearest, _ = predict(None, refs="nearest")
+    assert nearest.images == exact.images and nearest.parts["embeddings"] == exact.parts["embeddings"]
+    lv = localval_counts(counts, cfg["localval"])
+    flops = 2 * 512 * (lv["queries"] * lv["train_images"] + counts.test_images * counts.rows)
+    assert exact.seconds - nearest.seconds == pytest.approx(flops / (RATES["knn_gflops"] * 1e9))
+    ivf, _ = predict("retrieval", search="ivf")
+    assert ivf.seconds < exact.seconds and ivf.ram >= counts.rows * 512 * 4
+    half, _ = predict("retrieval", float16=True)
+    assert half.parts["embeddings"] == exact.parts["embeddings"] / 2
