@@ -15,7 +15,7 @@ quantised descriptors: non-negative ones (128-D RootSIFT, components in [0, 0.5)
 fixed scale of 512, signed unit ones (the default projected 64-D RootSIFT, DELF's 40-D; components
 in [-1, 1]) as int8 at 127, ORB's binary bytes as they are — the codec follows the descriptors and
 is written in each entry's header. The arrays are deflated and float descriptors are renormalised
-to unit length when read. About 100 KB per 1,000 128-D RootSIFT keypoints, 62 KB per 1,000
+to unit length when read. About 100 KB per 1,000 128-D RootSIFT keypoints, 53 KB per 1,000
 projected 64-D ones (float16 npz with scales and scores: 260 KB). Scales and scores are not kept
 (NaN when read back).
 
