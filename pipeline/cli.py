@@ -608,16 +608,19 @@ def predict_command(run_dir: str, as_json: bool, **options) -> None:
 
 @cli.command("embed")
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="Competition directory.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Competition directory.")
 @click.option("--split", type=click.Choice(["train", "test", "val"]), default="train", show_default=True,
               help="Images to embed; val = the run's stored validation split.")
+@click.option("--images", type=click.Path(file_okay=False), default=None,
+              help="Instead of --data-dir: every image under this folder (e.g. non-landmark photos for "
+                   "`glr nonlandmark`); ids are paths relative to it without the extension.")
 @click.option("--out", required=True, type=Output(), help="Embeddings (.npy; ids in .ids.txt beside it).")
 @click.option("--float16", is_flag=True, help="Store the rows as float16 (half the disk; ~1e-3 per component).")
 @click_options(PREDICT, ("batch_size", "precision"))
 @quiet_option
 @json_option
 def embed_command(run_dir: str, as_json: bool, **options) -> None:
-    """Embed every image of a split (L2-normalised rows, streamed to a memory-mapped .npy).
+    """Embed every image of a split, or of a folder (L2-normalised rows, streamed to a memory-mapped .npy).
 
     Same files as `glr predict --embeddings`. Progress is kept in OUT.partial/ (committed every
     10 s): rerun the same command after an interruption and it continues where it stopped.
@@ -626,6 +629,7 @@ def embed_command(run_dir: str, as_json: bool, **options) -> None:
     Example:
       glr embed runs/arcface --data-dir data --split train --out emb/train.npy --float16
       glr embed runs/arcface --data-dir data --split test --out emb/test.npy
+      glr embed runs/arcface --images photos/non-landmarks --out emb/pool.npy
     """
     from pipeline.model.predict import embed
 

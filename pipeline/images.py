@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from typing import IO
+from pathlib import Path
+from typing import IO, Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -32,6 +33,21 @@ CHECK_SIDE = 1024
 at any draft scale, so truncation still shows, at a fraction of the memory."""
 
 Source = str | os.PathLike | IO[bytes]
+
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+
+
+def image_files(root: str | os.PathLike, *, skip: str | os.PathLike | None = None,
+                also: Callable[[Path], object] | None = None) -> Iterator[Path]:
+    """Image files under `root` by extension (IMAGE_EXTS), in sorted order, hidden files and folders (glr's
+    `.glr-*` work folders) and the folder `skip` left out; `also(path)` true keeps another file too."""
+    skip = Path(skip).resolve() if skip is not None else None
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and (skip is None or (d / n).resolve() != skip))
+        for name in sorted(filenames):
+            if not name.startswith(".") and (Path(name).suffix.lower() in IMAGE_EXTS or (also and also(d / name))):
+                yield d / name
 
 
 class ImageReadError(UserError):

@@ -18,9 +18,9 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from pipeline.images import image_files
 from submissions.errors import UserError
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 REPORT_COLUMNS = ["path", "reason", "detail", "moved_to"]
 
 
@@ -72,17 +72,6 @@ def inspect_image(path: str | os.PathLike) -> tuple[str | None, str, str | None]
     return None, "", _oddity(head)
 
 
-def _images(root: Path, skip: Path | None):
-    for dirpath, dirnames, filenames in os.walk(root):
-        d = Path(dirpath)
-        dirnames[:] = sorted(
-            n for n in dirnames if not n.startswith(".") and (skip is None or (d / n).resolve() != skip)
-        )
-        for name in sorted(filenames):  # links that lead nowhere are listed here too, whatever their name
-            if not name.startswith(".") and (Path(name).suffix.lower() in IMAGE_EXTS or _broken_link(d / name)):
-                yield d / name
-
-
 def _free_name(dest: Path) -> Path:
     if not os.path.lexists(dest):  # a quarantined broken link counts as taken
         return dest
@@ -113,7 +102,7 @@ def clean(data_dir: str | os.PathLike, *, quarantine: str | os.PathLike | None =
     check_writable(root, folder=True, what="DATA_DIR")  # files are moved out of it
     check_writable(qdir, folder=True, what="--quarantine")
     report = qdir / "report.csv"
-    files = list(_images(root, qdir.resolve()))
+    files = list(image_files(root, skip=qdir, also=_broken_link))  # links that lead nowhere, whatever their name
     reasons: Counter = Counter()
     odd: Counter = Counter()
     moved = 0

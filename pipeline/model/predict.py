@@ -234,13 +234,32 @@ class EmbedResult:
                 "skipped": len(self.skipped)}
 
 
-def embed(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, split: str = "train",
-          out: str | os.PathLike, batch_size: int = PREDICT.default("batch_size"), float16: bool = False,
+def folder_images(folder: str | os.PathLike) -> tuple[list[str], list[Path]]:
+    """(ids, paths) of every image under a plain folder (e.g. a pool of non-landmark photos): an image's id
+    is its path relative to the folder without the extension (`people/0001`)."""
+    from pipeline.images import image_files
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"--images {folder}: no such folder")
+    paths = list(image_files(root))
+    ids = [p.relative_to(root).with_suffix("").as_posix() for p in paths]
+    dup = pd.Index(ids)[pd.Index(ids).duplicated()]
+    if len(dup):
+        raise UserError(f"--images {folder}: two images share the id {dup[0]!r} (same name, other extension); "
+                        "rename one")
+    return ids, paths
+
+
+def embed(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None, *, split: str = "train",
+          out: str | os.PathLike, images: str | os.PathLike | None = None,
+          batch_size: int = PREDICT.default("batch_size"), float16: bool = False,
           precision: str | None = PREDICT.default("precision"), commit_s: float = 10.0) -> EmbedResult:
-    """Embed every image of `split` into `out` (.npy of L2-normalised rows + .ids.txt, the contract of
+    """Embed every image of `split` of the competition `data_dir` — or every image under the folder
+    `images` (`folder_images`) — into `out` (.npy of L2-normalised rows + .ids.txt, the contract of
     `glr predict --embeddings`), streamed through a memory-mapped file: memory independent of the
     number of images. Progress is committed every `commit_s` seconds to `out.partial/`; a rerun with
-    the same model, split and storage continues there (anything else starts afresh)."""
+    the same model, images and storage continues there (anything else starts afresh)."""
     from pipeline.acquire.competition import Competition
     from pipeline.model.data import path_dataset, warn_skipped
     from pipeline.model.embeddings import resumable_writer
@@ -248,11 +267,18 @@ def embed(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, split: str
 
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    if (data_dir is None) == (images is None):
+        raise UserError("give either --data-dir (a competition, with --split) or --images (a folder of images)")
     run_dir, out = Path(run_dir), Path(out)
-    comp = Competition(data_dir)
-    ids, folder = images_of_split(run_dir, comp, split)
+    if images is not None:
+        ids, paths = folder_images(images)
+        split, what = "folder", f"--images {images}"
+    else:
+        comp = Competition(data_dir)
+        ids, folder = images_of_split(run_dir, comp, split)
+        paths, what = comp.image_paths(ids, folder), f"--split {split}: {data_dir}"
     if not ids:
-        raise UserError(f"--split {split}: no images in {data_dir}; nothing to embed")
+        raise UserError(f"{what}: no images; nothing to embed")
     model, _, manifest = load_run_model(run_dir, precision)
     size = int(manifest["image_size"])
     dim = int(np.prod(model.get_layer("embedding").output.shape[1:]))
@@ -262,7 +288,6 @@ def embed(run_dir: str | os.PathLike, data_dir: str | os.PathLike, *, split: str
     start = writer.images
     step = compiled_step(model, 0, True)
     t0 = time.perf_counter()
-    paths = comp.image_paths(ids, folder)
     ds = path_dataset(paths[start:], size, batch_size=batch_size)
     _, _, ok = _stream(step, ds, ids[start:], batch_size, writer, f"embed {split}", top_k=False)
     writer.finish_into(out)

@@ -125,3 +125,45 @@ def test_float16_rows_read_back_and_unknown_storage_refused(tmp_path):
     np.testing.assert_allclose(vecs.astype(np.float32), ref, atol=1e-3)
     with pytest.raises(UserError, match="float16"):
         resumable_writer(tmp_path / "b.npy", 8, 16, "int8", {})
+
+
+def test_embed_a_plain_folder_of_images(run_and_comp, tmp_path):
+    """--images: any folder (a non-landmark pool); ids are relative paths without the extension, and the
+    rows are the ones the competition's own copy of the same images gets."""
+    import shutil
+
+    from pipeline.acquire.competition import Competition
+    from pipeline.cli import cli
+    from pipeline.model.embeddings import read_embeddings
+    from pipeline.model.predict import embed
+
+    run, root, bad = run_and_comp
+    comp = Competition(root)
+    pool = tmp_path / "pool"
+    picked = [i for i in comp.test_ids if i != bad][:5]
+    for n, image_id in enumerate(picked):
+        dest = pool / ("people" if n % 2 else "rooms") / f"{image_id}.jpg"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(comp.image_path(image_id, "test"), dest)
+    (pool / ".glr-work").mkdir()
+    shutil.copy(comp.image_path(picked[0], "test"), pool / ".glr-work" / "hidden.jpg")  # never embedded
+    (pool / "notes.txt").write_text("not an image")
+
+    r = CliRunner().invoke(cli, ["embed", str(run), "--images", str(pool), "--out", str(tmp_path / "pool.npy"),
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    ids, vecs = read_embeddings(tmp_path / "pool.npy")
+    assert ids == sorted(f"{'people' if n % 2 else 'rooms'}/{i}" for n, i in enumerate(picked))
+    embed(run, root, split="test", out=tmp_path / "test.npy")
+    t_ids, t_vecs = read_embeddings(tmp_path / "test.npy")
+    same = np.asarray(t_vecs)[[t_ids.index(i.split("/")[1]) for i in ids]]
+    np.testing.assert_allclose(np.asarray(vecs), same, atol=1e-5)
+
+    for args, message in ((["--images", str(tmp_path / "none")], "no such folder"),
+                          (["--images", str(pool), "--data-dir", str(root)], "either --data-dir"),
+                          ([], "either --data-dir")):
+        r = CliRunner().invoke(cli, ["embed", str(run), "--out", str(tmp_path / "x.npy"), *args])
+        assert isinstance(r.exception, UserError) and message in str(r.exception), (args, r.output)
+    shutil.copy(comp.image_path(picked[0], "test"), pool / "rooms" / f"{picked[0]}.png")
+    with pytest.raises(UserError, match="share the id"):
+        embed(run, images=pool, out=tmp_path / "y.npy")
