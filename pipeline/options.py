@@ -123,6 +123,12 @@ KNN = Section("knn", "`glr knn`, and the retrieval members of `glr run` (`[[mode
            choices=("exact", "ivf", "hnsw")),
     Option("float16", False, "Store the embeddings as float16 (half the disk; about 1e-3 per component).",
            type=bool, cli=False),
+    Option("nonlandmark_pool", None, "glr run: a folder of non-landmark photos (indoor scenes, people, objects…). "
+           "The first retrieval member embeds it (`glr embed --images`) and scores each query's similarity to it "
+           "(`glr nonlandmark`, stage nonlandmark); `glr tune` then also searches a demotion by it (identity stays "
+           "reachable) and rescoring applies it. Empty: no non-landmark term.", path=True, cli=False),
+    Option("nonlandmark_k", 1, "glr run: a query's non-landmark signal is the mean of its k best similarities to the "
+           "pool.", type=int, min=1, cli=False, advanced=True),
     Option("nlist", 0, "ivf: lists (k-means centroids); 0 = about 4·sqrt(index rows).", type=int, min=0,
            advanced=True),
     Option("nprobe", 64, "ivf: lists scanned per query (more: higher recall, slower; = nlist: exact).", type=int,

@@ -109,6 +109,9 @@ def validate(raw: dict, base_dir: str | os.PathLike = ".") -> dict:
         except UserError as e:
             raise UserError(f"[kaggle] dataset (needed with notebook = true): {str(e).split(': ', 1)[1]}") from None
     cfg["models"] = _models(raw.get("models"), cfg["train"])
+    if cfg["knn"]["nonlandmark_pool"] and not any(m.get("kind") == "retrieval" for m in cfg["models"]):
+        raise UserError("[knn] nonlandmark_pool: needs a retrieval member ([[models]] kind = \"retrieval\"), whose "
+                        "embeddings measure a query's similarity to the pool; add one or leave the pool empty")
     w = cfg["ensemble"]["weights"]
     if w and len(w) != len(cfg["models"]):
         raise UserError(f"[ensemble] weights: {len(w)} weight(s) for {len(cfg['models'])} model(s); "

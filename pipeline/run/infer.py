@@ -68,7 +68,19 @@ def infer_inputs(run_dir: str | os.PathLike) -> dict:
 
     files = [lay.rel(p) for m in cfg["models"]
              for p in (test_model_dir(lay, cfg, m["name"]) / f for f in ("model.keras", "manifest.json", "labels.json"))]
-    return {"config": cfg, "files": files + [lay.rel(lay.policy)]}
+    return {"config": cfg, "files": files + [lay.rel(p) for p in _pool_files(lay, cfg)] + [lay.rel(lay.policy)]}
+
+
+def _pool_files(lay: Layout, cfg: dict) -> list[Path]:
+    """[knn] nonlandmark_pool as the test model embedded it (rows and ids): infer needs no pool folder."""
+    from pipeline.model.embeddings import ids_path
+    from pipeline.run.stages import pool_member
+
+    member = pool_member(cfg)
+    if member is None:
+        return []
+    rows = lay.pool_embeddings(member["name"], "test")
+    return [rows, ids_path(rows)]
 
 
 def load_source(source: str | os.PathLike) -> tuple[dict, Path]:
@@ -91,7 +103,8 @@ def load_source(source: str | os.PathLike) -> tuple[dict, Path]:
                         f"folder ({CONFIG_FILE})")
     from pipeline.run.stages import test_model_dir
 
-    needed = [test_model_dir(lay, cfg, m["name"]) / "model.keras" for m in cfg["models"]] + [lay.policy]
+    needed = ([test_model_dir(lay, cfg, m["name"]) / "model.keras" for m in cfg["models"]] + _pool_files(lay, cfg)
+              + [lay.policy])
     missing = [p for p in needed if not p.is_file()]
     if missing:
         raise UserError(f"{missing[0]}: missing; {src} is not a finished run (or a complete bundle)")
@@ -192,8 +205,8 @@ def _chain(cfg: dict, src: Path, data_dir: Path, work: Layout, cache: Path, work
     draws its references at random — the same number of pairs and images to extract, without the
     descriptors of every training image. A retrieval first model's index serves as the references.
     """
-    from pipeline.run.stages import (ensemble_part, is_retrieval, member_part, predict_refs, rescore_part,
-                                     test_model_dir, verify_part)
+    from pipeline.run.stages import (ensemble_part, is_retrieval, member_part, nonlandmark_part, pool_member,
+                                     predict_refs, rescore_part, test_model_dir, verify_part)
 
     lay, secs = Layout(src), {}
     models = cfg["models"]
@@ -225,8 +238,15 @@ def _chain(cfg: dict, src: Path, data_dir: Path, work: Layout, cache: Path, work
                 embeddings=(work.embeddings(names[0], "test"), refs[1]) if refs else None,
                 **overrides, **({"refs": "random"} if refs_dir else {}))
     secs["verify"] = time.perf_counter() - t
+    nonlandmark = None
+    pool = pool_member(cfg)
+    if pool:  # the queries against the pool the run's test model embedded
+        t, nonlandmark = time.perf_counter(), work.nonlandmark("test")
+        nonlandmark_part(cfg, work.embeddings(pool["name"], "test"), lay.pool_embeddings(pool["name"], "test"),
+                         nonlandmark)
+        secs["nonlandmark"] = time.perf_counter() - t
     t = time.perf_counter()
-    rescore_part(work.ensemble("test"), work.inliers("test"), lay.policy, work.rescored("test"))
+    rescore_part(work.ensemble("test"), work.inliers("test"), lay.policy, work.rescored("test"), nonlandmark)
     secs["rescore"] = time.perf_counter() - t
     return secs
 

@@ -87,6 +87,14 @@ class Layout:
     def inliers(self, part: str) -> Path:
         return self.root / f"inliers.{part}.parquet"
 
+    def pool_embeddings(self, model: str, part: str) -> Path:
+        """[knn] nonlandmark_pool's images embedded by a part's model (the test one is infer's pool)."""
+        return self.root / "preds" / f"{model}.{part}.pool.emb.npy"
+
+    def nonlandmark(self, part: str) -> Path:
+        """Each query's similarity to the non-landmark pool (`glr nonlandmark`)."""
+        return self.root / f"nonlandmark.{part}.parquet"
+
     @property
     def tune_dir(self) -> Path:
         return self.root / "tune"

@@ -74,27 +74,37 @@ def is_retrieval(model: dict) -> bool:
     return model.get("kind", "classifier") == "retrieval"
 
 
-def embed_index(cfg: dict, model_dir: Path, data_dir: Path, out: Path):
-    """`glr embed` of a folder's training images: a retrieval member's index (grows with train, not test)."""
+def embed_part(cfg: dict, model_dir: Path, out: Path, **images):
+    """`glr embed` with the run's [predict] batch and precision and [knn] storage; `images`: data_dir and
+    split, or a folder (`images=`)."""
     from pipeline.model.predict import embed
 
     p = cfg["predict"]
-    return embed(model_dir, data_dir, split="train", out=out, batch_size=p["batch_size"], precision=p["precision"],
-                 float16=cfg["knn"]["float16"])
+    return embed(model_dir, out=out, batch_size=p["batch_size"], precision=p["precision"],
+                 float16=cfg["knn"]["float16"], **images)
+
+
+def embed_index(cfg: dict, model_dir: Path, data_dir: Path, out: Path):
+    """A folder's training images embedded: a retrieval member's index (grows with train, not test)."""
+    return embed_part(cfg, model_dir, out, data_dir=data_dir, split="train")
 
 
 def retrieval_part(cfg: dict, model_dir: Path, data_dir: Path, out: Path, queries: Path, index: Path) -> float:
     """A retrieval member's predictions of a folder's test images: `glr embed` of them into `queries`, then
     `glr knn` among `index` (embed_index) with the run's [knn] options. Returns the seconds spent."""
     from pipeline.model.knn import knn
-    from pipeline.model.predict import embed
 
-    p, kn = cfg["predict"], cfg["knn"]
-    q = embed(model_dir, data_dir, split="test", out=queries, batch_size=p["batch_size"], precision=p["precision"],
-              float16=kn["float16"])
-    res = knn(queries, index, labels=Path(data_dir) / "train.csv", out=out, top_k=p["top_k"],
-              **{key: v for key, v in kn.items() if key != "float16"})
+    q = embed_part(cfg, model_dir, queries, data_dir=data_dir, split="test")
+    res = knn(queries, index, labels=Path(data_dir) / "train.csv", out=out, top_k=cfg["predict"]["top_k"],
+              **knn_options(cfg))
     return q.seconds + res.seconds
+
+
+def knn_options(cfg: dict) -> dict:
+    """The run's [knn] keys that are `glr knn`'s options (not the embeddings' storage, not the pool's)."""
+    from pipeline.options import KNN
+
+    return {o.name: cfg["knn"][o.name] for o in KNN.options if o.cli}
 
 
 def member_part(cfg: dict, model: dict, model_dir: Path, data_dir: Path, out: Path,
@@ -104,6 +114,22 @@ def member_part(cfg: dict, model: dict, model_dir: Path, data_dir: Path, out: Pa
     if is_retrieval(model):
         return retrieval_part(cfg, model_dir, data_dir, out, queries=embeddings, index=index)
     return predict_part(cfg, model_dir, data_dir, out, embeddings=embeddings).seconds
+
+
+def pool_member(cfg: dict) -> dict | None:
+    """The retrieval member whose embeddings score [knn] nonlandmark_pool (the first one), when a pool is set."""
+    if not cfg["knn"]["nonlandmark_pool"]:
+        return None
+    return next(m for m in cfg["models"] if is_retrieval(m))
+
+
+def nonlandmark_part(cfg: dict, queries: Path, pool: Path, out: Path) -> dict:
+    """`glr nonlandmark` of a folder's query embeddings against the pool's (both by the same model)."""
+    from pipeline.model.nonlandmark import nonlandmark
+
+    kn = cfg["knn"]
+    return nonlandmark(queries, pool, out=out, k=kn["nonlandmark_k"], block_size=kn["block_size"],
+                       query_block=kn["query_block"], backend=kn["backend"])
 
 
 def ensemble_part(cfg: dict, paths: list[Path], out: Path):
@@ -125,12 +151,14 @@ def verify_part(cfg: dict, preds: Path, data_dir: Path, out: Path, cache_dir: Pa
     return verify(preds, data_dir, out, **v)
 
 
-def rescore_part(preds: Path, inliers: Path, policy: Path, out: Path) -> None:
-    """`glr rescore`: the tuned policy applied to an ensemble table and its inliers."""
+def rescore_part(preds: Path, inliers: Path, policy: Path, out: Path, nonlandmark: Path | None = None) -> None:
+    """`glr rescore`: the tuned policy applied to an ensemble table and its inliers (and the queries'
+    non-landmark signal, when the run has a pool)."""
     from submissions.tables import read_inliers, read_predictions, write_predictions
     from tuning.policy import rescore
 
-    write_predictions(rescore(read_predictions(preds), read_inliers(inliers), str(policy)), out)
+    write_predictions(rescore(read_predictions(preds), read_inliers(inliers), str(policy),
+                              str(nonlandmark) if nonlandmark else None), out)
 
 
 # -- the stages, in run order ---------------------------------------------------------------------
@@ -220,6 +248,19 @@ def verify_stage(ctx: Context, part: str) -> dict:
     return {"pairs": int(len(result.table))}
 
 
+def nonlandmark_stage(ctx: Context, model: dict) -> dict:
+    """Both parts' queries scored against [knn] nonlandmark_pool, embedded by the part's model of `model`
+    (the test one's embeddings of the pool are what `glr infer` reuses)."""
+    lay, name = ctx.layout, model["name"]
+    folders = {"val": lay.model_dir(name), "test": test_model_dir(lay, ctx.cfg, name)}
+    out = {}
+    for part in PARTS:
+        embed_part(ctx.cfg, folders[part], lay.pool_embeddings(name, part), images=ctx.cfg["knn"]["nonlandmark_pool"])
+        out[part] = nonlandmark_part(ctx.cfg, lay.embeddings(name, part), lay.pool_embeddings(name, part),
+                                     lay.nonlandmark(part))
+    return out
+
+
 def tune_stage(ctx: Context) -> dict:
     """`glr tune` on the validation part; a policy that loses on the held-out queries gives way to identity."""
     from pipeline.progress import enabled
@@ -229,6 +270,8 @@ def tune_stage(ctx: Context) -> dict:
     # a study per input: trials of another ensemble / inlier table must not be mixed in
     t["study"] = t["study"] or f"{ctx.cfg['run']['name']}-{hash_obj(ctx.records['tune']['inputs'])[:10]}"
     inputs = (lay.ensemble("val"), lay.inliers("val"), lay.localval_solution, lay.policy)
+    if pool_member(ctx.cfg):
+        t["nonlandmark"] = lay.nonlandmark("val")
     res = tune(*inputs, **t, progress=enabled())  # honours `glr run --quiet`, like every other stage's bar
     if not res["accepted"] and not t["force"]:
         ctx.echo(f"warning: {res['message']}\nwarning: continuing with the identity policy (no rescoring); "
@@ -242,8 +285,10 @@ def tune_stage(ctx: Context) -> dict:
 
 def rescore_stage(ctx: Context) -> dict:
     lay, out = ctx.layout, {}
+    pool = pool_member(ctx.cfg)
     for part in PARTS:
-        rescore_part(lay.ensemble(part), lay.inliers(part), lay.policy, lay.rescored(part))
+        rescore_part(lay.ensemble(part), lay.inliers(part), lay.policy, lay.rescored(part),
+                     lay.nonlandmark(part) if pool else None)
         out[part] = _evaluate(lay.rescored(part), _part_dir(ctx, part))
     return out
 
@@ -355,7 +400,8 @@ def plan(cfg: dict) -> list[Stage]:
         deps = ["data", "localval", f"train:{name}"] + ([f"train_all:{name}"] if final_all else [])
         stages.append(Stage(f"predict:{name}", partial(predict_stage, model=m, embeddings=emb), deps=deps,
                             config={"predict": cfg["predict"], "embeddings": emb,
-                                    **({"retrieval": cfg["knn"]} if retrieval else {}),
+                                    **({"retrieval": {**knn_options(cfg), "float16": cfg["knn"]["float16"]}}
+                                       if retrieval else {}),
                                     **({"test_models": rel(lay.model_dir("", full=True))} if final_all else {})},
                             outputs=outputs))
     stages.append(Stage("ensemble", ensemble_stage, deps=[f"predict:{n}" for n in names],
@@ -365,10 +411,19 @@ def plan(cfg: dict) -> list[Stage]:
         deps = ["ensemble", "localval" if part == "val" else "data"] + ([f"predict:{names[0]}"] if nearest else [])
         stages.append(Stage(f"verify:{part}", partial(verify_stage, part=part), deps=deps, config=cfg["verify"],
                             outputs=[rel(lay.inliers(part))]))
+    pool = pool_member(cfg)
+    if pool:
+        kn = cfg["knn"]
+        stages.append(Stage("nonlandmark", partial(nonlandmark_stage, model=pool), deps=[f"predict:{pool['name']}"],
+                            config={k: kn[k] for k in ("nonlandmark_pool", "nonlandmark_k", "float16")},
+                            outputs=[rel(p) for part in PARTS for p in (lay.pool_embeddings(pool["name"], part),
+                                                                         lay.nonlandmark(part))],
+                            external=lambda: tree_stat_digest(kn["nonlandmark_pool"])))
+    with_pool = ["nonlandmark"] if pool else []
     stages += [
-        Stage("tune", tune_stage, deps=["localval", "ensemble", "verify:val"], config=cfg["tune"],
+        Stage("tune", tune_stage, deps=["localval", "ensemble", "verify:val", *with_pool], config=cfg["tune"],
               outputs=[rel(lay.policy)], digest=[rel(lay.policy)]),
-        Stage("rescore", rescore_stage, deps=["ensemble", "verify:val", "verify:test", "tune"],
+        Stage("rescore", rescore_stage, deps=["ensemble", "verify:val", "verify:test", "tune", *with_pool],
               outputs=[rel(lay.rescored(part)) for part in PARTS]),
         Stage("submission", submission_stage, deps=["data", "rescore"], config=cfg["submission"],
               outputs=[rel(lay.submission)]),

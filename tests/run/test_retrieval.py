@@ -79,6 +79,31 @@ def test_a_retrieval_member_runs_beside_a_classifier_and_infer_reproduces_it(tmp
     figures = json.loads(out.stdout)
     assert figures["stages"]["index"]["images_per_s"] > 0 and "references" not in figures["stages"]
 
+    # a non-landmark pool (any folder of photos): scored by the retrieval member, searched by tune, applied
+    make_competition(tmp_path / "other", landmarks=3, per_landmark=2, test=8, size=64, seed=7)
+    pooled = _config().replace("[knn]\n", '[knn]\nnonlandmark_pool = "other/test"\n')
+    (tmp_path / "glr.toml").write_text(pooled)
+    res = glr("run", "glr.toml", "-q", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    stages = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
+    redone = sorted(s for s, r in stages.items() if r["runs"] > manifest["stages"].get(s, {}).get("runs", 0))
+    # what follows from them only when its inputs changed (an unchanged rescored table: no new submission)
+    assert {"nonlandmark", "tune", "rescore"} <= set(redone) <= {"nonlandmark", "tune", "rescore", "submission",
+                                                                  "report"}, redone
+    pool_ids, _ = read_embeddings(lay.pool_embeddings("arc", "test"))
+    assert len(pool_ids) == 8 and all(i.count("/") == 3 for i in pool_ids)  # ids: paths under the pool folder
+    for part, folder in (("val", lay.localval), ("test", tmp_path / "comp")):
+        nl = pd.read_parquet(lay.nonlandmark(part))
+        assert sorted(nl["id"]) == sorted(pd.read_csv(folder / "sample_submission.csv")["id"])
+        assert nl["nonlandmark"].between(0, 1).all() and nl["nonlandmark"].max() > 0
+    # infer needs no pool folder: the run's test-model embeddings of the pool travel with it
+    (tmp_path / "other").rename(tmp_path / "gone")
+    out = glr("infer", "run", "--data-dir", "comp", "--out", "out2/submission.csv", "--expect-test", "100", "--json",
+              "-q", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "out2" / "submission.csv").read_bytes() == (tmp_path / "run" / "submission.csv").read_bytes()
+    assert json.loads(out.stdout)["stages"]["nonlandmark"]["seconds"] > 0
+
     # [knn] is the member's own setting: changing it redoes its predictions, not its training
     (tmp_path / "glr.toml").write_text(_config().replace("k = 5", "k = 3"))
     plan = glr("run", "glr.toml", "--dry-run", cwd=tmp_path)
@@ -97,3 +122,5 @@ def test_a_models_kind_is_checked(tmp_path):
                    tmp_path)
     assert "kind" not in cfg["models"][0] and cfg["models"][1]["kind"] == "retrieval"
     assert cfg["knn"]["k"] == 20 and cfg["knn"]["score"] == "sum"
+    with pytest.raises(Exception, match=r"nonlandmark_pool: needs a retrieval member"):
+        validate({"models": [{"backbone": "vgg16"}], "knn": {"nonlandmark_pool": "pool"}}, tmp_path)
