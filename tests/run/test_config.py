@@ -203,11 +203,13 @@ def test_every_config_key_reaches_the_function_that_uses_it(tmp_path, monkeypatc
                                                        "landmark_queries", "non_landmark_queries"], 0)))
     monkeypatch.setattr(pipeline.model.train, "train", spy("train", {}))
     import pipeline.model.knn
+    import pipeline.model.nonlandmark
 
     done = SimpleNamespace(seconds=0.0)
     monkeypatch.setattr(pipeline.model.predict, "predict", spy("predict", done))
     monkeypatch.setattr(pipeline.model.predict, "embed", spy("embed", done))  # a retrieval member's embeddings
     monkeypatch.setattr(pipeline.model.knn, "knn", spy("knn", done))
+    monkeypatch.setattr(pipeline.model.nonlandmark, "nonlandmark", spy("nonlandmark", {}))
     monkeypatch.setattr(pipeline.model.ensemble, "ensemble", spy("ensemble", None))
     monkeypatch.setattr(pipeline.verify.inliers, "verify",
                         spy("verify", pipeline.verify.inliers.VerifyResult(pd.DataFrame(), 0, 0)))
@@ -222,15 +224,20 @@ def test_every_config_key_reaches_the_function_that_uses_it(tmp_path, monkeypatc
     cfg = validate(raw, tmp_path)
     ctx = Context(tmp_path / "run", cfg, {"tune": {"inputs": {}}}, echo=lambda s: None)
     for stage in plan(cfg):
-        if stage.kind in ("localval", "train", "predict", "ensemble", "verify", "tune"):
+        if stage.kind in ("localval", "train", "predict", "ensemble", "verify", "nonlandmark", "tune"):
             stage.action(ctx)
+    # keys that are not a keyword of their section's function: (the function, its keyword, which of its calls)
+    elsewhere = {("knn", "float16"): ("embed", "float16", None),  # the storage of `glr embed`'s output
+                 ("knn", "nonlandmark_pool"): ("embed", "images", lambda c: c.get("images") is not None),
+                 ("knn", "nonlandmark_k"): ("nonlandmark", "k", None)}
     for name, values in raw.items():
         if name in ("models", "data"):
             continue
-        for key, want in values.items():
-            # [knn] float16 is the storage of `glr embed`'s output; its other keys go to `glr knn`
-            got = [c.get(key) for c in seen["embed" if (name, key) == ("knn", "float16") else name]]
-            assert all(g == want for g in got), f"[{name}] {key}: set {want!r}, the stage passed {got!r}"
+        for key in values:
+            want = cfg[name][key]  # as validated (a path resolved)
+            function, keyword, which = elsewhere.get((name, key), (name, key, None))
+            got = [c.get(keyword) for c in seen[function] if which is None or which(c)]
+            assert got and all(g == want for g in got), f"[{name}] {key}: set {want!r}, the stage passed {got!r}"
 
 
 def test_docs_config_reference_is_generated_from_the_schema():
