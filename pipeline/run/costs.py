@@ -84,8 +84,9 @@ TF_BASE_RAM = 1.5 * GB  # a Python process with TensorFlow, Keras and one compil
 PY_BASE_RAM = 0.3 * GB  # a Python process with numpy, pandas, pyarrow
 VERIFY_WORKER_RAM = {"sift": 0.3 * GB, "orb": 0.25 * GB, "delf": 2.5 * GB}  # one verify worker process
 # per keypoint in the local-feature cache (pipeline.verify.cache): quantised descriptor + uint16 location,
-# deflated (SIFT: ~100 KB per 1,000 keypoints); plus half a 4 KB block per entry file
-LOCAL_FEATURE_BYTES = {"sift": 100, "orb": 32 + 4, "delf": 40 + 4}
+# deflated (SIFT, 64-D projected RootSIFT as int8: ~51 KB per ~970 keypoints, benchmarks/RESULTS.md
+# real_pairs); plus half a 4 KB block per entry file
+LOCAL_FEATURE_BYTES = {"sift": 53, "orb": 32 + 4, "delf": 40 + 4}
 FEATURE_FILE_BYTES = 2048
 DELF_FEATURES = 1000  # DELF keeps its own top 1000 keypoints
 PREDICT_FACTOR = 4  # copies of a batch's class scores alive in a predict step (logits, softmax, top-k, cast)
@@ -445,6 +446,22 @@ def _predict_cost(p: _Plan, model: dict, embeddings: bool) -> Cost:
     return _split_disk(c)
 
 
+def _pool_cost(p: _Plan) -> Cost | None:
+    """[knn] nonlandmark_pool embedded by both models of the first retrieval member (its files counted)."""
+    from pipeline.images import image_files
+
+    pool = p.cfg["knn"]["nonlandmark_pool"]
+    member = next((m for m in p.cfg["models"] if m.get("kind") == "retrieval"), None)
+    if not pool or member is None:
+        return None
+    n = 2 * sum(1 for _ in image_files(pool)) if Path(pool).is_dir() else 0
+    b, size, r = member["backbone"], member["image_size"], p.rates
+    dim = member.get("embedding_dim") or EMBEDDING_DIM[b]
+    c = Cost(images=n, seconds=n * (1 / r.decode(size) + 1 / r.forward(b, size)),
+             ram=TF_BASE_RAM + BASE_PARAMS[b] * 4, parts={"embeddings": n * dim * 4})
+    return _split_disk(c)
+
+
 def _table_cost(rows: float, rates: _Rates, disk: dict | None = None, passes: float = 1) -> Cost:
     c = Cost(seconds=passes * rows / rates.r["table_rows_per_s"], ram=PY_BASE_RAM + rows * TABLE_ROW_RAM * 2,
              parts=dict(disk or {}))
@@ -496,6 +513,9 @@ def stage_costs(cfg: dict, counts: Counts, rates: dict | None = None, cores: int
     nearest = cfg["verify"]["refs"] == "nearest"
     for i, m in enumerate(cfg["models"]):
         out[f"predict:{m['name']}"] = _predict_cost(p, m, nearest and i == 0)
+    pool = _pool_cost(p)
+    if pool is not None:
+        out["nonlandmark"] = pool
     ek = cfg["ensemble"]["top_k"]
     tables = (q + t) * ek * PRED_ROW_BYTES + 2 * PARQUET_FILE_BYTES  # a predictions table per part
     out["ensemble"] = _table_cost((q + t) * k * (n_models + 1), r, {"predictions": tables})
@@ -847,7 +867,7 @@ def measure_verify(paths: list[Path], extractor: str = "sift") -> tuple[float, f
     from pipeline.verify.matching import match_config, match_features
 
     cv2.setNumThreads(1)
-    config = match_config(threshold=20.0 if extractor == "delf" else 12.0)
+    config = match_config(extractor)  # the extractor's default threshold, as glr verify uses it
     ex = make_extractor(make_config(extractor))
     feats = []
     secs = _timed(lambda: feats.extend(ex.extract_path(p) for p in paths))
