@@ -60,19 +60,10 @@ print(json.dumps({"seconds": secs, "cpu_s": cpu, "rss_before_mb": rss0, "peak_rs
 
 
 def make_files(folder: Path, n_index: int, n_queries: int, dim: int, seed: int = 0) -> tuple[Path, Path]:
-    """Random unit vectors as two embeddings files, written chunk by chunk (never all in RAM)."""
-    from pipeline.model.embeddings import embedding_writer
+    """Random unit vectors as two embeddings files (benchmarks/knn_ann.py's, never all in RAM)."""
+    from benchmarks.knn_ann import make_files as make
 
-    rng = np.random.default_rng(seed)
-    paths = []
-    for name, n in (("index", n_index), ("queries", n_queries)):
-        path = folder / f"{name}.npy"
-        with embedding_writer(path, n, dim) as w:
-            for s in range(0, n, 65536):
-                e = min(s + 65536, n)
-                w.append([f"{name[0]}{i:08d}" for i in range(s, e)], rng.standard_normal((e - s, dim), np.float32))
-        paths.append(path)
-    return paths[0], paths[1]
+    return make(folder, "random", n_index, n_queries, dim, cluster_size=1, seed=seed)
 
 
 def measure(qpath: Path, xpath: Path, k: int, block: int, qblock: int) -> dict:

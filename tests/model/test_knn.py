@@ -88,22 +88,28 @@ def test_class_scores_sum_and_max():
         class_scores(["a"], sims[:1], rows[:1], labels, top_k=1, score="mean")
 
 
-@pytest.fixture
-def files(tmp_path):
+def clustered_files(folder, classes: int, per_class: int, queries: int, noise: float):
+    """index.npy (per_class noisy rows around each of `classes` random centres), q.npy (queries around the
+    centres in turn) and train.csv (landmark 100 + centre; rows listed in reverse, plus an id no row has)."""
     from pipeline.model.embeddings import write_embeddings
 
     rng = np.random.default_rng(2)
-    centres = rng.normal(size=(4, 16))
-    x_lab = np.repeat(np.arange(4), 10)
-    x = centres[x_lab] + 0.3 * rng.normal(size=(40, 16))
-    q_lab = np.arange(12) % 4
-    q = centres[q_lab] + 0.3 * rng.normal(size=(12, 16))
-    x_ids = [f"t{i:03d}" for i in range(40)]
-    write_embeddings(tmp_path / "index.npy", x_ids, x)
-    write_embeddings(tmp_path / "q.npy", [f"q{i:02d}" for i in range(12)], q)
+    centres = rng.normal(size=(classes, 16))
+    x_lab = np.repeat(np.arange(classes), per_class)
+    x = centres[x_lab] + noise * rng.normal(size=(len(x_lab), 16))
+    q_lab = np.arange(queries) % classes
+    q = centres[q_lab] + noise * rng.normal(size=(queries, 16))
+    x_ids = [f"t{i:03d}" for i in range(len(x_lab))]
+    write_embeddings(folder / "index.npy", x_ids, x)
+    write_embeddings(folder / "q.npy", [f"q{i:02d}" for i in range(queries)], q)
     pd.DataFrame({"id": x_ids[::-1] + ["extra"], "landmark_id": list((100 + x_lab)[::-1]) + [3]}) \
-        .to_csv(tmp_path / "train.csv", index=False)
-    return tmp_path, q_lab
+        .to_csv(folder / "train.csv", index=False)
+    return q_lab
+
+
+@pytest.fixture
+def files(tmp_path):
+    return tmp_path, clustered_files(tmp_path, classes=4, per_class=10, queries=12, noise=0.3)
 
 
 def test_knn_cli_writes_a_predictions_table_the_ensemble_takes(files):

@@ -107,17 +107,9 @@ def test_the_index_is_built_from_a_float16_memmapped_file_block_by_block(tmp_pat
 
 @pytest.fixture
 def files(tmp_path):
-    from pipeline.model.embeddings import write_embeddings
+    from tests.model.test_knn import clustered_files
 
-    rng = np.random.default_rng(2)
-    centres = rng.normal(size=(6, 16))
-    x_lab = np.repeat(np.arange(6), 50)
-    x = centres[x_lab] + 0.4 * rng.normal(size=(300, 16))
-    q = centres[np.arange(40) % 6] + 0.4 * rng.normal(size=(40, 16))
-    x_ids = [f"t{i:03d}" for i in range(300)]
-    write_embeddings(tmp_path / "index.npy", x_ids, x)
-    write_embeddings(tmp_path / "q.npy", [f"q{i:02d}" for i in range(40)], q)
-    pd.DataFrame({"id": x_ids, "landmark_id": 100 + x_lab}).to_csv(tmp_path / "train.csv", index=False)
+    clustered_files(tmp_path, classes=6, per_class=50, queries=40, noise=0.4)
     return tmp_path
 
 
