@@ -206,6 +206,20 @@ def train_stage(ctx: Context, model: dict, full: bool) -> dict:
     return jsonable({k: m.get(k) for k in ("final", "best", "timings", "n_classes", "resumed", "caches")})
 
 
+def _finished_embeddings(path: Path) -> bool:
+    """`glr embed` finished writing `path`: rows and ids there, no progress folder left."""
+    from pipeline.model.embeddings import ids_path, partial_dir
+
+    return path.is_file() and ids_path(path).is_file() and not partial_dir(path).exists()
+
+
+def _remove_embeddings(path: Path) -> None:
+    from pipeline.model.embeddings import ids_path
+
+    path.unlink(missing_ok=True)
+    ids_path(path).unlink(missing_ok=True)
+
+
 def predict_stage(ctx: Context, model: dict, embeddings: bool) -> dict:
     """One model's predictions of both parts (val by the split model; test by the model final_fit chose):
     `glr predict`, or for a retrieval member `glr embed` of the part's training and test images + `glr knn`."""
@@ -213,10 +227,15 @@ def predict_stage(ctx: Context, model: dict, embeddings: bool) -> dict:
     folders = {"val": lay.model_dir(name), "test": test_model_dir(lay, ctx.cfg, name)}
     out: dict = {"models": {part: lay.rel(f) for part, f in folders.items()}}
     retrieval = is_retrieval(model)
+    if retrieval and not ctx.resume:  # a fresh attempt: no index of another config may pass for this one's
+        for part in PARTS:
+            _remove_embeddings(lay.embeddings(name, part, train=True))
     for part in PARTS:
         ddir, target = _part_dir(ctx, part), lay.predictions(name, part)
         queries, index = lay.embeddings(name, part), lay.embeddings(name, part, train=True)
-        if retrieval:  # its index is also the references of refs = nearest
+        # its index is also the references of refs = nearest; an interrupted attempt's finished index is
+        # kept (at GLDv2 size it is hours of embedding)
+        if retrieval and not (ctx.resume and _finished_embeddings(index)):
             embed_index(ctx.cfg, folders[part], ddir, index)
         member_part(ctx.cfg, model, folders[part], ddir, target,
                     embeddings=queries if embeddings or retrieval else None, index=index)

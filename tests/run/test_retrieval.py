@@ -124,3 +124,54 @@ def test_a_models_kind_is_checked(tmp_path):
     assert cfg["knn"]["k"] == 20 and cfg["knn"]["score"] == "sum"
     with pytest.raises(Exception, match=r"nonlandmark_pool: needs a retrieval member"):
         validate({"models": [{"backbone": "vgg16"}], "knn": {"nonlandmark_pool": "pool"}}, tmp_path)
+
+
+def test_a_resumed_predict_stage_keeps_the_index_it_finished_and_a_fresh_one_drops_old_ones(tmp_path, monkeypatch):
+    """At GLDv2 size an index is hours of embedding: an interrupted predict stage (same config, same inputs)
+    keeps the index it finished; a fresh attempt first removes any index an earlier config left."""
+    from types import SimpleNamespace
+
+    import pipeline.model.knn
+    import pipeline.model.predict
+    from pipeline.model.embeddings import ids_path, partial_dir, write_embeddings
+    from pipeline.run.config import validate
+    from pipeline.run.engine import Context
+    from pipeline.run.layout import Layout
+    from pipeline.run.stages import plan
+
+    calls, stop = [], []
+
+    def embed(model_dir, **kwargs):
+        calls.append(kwargs.get("split"))
+        write_embeddings(kwargs["out"], ["a"], np.ones((1, 4)))
+        return SimpleNamespace(seconds=0.0)
+
+    def knn(*args, **kwargs):
+        if stop:
+            raise RuntimeError(stop.pop())
+        return SimpleNamespace(seconds=0.0)
+
+    monkeypatch.setattr(pipeline.model.predict, "embed", embed)
+    monkeypatch.setattr(pipeline.model.knn, "knn", knn)
+    cfg = validate({"data": {"data_dir": str(tmp_path / "comp")},
+                    "models": [{"backbone": "vgg16", "name": "r", "kind": "retrieval"}]}, tmp_path)
+    stage = next(s for s in plan(cfg) if s.name == "predict:r")
+    lay = Layout(tmp_path / "run")
+    val, test = lay.embeddings("r", "val", train=True), lay.embeddings("r", "test", train=True)
+
+    def run(resume: bool) -> list:
+        calls.clear()
+        stage.action(Context(lay.root, cfg, {}, resume=resume, echo=lambda s: None))
+        return sorted(calls)
+
+    write_embeddings(val, ["old"], np.ones((1, 4)))  # an earlier config's indexes
+    write_embeddings(test, ["old"], np.ones((1, 4)))
+    stop.append("killed")  # a fresh attempt stops in the val part, after its index
+    with pytest.raises(RuntimeError, match="killed"):
+        run(resume=False)
+    assert ids_path(val).read_text().split() == ["a"] and not test.exists()  # the old test index is gone
+    assert run(resume=True) == ["test", "test", "train"]  # val's index kept; test's made
+    assert run(resume=True) == ["test", "test"]  # both finished: kept
+    partial_dir(test).mkdir()  # the test index was being written when the run stopped
+    assert run(resume=True) == ["test", "test", "train"]
+    assert run(resume=False) == ["test", "test", "train", "train"]  # a fresh attempt makes both anew
