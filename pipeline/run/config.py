@@ -36,6 +36,18 @@ def _section(name: str, values: Any, raw_keys: set[str]) -> dict[str, Any]:
     return out
 
 
+def is_retrieval(model: dict) -> bool:
+    """A [[models]] entry predicting by kNN of its embeddings ([knn]) rather than by its head."""
+    return model.get("kind", "classifier") == "retrieval"
+
+
+def pool_member(cfg: dict) -> dict | None:
+    """The retrieval member whose embeddings score [knn] nonlandmark_pool (the first one), when a pool is set."""
+    if not cfg["knn"]["nonlandmark_pool"]:
+        return None
+    return next((m for m in cfg["models"] if is_retrieval(m)), None)
+
+
 def _models(raw: Any, train: dict) -> list[dict]:
     if raw is None:
         raw = copy.deepcopy(DEFAULT_MODELS)
@@ -109,7 +121,7 @@ def validate(raw: dict, base_dir: str | os.PathLike = ".") -> dict:
         except UserError as e:
             raise UserError(f"[kaggle] dataset (needed with notebook = true): {str(e).split(': ', 1)[1]}") from None
     cfg["models"] = _models(raw.get("models"), cfg["train"])
-    if cfg["knn"]["nonlandmark_pool"] and not any(m.get("kind") == "retrieval" for m in cfg["models"]):
+    if cfg["knn"]["nonlandmark_pool"] and pool_member(cfg) is None:
         raise UserError("[knn] nonlandmark_pool: needs a retrieval member ([[models]] kind = \"retrieval\"), whose "
                         "embeddings measure a query's similarity to the pool; add one or leave the pool empty")
     w = cfg["ensemble"]["weights"]

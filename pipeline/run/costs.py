@@ -34,6 +34,7 @@ import numpy as np
 
 from pipeline.caches import existing_parent, human_bytes
 from pipeline.parallel import available_cores
+from pipeline.run.config import is_retrieval, pool_member
 
 KB, MB, GB = 1e3, 1e6, 1e9
 
@@ -413,20 +414,20 @@ def _split_disk(c: Cost) -> Cost:
 def _predict_cost(p: _Plan, model: dict, embeddings: bool) -> Cost:
     b, size, r = model["backbone"], model["image_size"], p.rates
     pr = p.cfg["predict"]
-    retrieval = model.get("kind") == "retrieval"
+    retrieval = is_retrieval(model)
     embeddings = embeddings or retrieval
     val_fit, test_fit = p.fit(model, False), p.test_fit(model)
     parts = [(p.lv["queries"], val_fit), (p.counts.test_images, test_fit)]
     if embeddings:  # the training images of each part: references for refs = nearest, a retrieval member's index
         parts += [(p.lv["train_images"], val_fit), (p.counts.rows, test_fit)]
-    dim = model.get("embedding_dim") or EMBEDDING_DIM[b]
+    dim = _embedding_dim(model)
     c = Cost(images=sum(n for n, _ in parts))
     for n, fit in parts:
         ph = head_params(b, fit["classes"], size)
         c.seconds += n * (1 / r.decode(size) + 1 / r.forward(b, size) + r.head_forward(ph))
         c.parts["predictions"] = c.parts.get("predictions", 0) + n * pr["top_k"] * PRED_ROW_BYTES + PARQUET_FILE_BYTES
         if embeddings:
-            width = 2 if retrieval and p.cfg["knn"]["float16"] else 4
+            width = _row_width(p.cfg) if retrieval else 4  # glr predict --embeddings writes float32
             c.parts["embeddings"] = c.parts.get("embeddings", 0) + n * dim * width
     search_ram = 0
     if retrieval:  # every query against every training image of its part
@@ -446,19 +447,28 @@ def _predict_cost(p: _Plan, model: dict, embeddings: bool) -> Cost:
     return _split_disk(c)
 
 
+def _embedding_dim(model: dict) -> int:
+    """A model's embedding width: its neck's, else its backbone's pooled features."""
+    return model.get("embedding_dim") or EMBEDDING_DIM[model["backbone"]]
+
+
+def _row_width(cfg: dict) -> int:
+    """Bytes per component of what `glr embed` writes in a run ([knn] float16)."""
+    return 2 if cfg["knn"]["float16"] else 4
+
+
 def _pool_cost(p: _Plan) -> Cost | None:
     """[knn] nonlandmark_pool embedded by both models of the first retrieval member (its files counted)."""
     from pipeline.images import image_files
 
-    pool = p.cfg["knn"]["nonlandmark_pool"]
-    member = next((m for m in p.cfg["models"] if m.get("kind") == "retrieval"), None)
-    if not pool or member is None:
+    member = pool_member(p.cfg)
+    if member is None:
         return None
+    pool = p.cfg["knn"]["nonlandmark_pool"]
     n = 2 * sum(1 for _ in image_files(pool)) if Path(pool).is_dir() else 0
     b, size, r = member["backbone"], member["image_size"], p.rates
-    dim = member.get("embedding_dim") or EMBEDDING_DIM[b]
     c = Cost(images=n, seconds=n * (1 / r.decode(size) + 1 / r.forward(b, size)),
-             ram=TF_BASE_RAM + BASE_PARAMS[b] * 4, parts={"embeddings": n * dim * 4})
+             ram=TF_BASE_RAM + BASE_PARAMS[b] * 4, parts={"embeddings": n * _embedding_dim(member) * _row_width(p.cfg)})
     return _split_disk(c)
 
 

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from pipeline.run.config import is_retrieval, pool_member
 from pipeline.run.layout import Layout
 from submissions.errors import UserError
 
@@ -74,7 +75,6 @@ def infer_inputs(run_dir: str | os.PathLike) -> dict:
 def _pool_files(lay: Layout, cfg: dict) -> list[Path]:
     """[knn] nonlandmark_pool as the test model embedded it (rows and ids): infer needs no pool folder."""
     from pipeline.model.embeddings import ids_path
-    from pipeline.run.stages import pool_member
 
     member = pool_member(cfg)
     if member is None:
@@ -186,7 +186,7 @@ def _sample_competition(data_dir: Path, folder: Path, start: int, n: int, train_
 def _indexes(cfg: dict, src: Path, data_dir: Path, work: Layout) -> dict[str, Path]:
     """Each retrieval member's index: `glr embed` of DATA_DIR's training images (once, before the samples,
     so their kNN searches the full index: its time is counted as spent, not projected)."""
-    from pipeline.run.stages import embed_index, is_retrieval, test_model_dir
+    from pipeline.run.stages import embed_index, test_model_dir
 
     out = {}
     for m in cfg["models"]:
@@ -205,8 +205,8 @@ def _chain(cfg: dict, src: Path, data_dir: Path, work: Layout, cache: Path, work
     draws its references at random — the same number of pairs and images to extract, without the
     descriptors of every training image. A retrieval first model's index serves as the references.
     """
-    from pipeline.run.stages import (ensemble_part, is_retrieval, member_part, nonlandmark_part, pool_member,
-                                     predict_refs, rescore_part, test_model_dir, verify_part)
+    from pipeline.run.stages import (ensemble_part, member_part, nonlandmark_part, predict_refs, rescore_part,
+                                     test_model_dir, verify_part)
 
     lay, secs = Layout(src), {}
     models = cfg["models"]
@@ -318,8 +318,6 @@ def infer(source: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.
     t_all = time.perf_counter()
 
     nearest = cfg["verify"]["refs"] == "nearest"
-    from pipeline.run.stages import is_retrieval
-
     retrieval = any(is_retrieval(m) for m in cfg["models"])
     n_train = len(Competition(data_dir).train) if nearest or retrieval else 0
     t = time.perf_counter()

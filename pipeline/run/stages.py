@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pipeline.run.config import is_retrieval, pool_member
 from pipeline.run.engine import Context, Stage, execute, file_digest, hash_obj, tree_stat_digest
 from pipeline.run.layout import PARTS, Layout, data_files, layout_of, solution_of
 from submissions.files import atomic_write_json, json_default
@@ -69,11 +70,6 @@ def predict_refs(cfg: dict, model_dir: Path, data_dir: Path, out: Path, embeddin
     return predict(model_dir, data_dir, split="train", out=out, embeddings=embeddings, **cfg["predict"])
 
 
-def is_retrieval(model: dict) -> bool:
-    """A [[models]] entry predicting by kNN of its embeddings ([knn]) rather than by its head."""
-    return model.get("kind", "classifier") == "retrieval"
-
-
 def embed_part(cfg: dict, model_dir: Path, out: Path, **images):
     """`glr embed` with the run's [predict] batch and precision and [knn] storage; `images`: data_dir and
     split, or a folder (`images=`)."""
@@ -114,13 +110,6 @@ def member_part(cfg: dict, model: dict, model_dir: Path, data_dir: Path, out: Pa
     if is_retrieval(model):
         return retrieval_part(cfg, model_dir, data_dir, out, queries=embeddings, index=index)
     return predict_part(cfg, model_dir, data_dir, out, embeddings=embeddings).seconds
-
-
-def pool_member(cfg: dict) -> dict | None:
-    """The retrieval member whose embeddings score [knn] nonlandmark_pool (the first one), when a pool is set."""
-    if not cfg["knn"]["nonlandmark_pool"]:
-        return None
-    return next(m for m in cfg["models"] if is_retrieval(m))
 
 
 def nonlandmark_part(cfg: dict, queries: Path, pool: Path, out: Path) -> dict:

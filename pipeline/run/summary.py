@@ -8,6 +8,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+from pipeline.run.config import is_retrieval
 from pipeline.run.layout import Layout
 
 _REL = Layout(Path(""))  # run-folder-relative names, as stage records store them
@@ -34,7 +35,7 @@ def summary_rows(manifest: dict) -> list[tuple[str, float | None, float | None]]
         val, test = m.get("val") or {}, m.get("test") or {}
         return val.get("gap"), test.get("gap")
 
-    retrieval = {m.get("name") for m in (manifest.get("config") or {}).get("models", []) if m.get("kind") == "retrieval"}
+    retrieval = {m.get("name") for m in (manifest.get("config") or {}).get("models", []) if is_retrieval(m)}
     rows = []
     for name in manifest.get("plan", []):
         if name.startswith("predict:"):
