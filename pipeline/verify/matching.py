@@ -132,10 +132,16 @@ def _select(best, d1, d2, col_ok, ratio, max_distance) -> np.ndarray:
         keep &= d1 < (ratio**2) * d2
     if col_ok is not None:
         keep &= col_ok
-    idx = np.flatnonzero(keep)
-    quality = d1[idx] / np.maximum(d2[idx], 1e-12) if ratio is not None else d1[idx]
-    idx = idx[np.argsort(quality, kind="stable")]
-    return np.stack([idx, best[idx]], axis=1)
+    return _best_first(np.arange(len(best)), best, d1, d2, keep, ratio)
+
+
+def _best_first(q: np.ndarray, t: np.ndarray, d1: np.ndarray, d2: np.ndarray, keep: np.ndarray,
+                ratio: float | None) -> np.ndarray:
+    """The kept matches (q→t) best first, the order PROSAC samples in: by distance ratio (nearest / second
+    nearest) when there is a ratio test, else by distance; ties by index."""
+    quality = d1 / np.maximum(d2, 1e-12) if ratio is not None else d1
+    order = np.flatnonzero(keep)[np.argsort(quality[keep], kind="stable")]
+    return np.stack([q[order], t[order]], axis=1)
 
 
 def _match_hamming(da, db, *, ratio, mutual, max_distance) -> np.ndarray:
@@ -157,9 +163,7 @@ def _match_hamming(da, db, *, ratio, mutual, max_distance) -> np.ndarray:
         rev = np.full(len(db), -1, np.int64)
         rev[[m.queryIdx for m in back]] = [m.trainIdx for m in back]
         keep &= rev[t] == q
-    quality = d1 / np.maximum(d2, 1e-12) if ratio is not None else d1
-    order = np.flatnonzero(keep)[np.argsort(quality[keep], kind="stable")]  # best first, as PROSAC samples
-    return np.stack([q[order], t[order]], axis=1)
+    return _best_first(q, t, d1, d2, keep, ratio)
 
 
 def ransac_inliers(src: np.ndarray, dst: np.ndarray, config: MatchConfig = MatchConfig()) -> np.ndarray:
