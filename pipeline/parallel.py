@@ -5,7 +5,8 @@
 - `map_chunks`: spawned worker processes for CPU-bound work (feature extraction, matching), with
   one OpenCV/BLAS/TensorFlow thread each (processes are the parallelism: a worker that let BLAS
   use every core would oversubscribe them); the pool is always torn down, even on an interruption.
-- `resolve_workers`: the one place where `workers = 0` becomes "one per available core".
+- `resolve_workers`: the one place where `workers = 0` becomes "one per available core";
+  `memory`: the machine's total and available RAM.
 - `stable_shard` / `parse_shard` / `in_shard`: split image ids into `i/n` shards by crc32, so
   every machine and every run agrees on which shard an id belongs to.
 """
@@ -47,6 +48,21 @@ def bounded_map(fn: Callable, items: Iterable, workers: int, window: int | None 
         finally:
             for f in pending:
                 f.cancel()
+
+
+def memory() -> dict:
+    """{"total", "available"} bytes of RAM (/proc/meminfo, else sysconf)."""
+    out = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, value = line.split(":", 1)
+                if key in ("MemTotal", "MemAvailable"):
+                    out[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    total = out.get("MemTotal") or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return {"total": total, "available": out.get("MemAvailable", total)}
 
 
 def available_cores() -> int:

@@ -83,13 +83,11 @@ def index_bytes(params: AnnParams, n: int, dim: int, block_size: int = 65536) ->
     return vectors + int(n * (2 * params.m * 4 * 1.1 + 16)), vectors + blocks  # its row array is copied as it grows
 
 
-def _available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
+def _available_bytes() -> int:
+    """The machine's available RAM (pipeline.parallel.memory)."""
+    from pipeline.parallel import memory
+
+    return memory()["available"]
 
 
 def announce_memory(params: AnnParams, n: int, dim: int, block_size: int = 65536) -> int:
@@ -102,8 +100,8 @@ def announce_memory(params: AnnParams, n: int, dim: int, block_size: int = 65536
     extra = f" (+ up to {human_bytes(transient)} while building: " + \
         ("the k-means sample, then the blocks added)" if params.kind == "ivf" else "its row array grows by copies)")
     print(f"{params.describe(n)} index in RAM: {n:,} rows × {dim}-D, {human_bytes(held)}{extra}; "
-          f"{human_bytes(avail) if avail is not None else 'unknown'} available", file=sys.stderr, flush=True)
-    if avail is not None and held + transient > avail:
+          f"{human_bytes(avail)} available", file=sys.stderr, flush=True)
+    if held + transient > avail:
         raise UserError(f"--search {params.kind}: the index needs {human_bytes(held + transient)} of RAM but "
                         f"{human_bytes(avail)} is available; use --search exact (memory bounded by --block-size)")
     return held + transient

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.caches import existing_parent, human_bytes
-from pipeline.parallel import available_cores
+from pipeline.parallel import available_cores, memory
 from pipeline.run.config import is_retrieval, pool_member
 
 KB, MB, GB = 1e3, 1e6, 1e9
@@ -546,21 +546,6 @@ def stage_costs(cfg: dict, counts: Counts, rates: dict | None = None, cores: int
 
 
 # -- the machine ---------------------------------------------------------------------------------------
-
-def memory() -> dict:
-    """{"total", "available"} bytes of RAM (/proc/meminfo, else sysconf)."""
-    out = {}
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                key, value = line.split(":", 1)
-                if key in ("MemTotal", "MemAvailable"):
-                    out[key] = int(value.split()[0]) * 1024
-    except OSError:
-        pass
-    total = out.get("MemTotal") or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return {"total": total, "available": out.get("MemAvailable", total)}
-
 
 def disk(path: str | os.PathLike) -> dict:
     """{"path", "free", "device"} of the filesystem that holds (or will hold) `path`."""
