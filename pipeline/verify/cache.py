@@ -115,8 +115,7 @@ def stored_form(feats: Features, extractor: str | None = None) -> Features:
 def entry_bytes_at_most(config: ExtractorConfig) -> int:
     """Bound on one entry's size (before deflate), for the size shown before extracting."""
     n = config.max_feature_num if config.name == "delf" else config.n_features
-    dim = {"sift": (config.pca_dims or 128) if config.rootsift else 128, "orb": 32, "delf": 40}[config.name]
-    return _HEAD.size + int(n) * (4 + dim)
+    return _HEAD.size + int(n) * (4 + config.descriptor_dim)
 
 
 def image_keys(paths: Iterable[str | os.PathLike]) -> list[str | None]:

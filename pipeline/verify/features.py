@@ -48,6 +48,14 @@ class Features(NamedTuple):
         return self.locations * np.float32(self.work_scale)
 
 
+def rootsift(desc: np.ndarray) -> np.ndarray:
+    """RootSIFT of SIFT descriptors: L1-normalise, square root — unit L2 norm, so the dot product is the
+    Hellinger kernel (a float32 copy)."""
+    desc = np.asarray(desc, np.float32).copy()
+    desc /= np.maximum(desc.sum(axis=1, keepdims=True), 1e-7)
+    return np.sqrt(desc, out=desc)
+
+
 def empty_features(dim: int = 128, dtype=np.float32) -> Features:
     return Features(np.zeros((0, 2), np.float32), np.zeros((0, dim), dtype), np.zeros(0, np.float32),
                     np.zeros(0, np.float32), 1.0)
@@ -86,6 +94,13 @@ class ExtractorConfig:
         if self.pca_dims and not (self.rootsift and 0 < int(self.pca_dims) <= 64):
             raise ValueError(f"pca_dims must be 0 or in 1..64 and needs rootsift, got {self.pca_dims}")
         object.__setattr__(self, "image_scales", tuple(float(s) for s in self.image_scales))
+
+    @property
+    def descriptor_dim(self) -> int:
+        """Width of one descriptor: SIFT's 128 (or its RootSIFT projection's pca_dims), ORB's 32 bytes, DELF's 40."""
+        if self.name == "sift":
+            return int(self.pca_dims) if self.rootsift and self.pca_dims else 128
+        return {"orb": 32, "delf": 40}[self.name]
 
     def relevant(self) -> dict:
         """Only the settings this extractor uses (so the key ignores the others)."""
@@ -177,12 +192,11 @@ class SiftExtractor(Extractor):
     def _extract(self, rgb: np.ndarray) -> Features:
         kps, desc = self._sift.detectAndCompute(_gray(rgb), None)
         if desc is None or not kps:
-            return empty_features(int(self.config.pca_dims) if self.config.rootsift and self.config.pca_dims else 128)
+            return empty_features(self.config.descriptor_dim)
         kps, desc = kps[: self.config.n_features], desc[: self.config.n_features]
         desc = desc.astype(np.float32)
         if self.config.rootsift:
-            desc /= np.maximum(desc.sum(axis=1, keepdims=True), 1e-7)
-            np.sqrt(desc, out=desc)  # unit L2 norm: dot product = Hellinger kernel
+            desc = rootsift(desc)
             if self.config.pca_dims:
                 from pipeline.verify.projection import project
 

@@ -25,18 +25,13 @@ FIT_IMAGES = ("astronaut", "brick", "camera", "cat", "coffee", "coins", "grass",
 MAX_DIMS = 64  # what _rootsift_pca.py stores; fewer dims take its leading columns
 
 
-def rootsift(desc: np.ndarray) -> np.ndarray:
-    """RootSIFT of raw SIFT descriptors: L1-normalise, square root (unit L2 norm)."""
-    desc = np.asarray(desc, np.float32).copy()
-    desc /= np.maximum(desc.sum(axis=1, keepdims=True), 1e-7)
-    return np.sqrt(desc, out=desc)
-
-
 def fit_rootsift_pca(dims: int = MAX_DIMS) -> tuple[np.ndarray, np.ndarray]:
     """(mean 128, basis 128×dims) of RootSIFT on skimage.data's photos; each axis's sign fixed so that its
     largest-magnitude component is positive (eigenvectors have no sign of their own)."""
     import cv2
     import skimage.data
+
+    from pipeline.verify.features import rootsift
 
     sift = cv2.SIFT_create(nfeatures=4000, contrastThreshold=0.02)
     descs = []
